@@ -1,0 +1,99 @@
+"""``tnllm::lightning_attn_fwd`` / ``tnllm::lightning_attn_bwd``: the torch.library registration.
+
+* CPU (and any non-CUDA device): the blocked PyTorch form (``blocked.py``).
+* CUDA: the Triton kernels (``triton.py``), imported lazily on first CUDA call.
+* A fake kernel for tracing whose outputs are contiguous, exactly like the real ones (inductor's
+  custom-op layout constraint is "needs_exact_strides": a mismatch breaks compiled backward).
+* Autograd through ``register_autograd``; the backward is itself a custom op, so compiled
+  training graphs hold the two ops and nothing traced from Python.
+
+The op is opaque to torch.compile, so its Python bodies are called at run time and never cached.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import acc_dtype, check_inputs
+from .blocked import DEFAULT_BLOCK, _check_block, blocked_bwd, blocked_fwd
+
+
+@torch.library.custom_op("tnllm::lightning_attn_fwd", mutates_args=())
+def lightning_attn_fwd(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None,
+                       block_size: int) -> tuple[Tensor, Tensor]:
+    """Forward: (o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] in the acc dtype)."""
+    return blocked_fwd(q, k, v, s, initial_state, block_size)
+
+
+@lightning_attn_fwd.register_fake
+def _(q, k, v, s, initial_state, block_size):
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    return q.new_empty(B, H, T, Dv), q.new_empty(B, H, Dk, Dv, dtype=acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("tnllm::lightning_attn_bwd", mutates_args=())
+def lightning_attn_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, s: Tensor,
+                       initial_state: Tensor | None, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, d initial_state); the last is zeros when there is no initial state."""
+    return blocked_bwd(do, dS, q, k, v, s, initial_state, block_size)
+
+
+@lightning_attn_bwd.register_fake
+def _(do, dS, q, k, v, s, initial_state, block_size):
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(B, H, Dk, Dv, dtype=acc_dtype(q.dtype)))
+
+
+@lightning_attn_fwd.register_kernel("cuda")
+def _fwd_cuda(q, k, v, s, initial_state, block_size):
+    from . import triton as tri
+    return tri.lightning_attn_fwd_triton(q, k, v, s, initial_state)
+
+
+@lightning_attn_bwd.register_kernel("cuda")
+def _bwd_cuda(do, dS, q, k, v, s, initial_state, block_size):
+    from . import triton as tri
+    return tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, initial_state)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, s, initial_state, block_size = inputs
+    ctx.has_state = initial_state is not None
+    ctx.block_size = block_size
+    ctx.save_for_backward(q, k, v, s, initial_state)
+
+
+def _backward(ctx, do, dS):
+    q, k, v, s, initial_state = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(q[..., :1].expand(*q.shape[:3], v.shape[-1]))
+    dq, dk, dv, dS0 = torch.ops.tnllm.lightning_attn_bwd(do.contiguous(), dS, q, k, v, s, initial_state, ctx.block_size)
+    return dq, dk, dv, None, (dS0 if ctx.has_state else None), None
+
+
+lightning_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lightning_attn(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None = None,
+                   output_final_state: bool = False, block_size: int = DEFAULT_BLOCK):
+    """Causal decayed linear attention (SPEC section 2): o_t = sum_{s<=t} lam^(t-s) (q_t . k_s) v_s + lam^(t+1) q_t S0.
+
+    Args:
+        q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; one float dtype (fp16, bf16, fp32, fp64). Layout [B, H, T, D]
+            (fla uses [B, T, H, K]).
+        s: [H] non-negative decay rate, lam = exp(-s); no gradient flows to it.
+        initial_state: optional [B, H, Dk, Dv] state to continue from; gradients flow to it.
+        output_final_state: also return the final state [B, H, Dk, Dv] (fp32; fp64 for fp64 inputs).
+        block_size: block length C of the CPU blocked form (the Triton path picks its own tiles).
+
+    Returns o [B, H, T, Dv] in q's dtype, or (o, S) with ``output_final_state``.
+    """
+    check_inputs(q, k, v, s, initial_state)
+    _check_block(block_size)
+    acc = acc_dtype(q.dtype)
+    S0 = initial_state.to(acc) if initial_state is not None else None
+    o, S = torch.ops.tnllm.lightning_attn_fwd(q, k, v, s.detach(), S0, block_size)
+    return (o, S) if output_final_state else o

@@ -1,0 +1,168 @@
+"""TransNormerConfig: the released ``config.json`` field names (SPEC section 1), presets, JSON round trip."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_ACTS = ("silu", "swish", "none", "relu")
+
+
+@dataclass
+class TransNormerConfig:
+    """Configuration of a TransNormerLLM, field names as in the released ``config.json``.
+
+    ``hidden_dim`` defaults to ``decoder_embed_dim``; LRPE on layer 0 only (``linear_use_lrpe_list``
+    defaults to [1, 0, 0, ...]); ``glu_dim`` is the SGLU width g.
+    """
+    vocab_size: int = 64000
+    decoder_embed_dim: int = 1024
+    decoder_layers: int = 24
+    decoder_attention_heads: int = 8
+    glu_dim: int = 2816
+    hidden_dim: int | None = None
+    linear_act_fun: str = "silu"
+    glu_act: str = "none"
+    linear_use_lrpe_list: list[int] | None = None
+    no_scale_embedding: bool = False
+    norm_type: str = "simplermsnorm"
+    bias: bool = False
+    init_std: float = 0.02
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    max_position_embeddings: int | None = None   # informational: LRPE and the recurrence have no length limit
+    block_size: int = 64                          # block length of the CPU blocked attention
+    tie_word_embeddings: bool = True
+    extra: dict = field(default_factory=dict)     # unknown released fields, kept for the round trip
+
+    def __post_init__(self):
+        if self.hidden_dim is None:
+            self.hidden_dim = self.decoder_embed_dim
+        if self.linear_use_lrpe_list is None:
+            self.linear_use_lrpe_list = [1] + [0] * (self.decoder_layers - 1)
+        self.validate()
+
+    # -- checks ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        ints = ("vocab_size", "decoder_embed_dim", "decoder_layers", "decoder_attention_heads", "glu_dim",
+                "hidden_dim", "pad_token_id", "bos_token_id", "eos_token_id", "block_size")
+        for name in ints:
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise TypeError(f"TransNormerConfig.{name} must be an int, got {type(val).__name__} {val!r}")
+        for name in ("vocab_size", "decoder_embed_dim", "decoder_layers", "decoder_attention_heads", "glu_dim",
+                     "hidden_dim", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransNormerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("no_scale_embedding", "bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TransNormerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool):
+            raise TypeError(f"TransNormerConfig.init_std must be a float, got {self.init_std!r}")
+        if self.hidden_dim % self.decoder_attention_heads:
+            raise ValueError(f"TransNormerConfig: hidden_dim ({self.hidden_dim}) must be divisible by "
+                             f"decoder_attention_heads ({self.decoder_attention_heads})")
+        if self.linear_act_fun not in _ACTS:
+            raise ValueError(f"TransNormerConfig.linear_act_fun must be one of {_ACTS}, got {self.linear_act_fun!r}")
+        if self.glu_act not in _ACTS:
+            raise ValueError(f"TransNormerConfig.glu_act must be one of {_ACTS}, got {self.glu_act!r}")
+        if self.norm_type not in ("simplermsnorm", "srmsnorm"):
+            raise ValueError(f"TransNormerConfig.norm_type must be 'simplermsnorm', got {self.norm_type!r}")
+        lst = self.linear_use_lrpe_list
+        if not isinstance(lst, (list, tuple)) or len(lst) != self.decoder_layers:
+            raise ValueError(f"TransNormerConfig.linear_use_lrpe_list must be a list of decoder_layers "
+                             f"({self.decoder_layers}) flags, got {lst!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"TransNormerConfig.pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.decoder_attention_heads
+
+    def lrpe(self, layer_idx: int) -> bool:
+        return bool(self.linear_use_lrpe_list[layer_idx])
+
+    def num_params(self) -> int:
+        """Parameter count with a tied head (theta of the LRPE layers included)."""
+        d, g, h = self.decoder_embed_dim, self.glu_dim, self.hidden_dim
+        per_layer = 4 * h * d + h * d + 3 * d * g
+        bias = (4 * h + d + 2 * g + d) if self.bias else 0
+        lrpe = sum(self.linear_use_lrpe_list) * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.decoder_layers * (per_layer + bias) + lrpe + head
+
+    # -- presets and JSON --------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TransNormerConfig":
+        """A named preset (``list_presets()``), fields overridable by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        kw = dict(PRESETS[name])
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransNormerConfig":
+        """Build from a released/tnllm config dict; unknown fields are kept in ``extra``."""
+        if not isinstance(d, dict):
+            raise TypeError(f"TransNormerConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        extra.update(d.get("extra", {}) if isinstance(d.get("extra"), dict) else {})
+        extra.pop("extra", None)
+        return cls(**kw, extra=extra)
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path) -> "TransNormerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _p(d, L, H, g, scale=True, V=64000):
+    return dict(vocab_size=V, decoder_embed_dim=d, decoder_layers=L, decoder_attention_heads=H, glu_dim=g,
+                no_scale_embedding=not scale)
+
+
+PRESETS: dict[str, dict] = {
+    # released shapes (SPEC section 1)
+    "385M": _p(1024, 24, 8, 2816),
+    "1B": _p(2048, 16, 16, 5632),
+    "3B": _p(2560, 32, 20, 6912, scale=False),
+    "7B": _p(4096, 30, 32, 11008, scale=False),
+    # derived (no released config): Llama-like width/depth, e = 128, g ~ 8/3 d rounded to 128
+    "13B": _p(5120, 40, 40, 13824, scale=False),
+    "65B": _p(8192, 80, 64, 22016, scale=False),
+    "175B": _p(12288, 96, 96, 32768, scale=False),
+    # small ones for tests and the CPU demo (byte-level vocab 256 + specials)
+    "tiny": _p(64, 2, 4, 96, V=259),
+    "small": _p(256, 4, 4, 704, V=259),
+    "demo": _p(192, 4, 4, 512, V=259),
+}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi head rates (SPEC section 1); non-power-of-two H use the nearest lower power c, then
+    every other slope of 2c."""
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n_heads).is_integer():
+        return pow2(n_heads)
+    c = 2 ** math.floor(math.log2(n_heads))
+    return pow2(c) + alibi_slopes(2 * c)[0::2][: n_heads - c]
