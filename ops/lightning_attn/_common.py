@@ -32,7 +32,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tens
         if t.dim() != 4:
             raise ValueError(f"lightning_attn: `{name}` must have shape [B, H, T, D] (4 dims), got {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"lightning_attn: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise TypeError(f"lightning_attn: `q`, `k`, `v` must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     B, H, T, Dk = q.shape
     if tuple(k.shape) != (B, H, T, Dk):
         raise ValueError(f"lightning_attn: `k` must have q's shape [B, H, T, Dk] = {(B, H, T, Dk)}, got {tuple(k.shape)}")
@@ -43,7 +43,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tens
         raise TypeError(f"lightning_attn: `s` (decay rate) must be a floating tensor, got {s.dtype}")
     if s.dim() != 1 or s.shape[0] != H:
         raise ValueError(f"lightning_attn: `s` (decay rate) must have shape [H] = [{H}], got {tuple(s.shape)}")
-    devices = {t.device for t in (q, k, v, s)}
+    devices = {"q": q.device, "k": k.device, "v": v.device, "s": s.device}
     if initial_state is not None:
         if not isinstance(initial_state, Tensor):
             raise TypeError(f"lightning_attn: `initial_state` must be a Tensor or None, got {type(initial_state).__name__}")
@@ -52,9 +52,10 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tens
         if tuple(initial_state.shape) != (B, H, Dk, Dv):
             raise ValueError(
                 f"lightning_attn: `initial_state` must have shape [B, H, Dk, Dv] = {(B, H, Dk, Dv)}, got {tuple(initial_state.shape)}")
-        devices.add(initial_state.device)
-    if len(devices) > 1:
-        raise ValueError(f"lightning_attn: all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+        devices["initial_state"] = initial_state.device
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
+        raise ValueError(f"lightning_attn: all inputs must be on one device, got {where}")
     if not torch.compiler.is_compiling() and not _is_fake(s) and s.numel() and bool((s < 0).any()):
         raise ValueError("lightning_attn: `s` (decay rate) must be >= 0 (lambda = exp(-s) <= 1), got a negative entry")
 
