@@ -1,0 +1,304 @@
+"""Triton kernels for Lightning Attention on CUDA: one generic causal "sweep" used four times.
+
+Legend (SPEC section 2): B batch, H heads, T length, lam = exp(-s_h). All shapes [B, H, T, D].
+
+The sweep computes, for inputs A [T, DA], Bm [T, DA], C [T, DC] of one head and an optional
+initial state S0' [DA, DC] (fp32), in a frame r that runs forward (r = t) or backward (r = T-1-t):
+
+    Out_r = sum_{r' <= r} lam^(r-r') (A_r . Bm_r') C_r'  +  lam^(r+1+E0) A_r S0'
+    Final = lam^(T+E0) S0' + sum_r lam^(T-1-r) Bm_r^T C_r        (times lam^SF_SHIFT)
+
+Forward:  o  = sweep(q, k, v, S0),          E0 = 0, final = S.
+Backward (the mirrored split of SPEC section 2, no flips in memory: the kernel reverses indices):
+          dq = sweep(do, v, k, S0^T),        forward frame, E0 = 0;
+          dk = sweep(v, do, q, dS^T),        reverse frame, E0 = -1;
+          dv = sweep(k, q, do, dS),          reverse frame, E0 = -1, final * lam = dS0.
+(In the reverse frame the final-state gradient enters position r with lam^r, not lam^(r+1);
+E0 = -1 is applied only to the chunk that starts at r = 0, so lam^(-1) is never formed.)
+
+Parallelism: one program per (b*h, sequence split, DC tile). A program walks its split chunk by
+chunk (CHUNK positions) carrying its [DA, BC] state tile in fp32 registers: intra-chunk masked
+quadratic term + inter-chunk state term, then the state update. Splitting DC costs recomputing
+A Bm^T per tile but keeps the state in registers and gives B*H*DC/BC programs; programs of one
+head run side by side, so the re-reads of A and Bm mostly hit L2. When B*H is small the sequence
+is cut into a few splits: a cheap pre-pass writes each split's local state contribution
+[DA, DC] (a few per head, not one per chunk), and each split folds the earlier ones into its
+starting state. All decays are lam^m with m >= 0 (exp of -s*m), finite for any T.
+
+Launchers take tensors of any strides with a unit last-dim stride (else they copy) and return
+contiguous outputs, matching the op's fake kernels. Under TRITON_INTERPRET=1 they run on CPU
+tensors (fp32/fp16: the interpreter's bf16 tl.dot is broken).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_D = 256          # widest Dk / Dv handled by the kernels (registers and shared memory)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _rows(r0, T, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
+    """Row indices (int64, into the T axis) and validity of the chunk starting at frame position r0."""
+    rr = r0 + tl.arange(0, CHUNK)
+    valid = rr < T
+    if REVERSE:
+        t = T - 1 - rr
+    else:
+        t = rr
+    return t.to(tl.int64), valid
+
+
+@triton.jit
+def _la_local_state_kernel(
+    Bp, Cp, W, s_ptr,
+    T, H, n_tiles, n_prev, chunks_per_split,
+    sb_b, sb_h, sb_t, sc_b, sc_h, sc_t,
+    DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """W[bh, p] = sum_{r in split p} lam^(end_p-1-r) Bm_r^T C_r for the splits p < n_split-1 (all full)."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    rest = pid // n_tiles
+    p = rest % n_prev
+    bh = rest // n_prev
+    b = bh // H
+    h = bh % H
+    log_lam = -tl.load(s_ptr + h).to(tl.float32)
+    ja = tl.arange(0, BA)
+    jc = tile * BC + tl.arange(0, BC)
+    jj = tl.arange(0, CHUNK)
+    ma = ja < DA
+    mc = jc < DC
+    b_base = Bp + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h
+    c_base = Cp + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
+    kdec = tl.exp(log_lam * (CHUNK - 1 - jj).to(tl.float32))
+    blk = tl.exp(log_lam * CHUNK)
+    L = tl.zeros([BA, BC], dtype=tl.float32)
+    n0 = p * chunks_per_split
+    for n in range(n0, n0 + chunks_per_split):
+        t, valid = _rows(n * CHUNK, T, REVERSE, CHUNK)
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        bd = (bm * kdec[:, None]).to(bm.dtype)
+        L = L * blk + _mm(tl.trans(bd), c, IEEE)
+    w = W + (bh.to(tl.int64) * n_prev + p) * (DA * DC)
+    tl.store(w + ja[:, None] * DC + jc[None, :], L, mask=ma[:, None] & mc[None, :])
+
+
+@triton.jit
+def _la_sweep_kernel(
+    A, Bp, Cp, O, S0, SF, W, s_ptr,
+    T, H, n_tiles, n_split, chunks_per_split,
+    sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
+    s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
+    DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
+    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    rest = pid // n_tiles
+    split = rest % n_split
+    bh = rest // n_split
+    b = bh // H
+    h = bh % H
+    log_lam = -tl.load(s_ptr + h).to(tl.float32)
+    ja = tl.arange(0, BA)
+    jc = tile * BC + tl.arange(0, BC)
+    jj = tl.arange(0, CHUNK)
+    ma = ja < DA
+    mc = jc < DC
+    mS = ma[:, None] & mc[None, :]
+
+    if HAS_S0:
+        s0 = S0 + b.to(tl.int64) * s0_b + h.to(tl.int64) * s0_h
+        S = tl.load(s0 + ja[:, None] * s0_r + jc[None, :] * s0_c, mask=mS, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BA, BC], dtype=tl.float32)
+    # fold the local states of the earlier splits into this split's starting state
+    split_len = chunks_per_split * CHUNK
+    for p in range(0, split):
+        L = tl.load(W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC) + ja[:, None] * DC + jc[None, :],
+                    mask=mS, other=0.0)
+        e = split_len + tl.where(p == 0, E0, 0)
+        S = S * tl.exp(log_lam * e.to(tl.float32)) + L
+
+    diff = jj[:, None] - jj[None, :]
+    Dm = tl.where(diff >= 0, tl.exp(log_lam * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    a_base = A + b.to(tl.int64) * sa_b + h.to(tl.int64) * sa_h
+    b_base = Bp + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h
+    c_base = Cp + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
+    o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    n_chunks = tl.cdiv(T, CHUNK)
+    n0 = split * chunks_per_split
+    n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
+    for n in range(n0, n1):
+        r0 = n * CHUNK
+        t, valid = _rows(r0, T, REVERSE, CHUNK)
+        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
+        qdec = tl.exp(log_lam * (jj + 1 + es).to(tl.float32))
+        sc = _mm(a, tl.trans(bm), IEEE) * Dm
+        o = _mm(sc.to(c.dtype), c, IEEE) + _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
+        tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & mc[None, :])
+        cl = tl.minimum(T - r0, CHUNK)
+        kexp = cl - 1 - jj
+        kdec = tl.where(kexp >= 0, tl.exp(log_lam * tl.maximum(kexp, 0).to(tl.float32)), 0.0)
+        bd = (bm * kdec[:, None]).to(bm.dtype)
+        S = S * tl.exp(log_lam * (cl + es).to(tl.float32)) + _mm(tl.trans(bd), c, IEEE)
+
+    if WRITE_SF:
+        if split == n_split - 1:
+            if SF_SHIFT:
+                S = S * tl.exp(log_lam)
+            sf = SF + b.to(tl.int64) * sf_b + h.to(tl.int64) * sf_h
+            tl.store(sf + ja[:, None] * sf_r + jc[None, :] * sf_c, S, mask=mS)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Tiles and launch parameters of one sweep. ``n_split=0`` picks the split count from B*H."""
+    BC: int = 64
+    CHUNK: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    n_split: int = 0
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
+    """Tile choice by widths: the [DA, BC] fp32 state tile stays <= 16K elements (registers)."""
+    BA = _pow2(DA)
+    BC = min(_pow2(DC), 64 if BA <= 128 else 32)
+    if dtype == torch.float32:
+        BC = min(BC, 32)
+    return SweepConfig(BC=BC, CHUNK=64, num_warps=4 if BA <= 128 else 8, num_stages=2 if BA <= 128 else 1)
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _last_unit(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
+           final: Tensor | None = None, sf_shift: bool = False, cfg: SweepConfig | None = None) -> Tensor:
+    """One sweep (module docstring). A, Bm [B, H, T, DA]; C [B, H, T, DC]; S0 [B, H, DA, DC] view or None;
+    ``final`` [B, H, DA, DC] fp32 view to receive the final state. Returns Out [B, H, T, DC] contiguous in C's dtype."""
+    B, H, T, DA = A.shape
+    DC = C.shape[-1]
+    cfg = cfg or default_config(DA, DC, A.dtype)
+    A, Bm, C = _last_unit(A), _last_unit(Bm), _last_unit(C)
+    out = torch.empty(B, H, T, DC, device=C.device, dtype=C.dtype)
+    BA = _pow2(DA)
+    BC = min(cfg.BC, _pow2(DC))
+    CHUNK = cfg.CHUNK
+    n_tiles = triton.cdiv(DC, BC)
+    n_chunks = triton.cdiv(T, CHUNK)
+    n_split = cfg.n_split
+    if n_split <= 0:           # enough programs to fill the GPU about twice, splits of >= 16 chunks
+        progs = B * H * n_tiles
+        n_split = max(1, min(-(-2 * _n_sm(C.device) // progs), n_chunks // 16, 8))
+    n_split = max(1, min(n_split, n_chunks))
+    cps = triton.cdiv(n_chunks, n_split)
+    n_split = triton.cdiv(n_chunks, cps)         # every split non-empty; all but the last full
+    s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
+    ieee = A.dtype == torch.float32
+    if n_split > 1:
+        W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
+        grid = (B * H * (n_split - 1) * n_tiles,)
+        _la_local_state_kernel[grid](
+            Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps,
+            Bm.stride(0), Bm.stride(1), Bm.stride(2), C.stride(0), C.stride(1), C.stride(2),
+            DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        W = s32                                   # never read
+    s0 = S0 if S0 is not None else s32
+    s0_st = tuple(S0.stride()) if S0 is not None else (0, 0, 0, 0)
+    sf = final if final is not None else s32
+    sf_st = tuple(final.stride()) if final is not None else (0, 0, 0, 0)
+    grid = (B * H * n_split * n_tiles,)
+    _la_sweep_kernel[grid](
+        A, Bm, C, out, s0, sf, W, s32, T, H, n_tiles, n_split, cps,
+        A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
+        C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *s0_st, *sf_st,
+        DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
+        WRITE_SF=final is not None, SF_SHIFT=sf_shift, IEEE=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def supported(q: Tensor, v: Tensor) -> bool:
+    """Whether the Triton kernels handle these inputs (else the op uses the blocked form)."""
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and 1 <= q.shape[-1] <= MAX_D and 1 <= v.shape[-1] <= MAX_D)
+
+
+def lightning_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None,
+                              cfg: SweepConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Forward: (o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] fp32), both contiguous."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    if not supported(q, v):
+        from .blocked import blocked_fwd
+        return blocked_fwd(q, k, v, s, initial_state)
+    S0 = initial_state.float() if initial_state is not None else None
+    S = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
+    if T == 0:
+        S.copy_(S0) if S0 is not None else S.zero_()
+        return q.new_empty(B, H, 0, Dv), S
+    o = _sweep(q, k, v, s, S0, reverse=False, e0=0, final=S, cfg=cfg)
+    return o, S
+
+
+def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, s: Tensor,
+                              initial_state: Tensor | None, cfgs: dict | None = None):
+    """Backward: (dq, dk, dv in the dtypes of q/k/v, dS0 [B, H, Dk, Dv] fp32), all contiguous.
+
+    ``cfgs`` optionally maps "dq"/"dk"/"dv" to a SweepConfig (benchmark sweeps)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    if not supported(q, v):
+        from .blocked import blocked_bwd
+        return blocked_bwd(do, dS, q, k, v, s, initial_state)
+    cfgs = cfgs or {}
+    do = do.to(v.dtype)
+    dS0 = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
+    if T == 0:
+        dS0.copy_(dS) if dS is not None else dS0.zero_()
+        return torch.empty_like(q, memory_format=torch.contiguous_format), \
+            torch.empty_like(k, memory_format=torch.contiguous_format), \
+            torch.empty_like(v, memory_format=torch.contiguous_format), dS0
+    S0 = initial_state.float() if initial_state is not None else None
+    G = dS.float() if dS is not None else None
+    dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
+                cfg=cfgs.get("dq"))
+    dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
+                cfg=cfgs.get("dk"))
+    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"))
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
