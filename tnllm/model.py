@@ -57,9 +57,15 @@ class Lrpe(nn.Module):
         self.theta = nn.Parameter((10000 ** (-2 / n * torch.arange(n, dtype=torch.float32))).reshape(num_heads, 1, head_dim))
 
     def forward(self, x: Tensor, offset) -> Tensor:
+        """x [B, H, T, e]; ``offset``: the first position, an int or 0-d tensor, or an int tensor [B] of
+        per-row positions (the exported step and static decode buffers pass tensors)."""
         T = x.shape[-2]
-        pos = torch.arange(T, device=x.device, dtype=torch.float32) + offset
-        ang = self.theta.float() * pos[:, None]                               # [H, T, e]
+        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        if isinstance(offset, Tensor) and offset.dim() == 1:
+            pos = pos + offset.to(torch.float32)[:, None]                     # [B, T]
+            ang = self.theta.float() * pos[:, None, :, None]                  # [B, H, T, e]
+        else:
+            ang = self.theta.float() * (pos + offset)[:, None]                # [H, T, e]
         xf = x.float()
         return torch.cat([xf * torch.cos(ang), xf * torch.sin(ang)], dim=-1).to(x.dtype)
 
