@@ -39,6 +39,10 @@ class TransNormerConfig:
     extra: dict = field(default_factory=dict)     # unknown released fields, kept for the round trip
 
     def __post_init__(self):
+        for name in ("decoder_embed_dim", "decoder_layers"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise TypeError(f"TransNormerConfig.{name} must be an int, got {type(val).__name__} {val!r}")
         if self.hidden_dim is None:
             self.hidden_dim = self.decoder_embed_dim
         if self.linear_use_lrpe_list is None:

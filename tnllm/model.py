@@ -59,20 +59,26 @@ class Lrpe(nn.Module):
     def forward(self, x: Tensor, offset) -> Tensor:
         """x [B, H, T, e]; ``offset``: the first position, an int or 0-d tensor, or an int tensor [B] of
         per-row positions (the exported step and static decode buffers pass tensors)."""
+        theta = self.theta.to_local() if hasattr(self.theta, "to_local") else self.theta   # TP: local heads
         T = x.shape[-2]
-        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        dt = torch.promote_types(x.dtype, torch.float32)                # fp32 positions (fp64 for fp64)
+        pos = torch.arange(T, device=x.device, dtype=dt)
         if isinstance(offset, Tensor) and offset.dim() == 1:
-            pos = pos + offset.to(torch.float32)[:, None]                     # [B, T]
-            ang = self.theta.float() * pos[:, None, :, None]                  # [B, H, T, e]
+            pos = pos + offset.to(dt)[:, None]                                # [B, T]
+            ang = theta.to(dt) * pos[:, None, :, None]                        # [B, H, T, e]
         else:
-            ang = self.theta.float() * (pos + offset)[:, None]                # [H, T, e]
-        xf = x.float()
+            ang = theta.to(dt) * (pos + offset)[:, None]                      # [H, T, e]
+        xf = x.to(dt)
         return torch.cat([xf * torch.cos(ang), xf * torch.sin(ang)], dim=-1).to(x.dtype)
 
 
 class NormLinearAttention(nn.Module):
     """Gated linear attention token mixer: qkvu -> act(q), act(k) -> LRPE -> decayed linear attention
     -> SRMSNorm over the width -> * u -> out_proj."""
+
+    # SRMSNorm of the attention output over the full width; tensor parallel (tnllm.train.parallelize)
+    # sets a per-instance cross-rank version, because there each rank holds only its heads' slice.
+    o_norm = staticmethod(srms_norm)
 
     def __init__(self, cfg: TransNormerConfig, layer_idx: int):
         super().__init__()
@@ -85,6 +91,15 @@ class NormLinearAttention(nn.Module):
         self.block_size = cfg.block_size
         # fixed decay: no gradient, not in the state dict
         self.register_buffer("s", decay_rates(cfg, layer_idx), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # keep the decay rate in fp32 (or fp64) whatever the module dtype: a bf16 rate would
+        # shift lam^t visibly over long contexts
+        old = self.s
+        super()._apply(fn, recurse)
+        if self.s.dtype not in (torch.float32, torch.float64) and old.device.type != "meta":
+            self.s = old.to(device=self.s.device, dtype=torch.float32)
+        return self
 
     @property
     def key_dim(self) -> int:
@@ -108,7 +123,7 @@ class NormLinearAttention(nn.Module):
         o, S = attend(q, k, v, self.s, S)
         B, T, _ = x.shape
         o = o.transpose(1, 2).reshape(B, T, -1)
-        return self.out_proj(srms_norm(o) * u), S
+        return self.out_proj(self.o_norm(o) * u), S
 
     def _parallel(self, q, k, v, s, S):
         return lightning_attn(q, k, v, s, initial_state=S, output_final_state=True, block_size=self.block_size)
