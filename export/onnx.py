@@ -285,17 +285,26 @@ class OnnxRecurrentDecoder:
         out = self.session.run(None, self._feed(ids, state))
         return out[0], OnnxState(out[1:], state.position + 1)
 
-    def prefill(self, input_ids, state=None, chunk: int = 256):
+    def prefill(self, input_ids, state=None, attention_mask=None, chunk: int = 256):
         """input_ids [B, T] -> (logits [B, T, V] float32, OnnxState at position + T).
 
-        With a prefill graph: parallel chunks of ``chunk`` tokens; else T steps."""
+        With a prefill graph: parallel chunks of ``chunk`` tokens; else T steps. ``attention_mask``
+        [B, T] (1 keep, 0 pad; left padding) leaves a row's state untouched at its padded tokens,
+        as ``TransNormerLLM.prefill`` does from the zero state (always stepped)."""
         ids = self._ids(input_ids, 2, "input_ids")
         B, T = ids.shape
         state = self._state(state, B)
+        keep = None
+        if attention_mask is not None:
+            keep = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
+            if keep.shape != ids.shape:
+                raise ValueError(f"`attention_mask` must have input_ids' shape {ids.shape}, got {keep.shape}")
+            keep = keep.astype(bool)
+            keep = None if keep.all() else keep
         if T == 0:
             return np.zeros((B, 0, self.vocab_size), np.float32), state
         logits = []
-        if self.prefill_session is not None:
+        if self.prefill_session is not None and keep is None:
             if not isinstance(chunk, int) or chunk < 1:
                 raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
             for t0 in range(0, T, chunk):
@@ -305,8 +314,12 @@ class OnnxRecurrentDecoder:
                 state = OnnxState(out[1:], state.position + part.shape[1])
             return np.concatenate(logits, axis=1), state
         for t in range(T):
-            lg, state = self.step(ids[:, t], state)
+            lg, new = self.step(ids[:, t], state)
+            if keep is not None and not keep[:, t].all():
+                k = keep[:, t, None, None, None]
+                new = OnnxState([np.where(k, a, b) for a, b in zip(new, state)], new.position)
             logits.append(lg)
+            state = new
         return np.stack(logits, axis=1), state
 
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
