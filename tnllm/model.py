@@ -289,9 +289,11 @@ class TransNormerLLM(nn.Module):
         x, new = self._run(self._embed(token_ids)[:, None, :], state, state.offset, step=True)
         return self._head(x)[:, 0], RecurrentState(new, state.offset + 1)
 
-    def zero_state(self, batch_size: int, device=None, dtype=torch.float32) -> RecurrentState:
-        """All-zero per-layer states (the start of every sequence)."""
+    def zero_state(self, batch_size: int, device=None, dtype=None) -> RecurrentState:
+        """All-zero per-layer states (the start of every sequence): fp32, fp64 for an fp64 model."""
         device = device if device is not None else self.lm_head.weight.device
+        if dtype is None:
+            dtype = torch.float64 if self.lm_head.weight.dtype == torch.float64 else torch.float32
         return RecurrentState([torch.zeros(batch_size, l.token_mixer.num_heads, l.token_mixer.key_dim,
                                            l.token_mixer.head_dim, device=device, dtype=dtype)
                                for l in self.model.layers], 0)
