@@ -255,6 +255,16 @@ def test_mixed_dtype_file_auto_keeps_each(tmp_path):
         assert torch.isfinite(model(IDS)).all()
 
 
+def test_legacy_bin_format(tmp_path):
+    """Old (pre-zip) torch.save files cannot be memory-mapped; they load through the plain path."""
+    c = released_config()
+    sd = released_weights(c)
+    folder = _folder(tmp_path, sd={})
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    check_against_references(load_pretrained(folder), c, sd)
+
+
 def test_harmless_keys_ignored_with_note(tmp_path, caplog):
     c = released_config()
     sd = released_weights(c)
@@ -273,6 +283,19 @@ def test_device_argument(tmp_path):
     c = released_config()
     model = load_pretrained(write_folder(tmp_path / "ck", c, released_weights(c)), device="cpu")
     assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cpu"}
+
+
+@pytest.mark.gpu
+def test_load_to_cuda_bf16(tmp_path):
+    c = released_config()
+    sd = released_weights(c)
+    folder = write_folder(tmp_path / "ck", c, sd, dtype=torch.bfloat16)
+    model = load_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cuda"}
+    assert model.model.layers[0].token_mixer.s.dtype == torch.float32
+    ref = released_forward(c, {k: v.to(torch.bfloat16) for k, v in sd.items()}, IDS)
+    with torch.no_grad():
+        assert rel_rms(model(IDS.cuda()).float().cpu(), ref) < 3e-2
 
 
 def test_released_glu_dim_minus_one(tmp_path):
@@ -530,6 +553,13 @@ def test_error_index_problems(tmp_path, no_model_touched):
     del index["weight_map"]["model.embed_tokens.weight"]
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"does not list.*model\.embed_tokens\.weight"):
+        load_pretrained(folder)
+
+
+def test_error_corrupt_safetensors(tmp_path, no_model_touched):
+    folder = _folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_pretrained(folder)
 
 

@@ -210,8 +210,12 @@ class _WeightFile:
                     self.meta = {}
                     for k in f.keys():
                         sl = f.get_slice(k)
-                        dt = sl.get_dtype()
-                        self.meta[k] = (tuple(sl.get_shape()), _SAFE_DTYPES.get(dt, dt))
+                        if hasattr(sl, "get_dtype"):
+                            dt = sl.get_dtype()
+                            dt = _SAFE_DTYPES.get(dt, dt)
+                        else:                # safetensors < 0.4: no header dtype, read the tensor
+                            dt = f.get_tensor(k).dtype
+                        self.meta[k] = (tuple(sl.get_shape()), dt)
             except Exception as e:  # safetensors raises its own error types for a corrupt header
                 raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
             self._tensors = None
