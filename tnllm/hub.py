@@ -345,7 +345,7 @@ def load_pretrained(path, dtype=None, device=None) -> TransNormerLLM:
     Returns the model in eval mode. Raises ``FileNotFoundError`` for a missing folder/config/weights,
     ``TypeError`` for a config field of the wrong type or a non-float tensor, ``ValueError`` for unknown or
     missing keys, a shape the config does not imply, an untrusted pickle, or a tied ``lm_head`` that differs
-    from the embedding. Every check runs before the model is built.
+    from the embedding. Every check runs before the model (a meta-device skeleton) receives any tensor.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a folder path (str or os.PathLike), got {type(path).__name__}")
