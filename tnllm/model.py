@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnllm.ops import lightning_attn, lightning_attn_step, srms_norm
+from tnllm.ops.norm_triton import srms_norm_gate
 
 from .config import TransNormerConfig, alibi_slopes
 
@@ -56,10 +57,14 @@ class Lrpe(nn.Module):
         n = num_heads * head_dim
         self.theta = nn.Parameter((10000 ** (-2 / n * torch.arange(n, dtype=torch.float32))).reshape(num_heads, 1, head_dim))
 
+    def local_theta(self) -> Tensor:
+        """theta of the heads this process computes (tensor parallel overrides it: tnllm.train.parallelize)."""
+        return self.theta
+
     def forward(self, x: Tensor, offset) -> Tensor:
         """x [B, H, T, e]; ``offset``: the first position, an int or 0-d tensor, or an int tensor [B] of
         per-row positions (the exported step and static decode buffers pass tensors)."""
-        theta = self.theta.to_local() if hasattr(self.theta, "to_local") else self.theta   # TP: local heads
+        theta = self.local_theta()
         T = x.shape[-2]
         dt = torch.promote_types(x.dtype, torch.float32)                # fp32 positions (fp64 for fp64)
         pos = torch.arange(T, device=x.device, dtype=dt)
@@ -121,6 +126,8 @@ class NormLinearAttention(nn.Module):
             m = mask[:, None, :, None].to(v.dtype)
             k, v = k * m, v * m
         o, S = attend(q, k, v, self.s, S)
+        if o.is_cuda and self.o_norm is srms_norm:   # fused Triton norm * u, reads o in [B, H, T, e]
+            return self.out_proj(srms_norm_gate(o, u)), S
         B, T, _ = x.shape
         o = o.transpose(1, 2).reshape(B, T, -1)
         return self.out_proj(self.o_norm(o) * u), S

@@ -1,0 +1,152 @@
+"""FSDP2, tensor parallel, activation checkpointing and DCP on CPU with gloo, in spawned processes.
+
+Each multi-process test runs ``tests/dist_scripts/workers.py`` functions on 2 or 4 processes; the workers
+compare against a one-process run of the same tiny model (fp32, relative error <= 1e-5).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from dist_scripts import workers as W  # noqa: E402
+
+from tnllm import TransNormerLLM  # noqa: E402
+from tnllm.train import dcp as tdcp  # noqa: E402
+from tnllm.train.dist import ParallelDims  # noqa: E402
+from tnllm.train.parallelize import apply_ac, unpermute_rows, _permute_rows  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+# -- multi-process equivalence -------------------------------------------------------------------------------
+@pytest.mark.parametrize("world,dp,tp,ac,bias", [
+    pytest.param(2, 2, 1, "full", False, id="fsdp2-acfull"),
+    pytest.param(2, 1, 2, "none", True, id="tp2-bias"),
+    pytest.param(4, 2, 2, "selective", False, id="fsdp2xtp2-acsel"),
+])
+def test_parallel_equals_single_process(world, dp, tp, ac, bias):
+    W.run_world(W.w_equivalence, world, dp, tp, ac, bias, None)
+
+
+def test_tp_compiles_fullgraph():
+    """TP blocks (DTensor hooks, the cross-rank norm, the custom op) trace with fullgraph=True (aot_eager)."""
+    W.run_world(W.w_equivalence, 2, 1, 2, "none", False, "aot_eager")
+
+
+def test_tp_srms_norm_equals_full_width_norm():
+    W.run_world(W.w_tp_norm, 2)
+
+
+# -- DCP --------------------------------------------------------------------------------------------------
+def test_dcp_resume_equals_uninterrupted(tmp_path):
+    W.run_world(W.w_resume_same, 4, 2, 2, "full", str(tmp_path / "ckpt"))
+
+
+def test_dcp_resume_on_other_world_size_and_export(tmp_path):
+    """Saved on 2 ranks with tp=2, resumed on 4 ranks (fsdp 2 x tp 2), then on one plain process; the
+    sharded checkpoint exports to one released-layout safetensors file."""
+    a, b = tmp_path / "tp2", tmp_path / "fsdp2xtp2"
+    W.run_world(W.w_save, 2, 1, 2, str(a), 2)
+    assert sorted(p.name for p in a.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    W.run_world(W.w_resume_other, 4, 2, 2, str(a), 2, 2, str(b))
+
+    # world size 1: no process group, a plain model and optimizer
+    cfg = W.config()
+    want, want_p = W.reference(cfg, range(5))
+    model = W.make_model(cfg, seed=5)
+    opt = W.optimizer(model)
+    assert tdcp.load(b, model, opt) == {"step": 4}
+    got = W.train(model, opt, range(4, 5))
+    W.assert_close_runs(got, want[4:], "resume on one process")
+    W.assert_close_params(W.params(model), want_p, "resume on one process")
+
+    # export: released keys, [4h, d] rows q|k|v|u; the file loads into a plain model with load_state_dict
+    from safetensors.torch import load_file
+    out = tdcp.export_safetensors(b, tmp_path / "export")
+    assert out.name == "model.safetensors" and (out.parent / "config.json").is_file()
+    sd = load_file(str(out))
+    assert sd["model.layers.0.token_mixer.qkvu_proj.weight"].shape == (4 * 32, 32)
+    assert "lm_head.weight" in sd and "model.layers.0.token_mixer.lrpe.theta" in sd
+    _, ref_p4 = W.reference(cfg, range(4))
+    plain = W.make_model(cfg, seed=9)
+    plain.load_state_dict(sd, strict=True)
+    W.assert_close_params(W.params(plain), ref_p4, "exported safetensors")
+    ids = W.batch(0)
+    ref_model = W.make_model(cfg)
+    ref_model.load_state_dict(ref_p4, strict=False)
+    torch.testing.assert_close(plain(ids), ref_model(ids), rtol=1e-5, atol=1e-5)
+    # a bf16 export for release
+    sd16 = load_file(str(tdcp.export_safetensors(b, tmp_path / "x16.safetensors", dtype=torch.bfloat16)))
+    assert sd16["lm_head.weight"].dtype == torch.bfloat16
+
+
+# -- one process: AC, layouts, argument checks ------------------------------------------------------------------
+def _count_attn_calls(model, ids):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.tnllm.lightning_attn_fwd.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss = W.loss_fn(model, ids)
+        loss.backward()
+    return loss.detach(), Count.n
+
+
+@pytest.mark.parametrize("mode,calls", [("none", 2), ("full", 4), ("selective", 2)])
+def test_activation_checkpointing_keeps_losses_and_grads(mode, calls):
+    """full recomputes each block's attention in backward; selective keeps the op's outputs; none of it
+    changes the loss or the gradients."""
+    cfg = W.config()
+    ref = W.make_model(cfg)
+    ids = W.batch(0)
+    want = W.loss_fn(ref, ids)
+    want.backward()
+    model = apply_ac(W.make_model(cfg), mode)
+    loss, n = _count_attn_calls(model, ids)
+    assert n == calls, f"{mode}: {n} lightning_attn_fwd calls for 2 layers, expected {calls}"
+    assert loss == want.detach()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=name)
+    assert list(model.state_dict()) == list(ref.state_dict())      # AC adds no wrapper to the keys
+
+
+def test_row_permutation_gives_whole_heads():
+    h, d, tp = 8, 3, 2
+    w = torch.arange(4 * h * d, dtype=torch.float32).reshape(4 * h, d)
+    p = _permute_rows(w, 4, tp)
+    q, k, v, u = w.chunk(4)
+    r0 = torch.cat([q[:4], k[:4], v[:4], u[:4]])
+    torch.testing.assert_close(p[: 4 * h // tp], r0)
+    torch.testing.assert_close(unpermute_rows(p, 4, tp), w)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="fsdp"):
+        ParallelDims.resolve(4, fsdp=3, tp=2)
+    with pytest.raises(ValueError, match="divisible"):
+        ParallelDims.resolve(6, tp=4)
+    assert ParallelDims.resolve(8, tp=2) == ParallelDims(4, 2)
+    assert ParallelDims.resolve(4) == ParallelDims(4, 1)
+    assert ParallelDims.resolve(4, fsdp=1) == ParallelDims(1, 4)
+    with pytest.raises(ValueError, match="tp"):
+        ParallelDims(1, 0)
+    with pytest.raises(ValueError, match="mode"):
+        apply_ac(W.make_model(W.config()), "everything")
+    with pytest.raises(TypeError, match="TransNormerLLM"):
+        apply_ac(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        tdcp.load("/nonexistent/ckpt", W.make_model(W.config()))

@@ -1,0 +1,151 @@
+"""Process-group and device-mesh setup for torchrun (or mp.spawn) jobs, plus rank-aware helpers.
+
+The one place in tnllm that reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); everything else is
+handed a :class:`ParallelDims` and a ``DeviceMesh``. The mesh is 2-D, ``("dp", "tp")``: FSDP2 shards over
+``dp`` (and averages gradients there), tensor parallel splits heads / hidden units over ``tp``. Ranks of one
+``tp`` group are contiguous (rank = dp_index * tp + tp_index), so on a multi-GPU host the TP all-reduces stay
+on neighbouring devices (one node's NVLink), as in torchtitan.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["ParallelDims", "init_distributed", "build_mesh", "is_initialized", "rank", "world_size", "local_rank",
+           "is_main", "print0", "barrier", "all_reduce_mean", "destroy", "device_type"]
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of data (FSDP) and tensor parallelism; ``dp * tp == world``."""
+    dp: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        for name in ("dp", "tp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ParallelDims.{name} must be an int >= 1, got {v!r}")
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    @classmethod
+    def resolve(cls, world: int, fsdp: int | None = None, tp: int | None = None) -> "ParallelDims":
+        """Fill in a missing (None or -1) degree from the world size, like torchtitan's ``-1``.
+
+        ``resolve(8, tp=2)`` -> dp 4, tp 2; ``resolve(4)`` -> dp 4, tp 1.
+        """
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"`world` must be an int >= 1, got {world!r}")
+        fsdp = None if fsdp in (None, -1) else fsdp
+        tp = 1 if tp in (None, -1) and fsdp is None else (None if tp in (None, -1) else tp)
+        for name, v in (("fsdp", fsdp), ("tp", tp)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"`{name}` must be a positive int (or -1 to infer), got {v!r}")
+        if fsdp is None:
+            if world % tp:
+                raise ValueError(f"world size {world} is not divisible by tp={tp}")
+            fsdp = world // tp
+        if tp is None:
+            if world % fsdp:
+                raise ValueError(f"world size {world} is not divisible by fsdp={fsdp}")
+            tp = world // fsdp
+        if fsdp * tp != world:
+            raise ValueError(f"fsdp ({fsdp}) x tp ({tp}) = {fsdp * tp} must equal the world size {world} "
+                             f"(torchrun --nproc-per-node x nodes)")
+        return cls(dp=fsdp, tp=tp)
+
+
+def device_type() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (gloo)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, int]:
+    """Start the default process group from torchrun's environment, once; return (rank, world, local_rank).
+
+    Backend: nccl on CUDA, gloo on CPU unless given. On CUDA, the current device becomes ``LOCAL_RANK``.
+    Called without torchrun variables (a plain ``python`` run) it does nothing and returns (0, 1, 0).
+    """
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"`backend` must be 'nccl' or 'gloo', got {backend!r}")
+    lr = local_rank()
+    kw = {}
+    if timeout_s is not None:
+        from datetime import timedelta
+        kw["timeout"] = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(lr)
+        kw["device_id"] = torch.device("cuda", lr)
+    dist.init_process_group(backend=backend, **kw)
+    return dist.get_rank(), dist.get_world_size(), lr
+
+
+def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
+    """The 2-D ("dp", "tp") mesh over the default group; ``mesh["dp"]`` / ``mesh["tp"]`` are the sub-meshes."""
+    if not isinstance(dims, ParallelDims):
+        raise TypeError(f"`dims` must be a ParallelDims, got {type(dims).__name__}")
+    if not is_initialized():
+        raise RuntimeError("build_mesh needs an initialized process group (call init_distributed under torchrun)")
+    if dims.world != dist.get_world_size():
+        raise ValueError(f"dp ({dims.dp}) x tp ({dims.tp}) = {dims.world} must equal the world size "
+                         f"{dist.get_world_size()}")
+    return init_device_mesh(device or device_type(), (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on global rank 0 (or without a process group): the rank that logs and writes single files."""
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: float | torch.Tensor, group=None) -> float:
+    """Mean of a scalar over the group (for logging a loss averaged over data-parallel ranks)."""
+    t = torch.as_tensor(x, dtype=torch.float64).detach().clone()
+    if not is_initialized():
+        return float(t)
+    if dist.get_backend(group) == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, group=group)
+    return float(t) / dist.get_world_size(group)
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

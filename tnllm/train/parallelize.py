@@ -1,0 +1,302 @@
+"""Tensor parallel, activation checkpointing, compile and FSDP2 for :class:`tnllm.TransNormerLLM`.
+
+Order, as in torchtitan's ``parallelize``: TP -> AC -> compile -> FSDP. TP first because FSDP2 shards the
+DTensors TP made (2-D (dp, tp) parameters); AC before compile so each compiled block holds its checkpoint
+region; compile before FSDP so FSDP's hooks stay outside the compiled graphs.
+
+Tensor parallel (Megatron split on DTensor, ``torch.distributed.tensor.parallel``), per block:
+
+* token mixer (GLA), split by heads: ``qkvu_proj`` [4h, d] column-wise, but its rows are ordered q|k|v|u, so a
+  plain ``ColwiseParallel`` would give rank 0 all of q and half of k. :class:`FusedColwiseParallel` permutes
+  the rows before sharding, so tp-rank r holds ``[q_r; k_r; v_r; u_r]`` (whole heads r*H/tp .. (r+1)*H/tp-1
+  of each part) and the local output still splits with ``chunk(4)``. The DTensor's global tensor is then the
+  *permuted* matrix; :func:`tnllm.train.dcp` writes the TP-size independent layout [4, h, d] instead, so a
+  checkpoint reloads on any (dp, tp) and exports to the released [4h, d]. ``out_proj`` row-wise. The decay
+  ``s`` (a non-persistent buffer) is sliced to the local heads; LRPE's ``theta`` [H, 1, e] becomes a DTensor
+  sharded on dim 0 (its gradient lands on the right rows; DCP saves it in the released layout) whose local
+  slice is used in the forward. ``num_heads`` becomes the local head count (reshapes use it).
+* SRMSNorm of the attention output runs over the full width h, which TP splits: :func:`tp_srms_norm` sums the
+  local squares in fp32, all-reduces the sum over the TP group (differentiable, backward is the same
+  all-reduce), and divides by the full width, so each rank normalises exactly as one process does.
+* SGLU: ``l1``, ``l2`` column-wise, ``l3`` row-wise.
+* Embedding, tied ``lm_head`` and the pre-norms stay replicated over tp (their gradients come out identical
+  on every tp rank because the row-wise outputs are all-reduced).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+
+from tnllm.model import Lrpe, NormLinearAttention, TransNormerLLM
+from tnllm.ops.norm import EPS
+
+__all__ = ["FusedColwiseParallel", "tp_srms_norm", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp",
+           "parallelize", "mixed_precision", "AC_MODES", "QKVU_CHUNKS"]
+
+QKVU_CHUNKS = 4          # q | k | v | u
+AC_MODES = ("none", "full", "selective")
+
+
+# -- the cross-rank SRMSNorm -------------------------------------------------------------------------------
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group; the gradient of a sum that every rank consumes is the sum of the gradients.
+
+    Written on the functional collectives so it traces under torch.compile, and as an autograd.Function
+    because not every torch release (2.11) registers autograd for ``_c10d_functional.all_reduce``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        from torch.distributed import _functional_collectives as funcol
+        ctx.group = group
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        from torch.distributed import _functional_collectives as funcol
+        return funcol.wait_tensor(funcol.all_reduce(g.contiguous(), "sum", ctx.group)), None
+
+
+def tp_srms_norm(x: Tensor, group, width: int, eps: float = EPS) -> Tensor:
+    """SRMSNorm over a last dim that is split across ``group``: x [..., width/tp] local -> same shape.
+
+    ``y = x * rsqrt(sum_all_ranks(x^2) / width + eps)`` in fp32, cast back to x's dtype. On one process
+    (``group`` of size 1) this equals ``tnllm.ops.srms_norm``.
+    """
+    xf = x.float() if x.dtype != torch.float64 else x
+    ss = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), group)
+    return (xf * torch.rsqrt(ss / width + eps)).to(x.dtype)
+
+
+# -- parallel styles ---------------------------------------------------------------------------------------
+def _permute_rows(t: Tensor, chunks: int, tp: int) -> Tensor:
+    """Rows [c0 | c1 | ... ] (each split in tp blocks) -> [c0_0; c1_0; ...; c0_1; c1_1; ...]."""
+    rows = t.shape[0]
+    if rows % (chunks * tp):
+        raise ValueError(f"fused projection with {rows} rows cannot hold {chunks} parts split over tp={tp}")
+    return t.reshape(chunks, tp, rows // (chunks * tp), *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def unpermute_rows(t: Tensor, chunks: int, tp: int) -> Tensor:
+    """Inverse of the TP row permutation: the released q|k|v|u layout back from the permuted one."""
+    rows = t.shape[0]
+    return t.reshape(tp, chunks, rows // (chunks * tp), *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+class FusedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a Linear whose output rows are ``chunks`` parts laid end to end (q|k|v|u).
+
+    Each rank gets the r-th 1/tp of every part, so ``local_out.chunk(chunks, -1)`` yields the local pieces
+    of each part. The parameter's global (DTensor) layout is the permuted one; ``unpermute_rows`` undoes it.
+    """
+
+    def __init__(self, chunks: int = QKVU_CHUNKS, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"`chunks` must be a positive int, got {chunks!r}")
+        self.chunks = chunks
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        tp = device_mesh.size()
+        for pname, param in list(module.named_parameters(recurse=False)):
+            permuted = _permute_rows(param.detach(), self.chunks, tp)
+            dist_param = nn.Parameter(distribute_tensor(permuted, device_mesh, [Shard(0)],
+                                                        src_data_rank=self.src_data_rank),
+                                      requires_grad=param.requires_grad)
+            module.register_parameter(pname, dist_param)
+        module.tnllm_fused_rows = (self.chunks, tp)   # read by tnllm.train.dcp to restore the released layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"FusedColwiseParallel applies to nn.Linear, got {type(module).__name__}")
+        return super()._apply(module, device_mesh)
+
+
+class _TPLrpe(Lrpe):
+    """Lrpe whose ``theta`` is a DTensor sharded by heads; its forward uses the local shard."""
+
+    def local_theta(self) -> Tensor:
+        return self.theta.to_local() if isinstance(self.theta, DTensor) else self.theta
+
+
+class HeadShard(ParallelStyle):
+    """Shard LRPE's ``theta`` [H, 1, e] on dim 0 (heads) as a DTensor; ``Lrpe.forward`` uses its local slice
+    (``to_local`` is differentiable: the gradient comes back as a DTensor with the same placement)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, Lrpe):
+            raise TypeError(f"HeadShard applies to tnllm.model.Lrpe, got {type(module).__name__}")
+        if module.theta.shape[0] % device_mesh.size():
+            raise ValueError(f"LRPE theta with {module.theta.shape[0]} heads cannot be split over "
+                             f"tp={device_mesh.size()}")
+        module.theta = nn.Parameter(distribute_tensor(module.theta.detach(), device_mesh, [Shard(0)]),
+                                    requires_grad=module.theta.requires_grad)
+        module.__class__ = _TPLrpe
+        return module
+
+
+# -- TP -------------------------------------------------------------------------------------------------
+def _check_model(model) -> None:
+    if not isinstance(model, TransNormerLLM):
+        raise TypeError(f"expected a tnllm TransNormerLLM, got {type(model).__name__}")
+
+
+def _check_mesh(mesh, name: str) -> None:
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
+        raise TypeError(f"`{name}` must be a 1-D DeviceMesh (e.g. world_mesh['{name[:2]}']), got {mesh!r}")
+
+
+def apply_tp(model: TransNormerLLM, tp_mesh: DeviceMesh) -> TransNormerLLM:
+    """Megatron-style tensor parallel over ``tp_mesh`` (in place; see the module docstring)."""
+    _check_model(model)
+    _check_mesh(tp_mesh, "tp_mesh")
+    tp, r = tp_mesh.size(), tp_mesh.get_local_rank()
+    cfg = model.config
+    H, g = cfg.decoder_attention_heads, cfg.glu_dim
+    if H % tp:
+        raise ValueError(f"tensor parallel degree tp={tp} must divide the number of heads "
+                         f"decoder_attention_heads={H}")
+    if g % tp:
+        raise ValueError(f"tensor parallel degree tp={tp} must divide the SGLU width glu_dim={g}")
+    if any(getattr(l.token_mixer, "tnllm_tp", None) for l in model.model.layers):
+        raise ValueError("apply_tp was already applied to this model")
+    group = tp_mesh.get_group()
+    for layer in model.model.layers:
+        tm: NormLinearAttention = layer.token_mixer
+        Hl = tm.num_heads // tp
+        plan = {"token_mixer.qkvu_proj": FusedColwiseParallel(QKVU_CHUNKS),
+                "token_mixer.out_proj": RowwiseParallel(),
+                "channel_mixer.l1": ColwiseParallel(),
+                "channel_mixer.l2": ColwiseParallel(),
+                "channel_mixer.l3": RowwiseParallel()}
+        if tm.lrpe is not None:
+            plan["token_mixer.lrpe"] = HeadShard()
+        parallelize_module(layer, tp_mesh, plan)
+        # the decay is a fixed, non-persistent buffer: the local heads' rates, by global head index
+        tm.s = tm.s[r * Hl:(r + 1) * Hl].contiguous()
+        tm.num_heads = Hl
+        tm.o_norm = functools.partial(tp_srms_norm, group=group, width=tm.num_heads * tp * tm.head_dim)
+        tm.tnllm_tp = (tp, r)
+    return model
+
+
+# -- activation checkpointing ---------------------------------------------------------------------------
+def _sac_policy(ctx, op, *args, **kwargs):
+    """Selective AC: keep the attention op's outputs (o and the final state) and the TP all-reduces
+    (recomputing them would repeat communication); recompute everything else (matmuls, norms, LRPE)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    if op in _sac_save_ops():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@functools.cache
+def _sac_save_ops() -> frozenset:
+    ops = {torch.ops.tnllm.lightning_attn_fwd.default}
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None and hasattr(c10d, "all_reduce"):
+        ops.add(c10d.all_reduce.default)
+    return frozenset(ops)
+
+
+def _checkpointed_forward(fwd: Callable, mode: str, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    if mode == "selective":
+        ctx = functools.partial(create_selective_checkpoint_contexts, _sac_policy)
+        return checkpoint(fwd, *args, use_reentrant=False, context_fn=ctx, **kwargs)
+    return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+
+
+def apply_ac(model: TransNormerLLM, mode: str = "full") -> TransNormerLLM:
+    """Activation checkpointing per decoder block, in place.
+
+    ``"full"`` recomputes a block's forward in backward (keeps only the block input); ``"selective"`` keeps
+    the outputs of ``torch.ops.tnllm.lightning_attn_fwd`` (and TP all-reduces) and recomputes the rest.
+    The block's ``forward`` is wrapped in place (no wrapper module), so state_dict keys stay the released ones.
+    """
+    _check_model(model)
+    if mode not in AC_MODES:
+        raise ValueError(f"`mode` must be one of {AC_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    for layer in model.model.layers:
+        if getattr(layer, "tnllm_ac", None):
+            raise ValueError(f"activation checkpointing is already applied ({layer.tnllm_ac!r})")
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward, mode)
+        layer.tnllm_ac = mode
+    return model
+
+
+# -- compile ----------------------------------------------------------------------------------------------
+def apply_compile(model: TransNormerLLM, fullgraph: bool = True, **kwargs) -> TransNormerLLM:
+    """torch.compile each decoder block in place (blocks repeat: one compiled graph serves all of them)."""
+    _check_model(model)
+    for layer in model.model.layers:
+        layer.compile(fullgraph=fullgraph, **kwargs)
+    return model
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------------------
+def mixed_precision(name):
+    """"fp32" -> None (no casting), "bf16" -> MixedPrecisionPolicy(param bf16, reduce fp32); a policy passes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if name is None or isinstance(name, MixedPrecisionPolicy):
+        return name
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    raise ValueError(f"mixed precision must be 'fp32', 'bf16' or a MixedPrecisionPolicy, got {name!r}")
+
+
+def apply_fsdp(model: TransNormerLLM, dp_mesh: DeviceMesh, mp_policy=None,
+               reshard_after_forward: bool = True) -> TransNormerLLM:
+    """FSDP2 ``fully_shard`` on every decoder block, then on the root, in place.
+
+    The root unit holds what is left: the embedding and the lm_head tied to it (one parameter, so one unit),
+    and nothing else (blocks own their LRPE theta). ``mp_policy``: see :func:`mixed_precision`. Gradients
+    are averaged over ``dp_mesh``, so each dp rank feeds its own slice of the batch.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    _check_model(model)
+    _check_mesh(dp_mesh, "dp_mesh")
+    mp = mixed_precision(mp_policy)
+    kw = {"mesh": dp_mesh}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, **kw)
+    # entry points other than forward() that read the root's parameters (the embedding)
+    for method in ("hidden_states", "prefill"):
+        register_fsdp_forward_method(model, method)
+    return model
+
+
+def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "none", compile: bool = False,
+                mp_policy=None, reshard_after_forward: bool = True) -> TransNormerLLM:
+    """Apply TP -> AC -> compile -> FSDP as the ("dp", "tp") ``world_mesh`` asks (size-1 dims are skipped).
+
+    Build and ``init_weights`` the model first (identically on every rank, or on rank 0: DTensor
+    distribution broadcasts rank 0's values), then parallelize; create the optimizer afterwards.
+    """
+    _check_model(model)
+    if not isinstance(world_mesh, DeviceMesh) or world_mesh.mesh_dim_names != ("dp", "tp"):
+        raise TypeError(f"`world_mesh` must be the 2-D ('dp', 'tp') DeviceMesh of tnllm.train.dist.build_mesh, "
+                        f"got {world_mesh!r}")
+    dp, tp = world_mesh["dp"], world_mesh["tp"]
+    if tp.size() > 1:
+        apply_tp(model, tp)
+    apply_ac(model, ac)
+    if compile:
+        apply_compile(model)
+    if dp.size() > 1 or mixed_precision(mp_policy) is not None:
+        apply_fsdp(model, dp, mp_policy, reshard_after_forward)
+    return model
