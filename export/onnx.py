@@ -128,7 +128,7 @@ def export_onnx_prefill(model, path, opset: int = 18, *, max_batch: int = 4096, 
 
 
 def _verify_step(model, path, tol: float = 1e-3) -> None:
-    dec = OnnxRecurrentDecoder(path)
+    dec = OnnxRecurrentDecoder(path, threads=1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3,), generator=g)
     position = torch.tensor([0, 7, 1000])
