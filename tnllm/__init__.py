@@ -5,16 +5,12 @@
 """
 from .config import PRESETS, TransNormerConfig, list_presets
 from .model import RecurrentState, TransNormerLLM, decay_rates
+# imported eagerly: the submodule tnllm.generate and the function share a name, and a lazy import would leave
+# `tnllm.generate` bound to the module once anything imports tnllm.generate directly
+from .generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = ["TransNormerConfig", "TransNormerLLM", "RecurrentState", "PRESETS", "list_presets", "decay_rates",
            "generate"]
 
-
-def __getattr__(name):
-    # generate lives in its own module (sampling code); imported on first use
-    if name == "generate":
-        from .generate import generate
-        return generate
-    raise AttributeError(f"module 'tnllm' has no attribute {name!r}")

@@ -1,0 +1,318 @@
+"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export.
+
+The only module that reads argv. Run ``tnllm <command> --help`` for the options; docs/cli.md has examples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_PROMPT = "def fibonacci(n):\n"
+
+
+# -- argument groups ------------------------------------------------------------------------------
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {s}")
+    return v
+
+
+def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default: int) -> None:
+    from .train.loop import ARCHS, TrainConfig
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help="transnormer (default) or the parameter-matched Llama-style transformer baseline")
+    g.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset}); see `tnllm train --list-presets`")
+    g.add_argument("--config", dest="model_config", default=None, help="a model config.json (overrides --preset)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="text file, folder of text files, or .jsonl with a 'text' field (default: the Python "
+                        "standard library's .py sources, embedded in every Python install)")
+    g.add_argument("--tokenizer", default=d.tokenizer,
+                   help="byte (default, 259 ids), bpe (train a byte-level BPE on the train split), or a saved "
+                        "tokenizer path (folder, tokenizer.json or tokenizer.model)")
+    g.add_argument("--bpe-vocab-size", type=_positive_int, default=d.bpe_vocab_size)
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_positive_int, default=steps_default)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile())")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out_default, help=f"run directory (default {out_default})")
+    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every, help="0: only at the end")
+    g.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches)
+    g.add_argument("--save-every", type=_nonneg_int, default=d.save_every, help="0: only at the end")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints)
+    g.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="no loss.png at the end")
+
+
+def _train_config(a: argparse.Namespace):
+    from .train.loop import TrainConfig
+    return TrainConfig(out_dir=a.out, arch=a.arch, preset=a.preset, model_config=a.model_config, data=a.data,
+                       tokenizer=a.tokenizer, bpe_vocab_size=a.bpe_vocab_size, val_fraction=a.val_fraction,
+                       seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps, lr=a.lr, min_lr=a.min_lr,
+                       warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                       eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
+                       keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device, compile=a.compile,
+                       resume=a.resume, progress=not a.no_progress, plot=not a.no_plot)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 200, seed: bool = True) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=_nonneg_int, default=max_new_default)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    if seed:     # `demo` samples with its training --seed
+        g.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible output)")
+    g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+
+
+def _print_summary(s: dict) -> None:
+    print(f"[{s['arch']}] {s['params'] / 1e6:.2f}M params, {s['steps']} steps: "
+          f"val loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f}, "
+          f"{s['tokens_per_s']:,.0f} tok/s, {s['train_time_s']:.1f}s"
+          + (f"; checkpoint {s['checkpoint']}" if s.get("checkpoint") else "")
+          + (f"; plot {s['plot']}" if s.get("plot") else ""), flush=True)
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_train(a) -> int:
+    if a.list_presets:
+        from .config import PRESETS, TransNormerConfig
+        for name in PRESETS:
+            c = TransNormerConfig.from_preset(name)
+            print(f"{name:>6}: d={c.decoder_embed_dim} L={c.decoder_layers} H={c.decoder_attention_heads} "
+                  f"g={c.glu_dim} V={c.vocab_size} ({c.num_params() / 1e6:.1f}M params)")
+        return 0
+    from .train.loop import Trainer
+    summary = Trainer(_train_config(a)).fit()
+    _print_summary(summary)
+    return 0
+
+
+def _prompts(a) -> list[str]:
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        p = Path(a.prompt_file)
+        if not p.is_file():
+            raise FileNotFoundError(f"--prompt-file {str(p)!r} does not exist")
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt (or --prompt-file)")
+    return [s.replace("\\n", "\n") for s in prompts]
+
+
+def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=sys.stdout) -> list[str]:
+    """Encode (bos + prompt), left-pad, generate, print; returns the completions."""
+    import torch
+    from .generate import TextStreamer, check_sampling, generate
+    check_sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+    rows = []
+    for p in prompts:
+        ids = tokenizer.encode(p)
+        rows.append(([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids)
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("an empty prompt encodes to no tokens and the tokenizer has no bos token")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for p, r in zip(prompts, rows):
+        if limit is not None and len(r) + a.max_new_tokens > limit:
+            raise ValueError(f"prompt {p[:40]!r}... is {len(r)} tokens; with --max-new-tokens {a.max_new_tokens} "
+                             f"it exceeds the model's max_position_embeddings ({limit})")
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    eos = None if a.no_stop else tokenizer.eos_id
+    streamer = None
+    if stream and len(prompts) == 1:
+        out.write(prompts[0])
+        out.flush()
+        streamer = TextStreamer(tokenizer, lambda s: (out.write(s), out.flush()),
+                                stop_ids=[eos] if eos is not None else [])
+    t0 = time.perf_counter()
+    res = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, eos_token_id=eos,
+                   attention_mask=mask if len(prompts) > 1 else None, seed=a.seed, streamer=streamer,
+                   pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    completions = []
+    for i in range(len(prompts)):
+        new = res[i, T:].tolist()
+        if eos is not None and eos in new:
+            new = new[:new.index(eos)]
+        completions.append(tokenizer.decode(new))
+    if streamer is not None:
+        streamer.flush()
+        out.write("\n")
+    else:
+        for p, c in zip(prompts, completions):
+            out.write(f"--- prompt: {p!r}\n{p}{c}\n")
+    n_new = res.shape[1] - T
+    print(f"[generated {n_new} tokens x {len(prompts)} prompt(s) in {dt:.2f}s, "
+          f"{n_new * len(prompts) / max(dt, 1e-9):,.0f} tok/s]", file=sys.stderr, flush=True)
+    return completions
+
+
+def cmd_generate(a) -> int:
+    from .train.checkpoint import load_model
+    from .tokenizer import load_tokenizer
+    prompts = _prompts(a)
+    if a.backend == "onnxruntime":
+        if not a.onnx:
+            raise ValueError("--backend onnxruntime needs --onnx FILE (from `tnllm export onnx`)")
+        from .export import OnnxRecurrentDecoder
+        dec = OnnxRecurrentDecoder(a.onnx)
+        src = a.tokenizer or a.ckpt
+        if src is None:
+            raise ValueError("--backend onnxruntime needs --tokenizer PATH or --ckpt DIR for the tokenizer")
+        if a.tokenizer:
+            tokenizer = load_tokenizer(a.tokenizer)
+        else:
+            from .train.checkpoint import resolve_checkpoint
+            tokenizer = load_tokenizer(resolve_checkpoint(a.ckpt))
+        run_generation(dec, tokenizer, prompts, a, stream=not a.no_stream)
+        return 0
+    if a.ckpt is None:
+        raise ValueError("give --ckpt DIR (a run directory or checkpoint folder from `tnllm train`)")
+    import torch
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(a.ckpt, device=device, dtype=dtype)
+    if a.tokenizer:
+        tokenizer = load_tokenizer(a.tokenizer)
+    run_generation(model, tokenizer, prompts, a, stream=not a.no_stream)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .train.loop import compare
+    cfg = _train_config(a)
+    results = compare(cfg)
+    print("\nsame data, tokenizer, seed, batches and steps "
+          f"({cfg.steps} x {cfg.batch_size} x {cfg.seq_len} = {cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens):")
+    print(f"{'arch':<12} {'params':>9} {'val loss':>9} {'val ppl':>8} {'tok/s':>8} {'time s':>7}")
+    for s in results:
+        print(f"{s['arch']:<12} {s['params'] / 1e6:>8.2f}M {s['val_loss']:>9.4f} {s['val_ppl']:>8.2f} "
+              f"{s['tokens_per_s']:>8,.0f} {s['train_time_s']:>7.1f}")
+    (Path(cfg.out_dir) / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Train the demo model on the embedded corpus, then generate from a prompt."""
+    from .train.checkpoint import load_model
+    from .train.loop import Trainer
+    t0 = time.perf_counter()
+    summary = Trainer(_train_config(a)).fit()
+    _print_summary(summary)
+    model, tokenizer = load_model(a.out)
+    print(f"\n--- sample (temperature {a.temperature}, top-p {a.top_p}, seed {a.seed}) ---", flush=True)
+    run_generation(model, tokenizer, [a.prompt.replace("\\n", "\n")], a)
+    print(f"--- demo done in {time.perf_counter() - t0:.0f}s; try: tnllm generate --ckpt {a.out} "
+          f"--prompt 'import os\\n' ---")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .hub import convert
+    print(convert(a.src, a.dst))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_checkpoint_onnx
+    kwargs = {"quantize": a.quantize}
+    if a.opset is not None:
+        kwargs["opset"] = a.opset
+    print(export_checkpoint_onnx(a.ckpt, a.out, **kwargs))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tnllm", description="TransNormerLLM + Lightning Attention in pure PyTorch")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small TNL on the embedded corpus (~2-3 min on 2 CPU cores), then sample")
+    _add_train_args(d, out_default="runs/demo", steps_default=400)
+    d.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt for the sample (default {DEMO_PROMPT!r})")
+    _add_sampling_args(d, max_new_default=200, seed=False)
+    d.set_defaults(fn=cmd_demo, no_stream=False)
+
+    t = sub.add_parser("train", help="train TransNormerLLM (or the transformer baseline)")
+    _add_train_args(t, out_default="runs/train", steps_default=400)
+    t.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="sample from a checkpoint")
+    g.add_argument("--ckpt", default=None, help="run directory (its latest checkpoint) or checkpoint folder")
+    g.add_argument("--prompt", action="append", help="prompt text ('\\n' for newlines); repeat for a batch")
+    g.add_argument("--prompt-file", default=None, help="one prompt per line")
+    g.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    g.add_argument("--onnx", default=None, help="step.onnx from `tnllm export onnx` (with --backend onnxruntime)")
+    g.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    _add_sampling_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("compare", help="train TNL and the transformer baseline on the same tokens, print val losses")
+    _add_train_args(c, out_default="runs/compare", steps_default=200)
+    c.set_defaults(fn=cmd_compare)
+
+    v = sub.add_parser("convert", help="convert between the released HF layout and a tnllm checkpoint folder")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.set_defaults(fn=cmd_convert)
+
+    e = sub.add_parser("export", help="export a checkpoint")
+    esub = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    o = esub.add_parser("onnx", help="the recurrent step as ONNX (runs in onnxruntime)")
+    o.add_argument("--ckpt", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--opset", type=int, default=None)
+    o.add_argument("--quantize", choices=("int8",), default=None)
+    o.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        print(f"tnllm {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tnllm {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

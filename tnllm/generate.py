@@ -1,0 +1,238 @@
+"""Sampling: ``generate()`` on ``prefill`` (parallel blocked form) then ``step`` (recurrent form), so a
+TransNormerLLM's memory stays flat in the generated length.
+
+The loop drives a *decoder*: ``start(ids [B, T], mask [B, T]) -> (logits [B, V], state)`` and
+``step(tokens [B], state) -> (logits [B, V], state)``. ``TorchDecoder`` wraps any model with the
+``prefill``/``step`` interface (TransNormerLLM, the Transformer baseline); ``OnnxDecoder`` wraps
+``tnllm.export.OnnxRecurrentDecoder`` (numpy step only: the prompt is fed token by token, and a padded
+row keeps its previous state, which for left padding is the zero start state).
+
+Left padding is exact for TransNormerLLM: padded tokens' k, v are zeroed and decay and LRPE are relative,
+so a left-padded row generates what the same prompt alone generates.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+# -- logits processing ----------------------------------------------------------------------------
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL-style: a seen token's logit is divided by ``penalty`` when positive, multiplied when negative.
+    ``seen`` [B, V] bool."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] (fp32) -> next ids [B]. temperature 0: argmax (greedy)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) >= top_p          # keep the smallest prefix whose mass reaches top_p
+        srt = srt.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -- decoders -------------------------------------------------------------------------------------
+class TorchDecoder:
+    """A torch model with ``prefill(ids, attention_mask=...)`` and ``step(ids, state)``."""
+
+    def __init__(self, model):
+        self.model = model
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+
+    def start(self, ids: Tensor, mask: Tensor | None):
+        logits, state = self.model.prefill(ids.to(self.device),
+                                           attention_mask=None if mask is None else mask.to(self.device))
+        return logits[:, -1].float(), state
+
+    def step(self, tokens: Tensor, state):
+        logits, state = self.model.step(tokens.to(self.device), state)
+        return logits.float(), state
+
+
+class OnnxDecoder:
+    """``tnllm.export.OnnxRecurrentDecoder``-like object: ``.step(ids np[B], state|None) -> (logits np, state)``."""
+
+    def __init__(self, dec):
+        self.dec = dec
+        self.device = torch.device("cpu")
+
+    def start(self, ids: Tensor, mask: Tensor | None):
+        ids_np = ids.cpu().numpy().astype(np.int64)
+        if mask is None and hasattr(self.dec, "prefill"):
+            logits, state = self.dec.prefill(ids_np)
+            return torch.from_numpy(np.asarray(logits[:, -1], dtype=np.float32)), state
+        keep = None if mask is None else mask.cpu().numpy().astype(bool)
+        state, logits = None, None
+        for t in range(ids_np.shape[1]):
+            out, new = self.dec.step(ids_np[:, t], state)
+            if keep is not None and not keep[:, t].all():
+                new = _keep_rows(keep[:, t], new, state)
+            logits, state = out, new
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), state
+
+    def step(self, tokens: Tensor, state):
+        out, state = self.dec.step(tokens.cpu().numpy().astype(np.int64), state)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)), state
+
+
+def _keep_rows(keep: np.ndarray, new, old):
+    """Rows where ``keep`` is False take ``old`` (the zero state when old is None): per-layer arrays and the
+    per-row ``position``. Left padding leaves those rows at the zero start state; a row's later positions are
+    then shifted, which decay and LRPE (both relative) do not see."""
+    arrays = [np.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, 0.0 if old is None else o).astype(n.dtype)
+              for n, o in zip(new, old if old is not None else new)]
+    pos = getattr(new, "position", None)
+    if pos is None:
+        return type(new)(arrays)
+    old_pos = np.zeros_like(pos) if old is None else old.position
+    return type(new)(arrays, np.where(keep, pos, old_pos))
+
+
+def _as_decoder(model):
+    if hasattr(model, "prefill") and hasattr(model, "parameters"):
+        return TorchDecoder(model)
+    if hasattr(model, "start") and hasattr(model, "step"):
+        return model
+    if hasattr(model, "step"):
+        return OnnxDecoder(model)
+    raise TypeError(f"generate() needs a model with prefill/step (TransNormerLLM, TransformerLM) or an "
+                    f"OnnxRecurrentDecoder, got {type(model).__name__}")
+
+
+# -- the loop -------------------------------------------------------------------------------------
+@torch.no_grad()    # not inference_mode: the returned ids must be usable in autograd code later
+def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             eos_token_id: int | None = None, attention_mask: Tensor | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None,
+             streamer: Callable[[Tensor], None] | None = None, pad_token_id: int | None = None) -> Tensor:
+    """Continue ``input_ids`` [B, T] (left-padded when ``attention_mask`` [B, T] marks pads with 0) by up to
+    ``max_new_tokens`` tokens; returns [B, T + n] int64 on the CPU, n <= max_new_tokens (shorter only when every
+    row has produced ``eos_token_id``; finished rows are then filled with ``pad_token_id``).
+
+    temperature 0 is greedy; otherwise softmax sampling at that temperature, optionally restricted to the
+    ``top_k`` tokens and/or the nucleus of mass ``top_p``; ``repetition_penalty`` > 1 discourages tokens already
+    in the row. ``generator`` (or ``seed``) makes sampling reproducible. ``streamer(tokens [B])`` is called with
+    each new column as soon as it is chosen.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {(B, T)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and T + max_new_tokens > limit:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {(B, T)}, got "
+                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else attention_mask!r}")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask: prompts must be left-padded (the last position of every row kept)")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", 0)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+
+    ids = input_ids.detach().to("cpu", torch.int64)
+    out = [ids]
+    if max_new_tokens == 0:
+        return ids
+    dec = _as_decoder(model)
+    V = None
+    seen = None
+    finished = torch.zeros(B, dtype=torch.bool)
+    logits, state = dec.start(ids, None if attention_mask is None else attention_mask.cpu())
+    for i in range(max_new_tokens):
+        logits = logits.float().cpu()
+        if repetition_penalty != 1.0:
+            if seen is None:
+                V = logits.shape[-1]
+                seen = torch.zeros(B, V, dtype=torch.bool)
+                keep = ids if attention_mask is None else ids.masked_fill(attention_mask.cpu() == 0, -1)
+                rows, cols = (keep >= 0).nonzero(as_tuple=True)
+                seen[rows, keep[rows, cols].clamp_max(V - 1)] = True
+            logits = apply_repetition_penalty(logits, seen, float(repetition_penalty))
+        nxt = sample_next(logits, float(temperature), top_k, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        out.append(nxt[:, None])
+        if seen is not None:
+            seen[torch.arange(B), nxt] = True
+        if streamer is not None:
+            streamer(nxt)
+        if eos_token_id is not None:
+            finished |= nxt == eos_token_id
+            if bool(finished.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits, state = dec.step(nxt, state)
+    return torch.cat(out, dim=1)
+
+
+class TextStreamer:
+    """Turns the streamed ids of one row into text pieces as soon as they decode to whole characters
+    (a multi-byte UTF-8 character, or a BPE token split across steps, is held back until complete)."""
+
+    def __init__(self, tokenizer, emit: Callable[[str], None], row: int = 0, stop_ids=()):
+        self.tok, self.emit, self.row = tokenizer, emit, row
+        self.stop = set(stop_ids)
+        self.ids: list[int] = []
+        self.printed = 0
+        self.done = False
+
+    def __call__(self, tokens: Tensor) -> None:
+        if self.done:
+            return
+        t = int(tokens[self.row])
+        if t in self.stop:
+            self.done = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):           # an incomplete character: wait for the rest of it
+            return
+        self.emit(text[self.printed:])
+        self.printed = len(text)
+
+    def flush(self) -> None:
+        text = self.tok.decode(self.ids)
+        if len(text) > self.printed:
+            self.emit(text[self.printed:])
+            self.printed = len(text)
