@@ -126,8 +126,9 @@ def _prompts(a) -> list[str]:
     return [s.replace("\\n", "\n") for s in prompts]
 
 
-def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=sys.stdout) -> list[str]:
-    """Encode (bos + prompt), left-pad, generate, print; returns the completions."""
+def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=None) -> list[str]:
+    """Encode (bos + prompt), left-pad, generate, print to ``out`` (stdout); returns the completions."""
+    out = sys.stdout if out is None else out
     import torch
     from .generate import TextStreamer, check_sampling, generate
     check_sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
