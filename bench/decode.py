@@ -145,7 +145,7 @@ class Bench:
         return self.a.budget - (time.perf_counter() - self.t0)
 
     def save(self):
-        (self.out / "decode.json").write_text(json.dumps(self.res, indent=1) + "\n")
+        (self.out / self.a.json_name).write_text(json.dumps(self.res, indent=1) + "\n")
 
     def row(self, **kw):
         kw["t"] = round(time.perf_counter() - self.t0, 1)
@@ -188,22 +188,24 @@ class Bench:
         self.save()
 
     def check(self):
-        """Graph decode == eager model.step on the benchmark model: greedy tokens (batch 1, 16 steps)."""
+        """Graph decode == eager model.step on the benchmark model: greedy tokens (batch 1, 8 prompt
+        tokens stepped, 16 generated). Stepping only, so no prefill kernel is involved."""
         m, n = self.tnl, 16
         ids = torch.randint(1, m.config.vocab_size, (1, 8), device=self.dev)
-        with torch.no_grad():
-            lg, st = m.prefill(ids)
-            tok, want = lg[:, -1].argmax(-1), []
-            for _ in range(n):
-                want.append(tok)
+        st = m.zero_state(1, self.dev)
+
+        def eager(tok):
+            nonlocal st
+            with torch.no_grad():
                 lg, st = m.step(tok, st)
-                tok = lg.argmax(-1)
-        self.ref = (ids, torch.stack(want, 1))
+            return lg
+        self.ref = (ids, _greedy_by_steps(eager, ids, n))
         self.agreement(CudaGraphDecoder(m, 1), False)
 
     def agreement(self, dec, compiled):
         ids, want = self.ref
-        got = dec.generate(ids, want.shape[1])[:, ids.shape[1]:]
+        dec.reset()
+        got = _greedy_by_steps(dec.step, ids, want.shape[1])
         self.row(section="check", policy=_policy(self.dev, compiled), batch=1, steps=want.shape[1],
                  greedy_agreement=float((got == want).float().mean()))
 
@@ -251,7 +253,7 @@ class Bench:
     def prefill(self):
         dev = self.dev
         for T in self.a.prefill_lengths:
-            for name, m in (("tnl", self.tnl), ("transformer", self.tf)):
+            for name, m in (("transformer", self.tf), ("tnl", self.tnl)):
                 if self.left() < 20:
                     raise TimeoutError(f"budget spent before prefill T={T}")
                 ids = torch.randint(1, m.config.vocab_size, (1, T), device=dev)
@@ -287,6 +289,18 @@ class Bench:
         return round((self.weight_bytes[name] + extra_bytes) / (bw * 1e12) * 1e3, 4)
 
 
+def _greedy_by_steps(step, ids, n):
+    """Feed the prompt ids [B, T] through ``step(tok [B]) -> logits``, then n greedy tokens [B, n]."""
+    for t in range(ids.shape[1]):
+        lg = step(ids[:, t])
+    out = []
+    for _ in range(n):
+        tok = lg.argmax(-1)
+        out.append(tok)
+        lg = step(tok)
+    return torch.stack(out, 1)
+
+
 def _param_bytes(m) -> int:
     seen, n = set(), 0
     for p in m.parameters():
@@ -312,11 +326,12 @@ def write_report(res: dict, out: Path) -> str:
              f"{res['meta']['params']['transformer'] / 1e6:.1f}M"]
     if "copy_bandwidth_TBps" in res["meta"]:
         lines[0] += f"; measured copy bandwidth {res['meta']['copy_bandwidth_TBps']} TB/s"
-    lines += ["", "| model | policy | batch | context | ms/token | tokens/s | peak GiB | state/KV GiB | roofline ms | % of roofline |",
+    lines += ["", "| model | policy | batch | context | ms/token | tokens/s | peak GiB | state/KV MiB | roofline ms | % of roofline |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r.get("ms_per_token")
-        kv = r.get("kv_gib", None if r["model"] == "transformer" else round(r.get("state_mib", 0) / 1024, 4))
+        kv = (round(r["kv_gib"] * 1024, 1) if r.get("kv_gib") is not None
+              else r.get("state_mib") if r["model"] == "tnl" else None)
         roof = r.get("roofline_ms")
         pct = f"{100 * roof / ms:.0f}%" if (roof and ms) else ""
         lines.append(f"| {r['model']} | {r['policy']} | {r['batch']} | {r['context']} | "
@@ -391,25 +406,44 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the inductor-compiled step (compiled+graph)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; later sections are skipped past it")
+    p.add_argument("--sections", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"],
+                   help="run prefill in its own process to keep a failing kernel from poisoning the decode timings")
+    p.add_argument("--json-name", default="decode.json", help="file name of the results under --out")
     p.add_argument("--out", default="bench_results")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="only merge these result files into decode.md/decode.png under --out (no device)")
     a = p.parse_args(argv)
+    if a.report:
+        res = {"meta": {}, "rows": [], "errors": []}
+        for f in a.report:
+            r = json.loads(Path(f).read_text())
+            res["meta"] = {**r["meta"], **res["meta"]} if res["meta"] else r["meta"]
+            res["meta"].update({k: v for k, v in r["meta"].items() if k not in res["meta"]})
+            res["rows"] += r["rows"]
+            res["errors"] += r["errors"]
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(write_report(res, out))
+        plot(res, out)
+        return
     if a.dtype is None:
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     torch.manual_seed(0)
     b = Bench(a)
-    b.section("bandwidth", b.bandwidth)
-    b.section("check", b.check)
-    for B in a.batches:
-        b.section(f"tnl_graph_B{B}", lambda B=B: b.tnl_decode(B, False))
-    for B in a.batches:
-        b.section(f"transformer_B{B}", lambda B=B: b.tf_decode(B))
-    if a.compile:
-        b.section("tnl_compiled_B1", lambda: b.tnl_decode(a.batches[0], True), need=60)
-    if a.prefill_lengths:
-        b.section("prefill", b.prefill, need=30)
-    if a.compile:
+    if "decode" in a.sections:
+        b.section("bandwidth", b.bandwidth)
+        b.section("check", b.check)
+        for B in a.batches:
+            b.section(f"tnl_graph_B{B}", lambda B=B: b.tnl_decode(B, False))
+        for B in a.batches:
+            b.section(f"transformer_B{B}", lambda B=B: b.tf_decode(B))
+        if a.compile:
+            b.section("tnl_compiled_B1", lambda: b.tnl_decode(a.batches[0], True), need=60)
+    if "prefill" in a.sections and a.prefill_lengths:
+        b.section("prefill", b.prefill, need=20)
+    if "decode" in a.sections and a.compile:
         for B in a.batches[1:]:
-            b.section(f"tnl_compiled_B{B}", lambda B=B: b.tnl_decode(B, True), need=60)
+            b.section(f"tnl_compiled_B{B}", lambda B=B: b.tnl_decode(B, True), need=45)
     b.save()
     print(write_report(b.res, b.out))
     plot(b.res, b.out)
