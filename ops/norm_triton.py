@@ -30,16 +30,15 @@ def _check(o: Tensor, u: Tensor) -> None:
     B, H, T, e = o.shape
     if tuple(u.shape) != (B, T, H * e):
         raise ValueError(f"srms_norm_gate: `u` must have shape [B, T, H*e] = {(B, T, H * e)}, got {tuple(u.shape)}")
-    if o.dtype != u.dtype:
-        raise TypeError(f"srms_norm_gate: `o` and `u` must share a dtype, got {o.dtype} and {u.dtype}")
 
 
 def srms_norm_gate(o: Tensor, u: Tensor) -> Tensor:
     """y [B, T, H*e] = srms_norm(o transposed to [B, T, H*e]) * u, with o [B, H, T, e] and u [B, T, H*e].
 
-    Fused Triton kernel on CUDA (fp16/bf16/fp32); the plain PyTorch expression elsewhere."""
+    Fused Triton kernel on CUDA (fp16/bf16/fp32, one dtype); the plain PyTorch expression elsewhere
+    (which also promotes mixed dtypes)."""
     _check(o, u)
-    if o.device.type == "cuda" and o.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if o.device.type == "cuda" and o.dtype == u.dtype and o.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return torch.ops.tnllm.srms_norm_gate(o, u)
     return _reference(o, u)
 

@@ -1,0 +1,310 @@
+"""GPU benchmark of causal decayed linear attention: tnllm (Triton) against its peers, side by side.
+
+    python bench/attention.py --out runs/attn [--shapes main,d64,lrpe,t2k,t32k] [--peers naive,sdpa_cudnn,...]
+    python bench/attention.py --sweep --out runs/sweep       # tile/launch configs of the tnllm sweeps
+    python bench/attention.py --plot runs/attn/attention.json --png docs/attention.png   # CPU: the plot
+
+Per implementation and shape: forward ms, forward+backward ms (medians of triton.testing.do_bench),
+extra peak memory (peak during fwd+bwd over the inputs' allocation, GiB) and achieved bandwidth:
+the memory floor's bytes (read q, k, v (, do), write o (, dq, dk, dv) once) over the time, against a
+device-to-device copy measured in the same run. Peers: PyTorch NormAttention (masked quadratic, the
+paper's baseline), SDPA softmax attention (cuDNN and flash backends; Dk == Dv only), fla
+``chunk_simple_gla`` (g_gamma = -s, scale = 1, layout [B, T, H, D]), OpenNLPLab ``lightning_attn2``.
+Results go to <out>/attention.json (one record per line, written as they come) and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+SHAPES = {   # name: (B, H, T, Dk, Dv)
+    "main": (8, 16, 8192, 128, 128),
+    "d64": (8, 16, 8192, 64, 64),
+    "lrpe": (8, 8, 8192, 256, 128),
+    "t2k": (32, 16, 2048, 128, 128),
+    "t32k": (2, 16, 32768, 128, 128),
+}
+PEERS = ["naive", "sdpa_cudnn", "sdpa_flash", "fla_chunk", "lightning_attn2"]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, grad_to_none=None, warmup=25, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    x = torch.empty(2 ** 30, dtype=torch.float16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    del x, y
+    return 2 * 2 ** 31 / (ms * 1e-3)
+
+
+def decay_rates(H: int) -> torch.Tensor:
+    """ALiBi slopes of layer 0 (the fastest decay of the model): s_h = 2^(-8(h+1)/H)."""
+    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device="cuda")
+
+
+def make_impl(name: str, B, H, T, Dk, Dv, dtype):
+    """(fn(q, k, v) -> o, layout) for one implementation; layout "bhtd" or "bthd"."""
+    s = decay_rates(H)
+    if name == "tnllm":
+        from tnllm.ops import lightning_attn
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name == "naive":
+        idx = torch.arange(T, device="cuda", dtype=torch.float32)
+        diff = idx[:, None] - idx[None, :]
+        M = (torch.exp(-s[:, None, None] * diff.clamp(min=0)) * (diff >= 0)).to(dtype)     # [H, T, T], cached
+
+        def naive(q, k, v):
+            return ((q @ k.transpose(-1, -2)) * M) @ v
+        return naive, "bhtd"
+    if name.startswith("sdpa"):
+        if Dk != Dv:
+            raise NotImplementedError("SDPA needs Dk == Dv")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.CUDNN_ATTENTION if name == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return sdpa, "bhtd"
+    if name == "fla_chunk":
+        from fla.ops.simple_gla import chunk_simple_gla
+        g = -s
+
+        def fla(q, k, v):
+            return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0)[0]
+        return fla, "bthd"
+    if name == "lightning_attn2":
+        from lightning_attn.ops import lightning_attn_func
+        return (lambda q, k, v: lightning_attn_func(q, k, v, s)), "bhtd"
+    raise ValueError(name)
+
+
+def floor_bytes(B, H, T, Dk, Dv, dtype, bwd: bool) -> int:
+    el = torch.tensor([], dtype=dtype).element_size()
+    per = (2 * Dk + 2 * Dv) + ((4 * Dk + 3 * Dv) if bwd else 0)     # fwd: q,k,v,o; bwd: q,k,v,do,dq,dk,dv
+    return B * H * T * per * el
+
+
+def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
+    B, H, T, Dk, Dv = SHAPES[shape_name]
+    fn, layout = make_impl(name, B, H, T, Dk, Dv, dtype)
+    mk = (lambda D: torch.randn(B, H, T, D, device="cuda", dtype=dtype)) if layout == "bhtd" else \
+        (lambda D: torch.randn(B, T, H, D, device="cuda", dtype=dtype))
+    q, k, v = mk(Dk) / math.sqrt(Dk), mk(Dk) / math.sqrt(Dk), mk(Dv)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    do = mk(Dv)
+    t0 = time.time()
+    for _ in range(warmup_calls):          # compiles / autotunes the peers before timing
+        fn(q, k, v).backward(do)
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    with torch.no_grad():
+        fwd = bench(lambda: fn(q, k, v))
+
+    def step():
+        fn(q, k, v).backward(do)
+    fb = bench(step, grad_to_none=[q, k, v])
+    for x in (q, k, v):
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    rec = dict(impl=name, shape=shape_name, B=B, H=H, T=T, Dk=Dk, Dv=Dv, dtype=str(dtype).split(".")[-1],
+               fwd_ms=fwd, fwdbwd_ms=fb, extra_peak_gib=peak, warmup_s=warm_s,
+               fwd_bw_frac=floor_bytes(B, H, T, Dk, Dv, dtype, False) / (fwd * 1e-3) / copy_bw,
+               fwdbwd_bw_frac=floor_bytes(B, H, T, Dk, Dv, dtype, True) / (fb * 1e-3) / copy_bw)
+    del q, k, v, do, fn
+    torch.cuda.empty_cache()
+    return rec
+
+
+def prune_fla_autotune(max_configs: int):
+    """Keep at most ``max_configs`` configs per fla autotuner (4/8 warps, 2/3 stages first): fla's full
+    search takes minutes per shape, more than this session's device time allows."""
+    import triton
+    n = 0
+    for mod in list(sys.modules.values()):
+        if mod is None or not getattr(mod, "__name__", "").startswith("fla.ops"):
+            continue
+        for obj in list(vars(mod).values()):
+            while obj is not None and not isinstance(obj, triton.runtime.autotuner.Autotuner) and hasattr(obj, "fn"):
+                obj = obj.fn          # @triton.heuristics wraps the autotuner
+            if isinstance(obj, triton.runtime.autotuner.Autotuner) and len(obj.configs) > max_configs:
+                pref = [c for c in obj.configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)]
+                rest = [c for c in obj.configs if c not in pref]
+                obj.configs = (pref + rest)[:max_configs]
+                n += 1
+    return n
+
+
+def sweep(out, dtype):
+    """Time the four tnllm sweeps (fwd, dq, dk, dv) at the main shapes under several configs."""
+    from tnllm.ops.lightning_attn import triton as tri
+    SC = tri.SweepConfig
+    plans = {   # shape: (sweeps, candidate configs (BC, CHUNK, warps, stages, n_split)); plus the default
+        "main": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 3, 1), SC(64, 64, 8, 2, 1), SC(64, 64, 4, 2, 2),
+                                            SC(32, 64, 4, 2, 1), SC(128, 64, 8, 2, 1), SC(64, 128, 8, 2, 1), SC(64, 64, 4, 1, 1)]),
+        "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1)]),
+        "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2)]),
+        "t32k": (("fwd", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 8)]),
+    }
+    res = []
+    for shape_name, (sweep_names, cands) in plans.items():
+        B, H, T, Dk, Dv = SHAPES[shape_name]
+        s = decay_rates(H)
+        q = torch.randn(B, H, T, Dk, device="cuda", dtype=dtype) / math.sqrt(Dk)
+        k = torch.randn(B, H, T, Dk, device="cuda", dtype=dtype) / math.sqrt(Dk)
+        v = torch.randn(B, H, T, Dv, device="cuda", dtype=dtype)
+        do = torch.randn_like(v)
+        S = torch.empty(B, H, Dk, Dv, device="cuda")
+        sweeps = {"fwd": (q, k, v, False, 0, S), "dq": (do, v, k, False, 0, None),
+                  "dk": (v, do, q, True, -1, None), "dv": (k, q, do, True, -1, S)}
+        for sw in sweep_names:
+            A, Bm, C, rev, e0, fin = sweeps[sw]
+            cl = cands + [tri.default_config(A.shape[-1], C.shape[-1], dtype)]
+            for cfg in cl:
+                if A.shape[-1] >= 256 and cfg.BC > 64:
+                    continue
+                try:
+                    ms = bench(lambda: tri._sweep(A, Bm, C, s, None, reverse=rev, e0=e0, final=fin, cfg=cfg),
+                               warmup=10, rep=40)
+                except Exception as e:   # out of resources etc.
+                    ms = float("nan")
+                    log("  fail", shape_name, sw, cfg, type(e).__name__, str(e)[:200])
+                r = dict(shape=shape_name, sweep=sw, cfg=cfg.__dict__, ms=ms)
+                res.append(r)
+                log(json.dumps(r))
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(res, f)
+    # best per (shape, sweep)
+    best = {}
+    for r in res:
+        key = (r["shape"], r["sweep"])
+        if r["ms"] == r["ms"] and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    log("best:")
+    for key, r in best.items():
+        log(f"  {key[0]:5s} {key[1]:3s} {r['ms']:.3f} ms {r['cfg']}")
+
+
+def table(records) -> str:
+    lines = ["| shape | impl | fwd ms | fwd+bwd ms | extra peak GiB | fwd BW % copy | fwd+bwd BW % copy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['impl']} | – | – | – | {r['error'][:60]} | |")
+            continue
+        lines.append(f"| {r['shape']} B{r['B']} H{r['H']} T{r['T']} Dk{r['Dk']} Dv{r['Dv']} | {r['impl']} | "
+                     f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['extra_peak_gib']:.2f} | "
+                     f"{100 * r['fwd_bw_frac']:.0f} | {100 * r['fwdbwd_bw_frac']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(json_path, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(l) for l in open(json_path) if l.strip()]
+    recs = [r for r in recs if "fwd_ms" in r]
+    shapes = list(dict.fromkeys(r["shape"] for r in recs))
+    impls = list(dict.fromkeys(r["impl"] for r in recs))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    w = 0.8 / len(impls)
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
+        for i, im in enumerate(impls):
+            xs, ys = [], []
+            for j, sh in enumerate(shapes):
+                r = [r for r in recs if r["shape"] == sh and r["impl"] == im]
+                if r:
+                    xs.append(j + (i - len(impls) / 2 + 0.5) * w)
+                    ys.append(r[0][key])
+            ax.bar(xs, ys, w, label=im)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"H200 bf16, {title}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/attn")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--fla-max-configs", type=int, default=6)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
+    ap.add_argument("--png", default="docs/attention.png")
+    a = ap.parse_args(argv)
+    if a.plot:
+        plot(a.plot, a.png)
+        return
+    os.makedirs(a.out, exist_ok=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    if a.sweep:
+        sweep(a.out, dtype)
+        return
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    log(f"device {dev}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    peers = [p for p in a.peers.split(",") if p]
+    if "fla_chunk" in peers:
+        try:
+            import fla.ops.simple_gla  # noqa: F401
+            import fla.ops.common.chunk_h  # noqa: F401
+            import fla.ops.common.chunk_o  # noqa: F401
+            log(f"fla autotuners pruned: {prune_fla_autotune(a.fla_max_configs)} (max {a.fla_max_configs} configs)")
+        except Exception as e:
+            log("fla unavailable:", e)
+    path = os.path.join(a.out, "attention.json")
+    recs = []
+    with open(path, "w") as f:
+        f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
+        for shape_name in a.shapes.split(","):
+            for name in ["tnllm"] + peers:
+                if name == "naive" and SHAPES[shape_name][2] > 8192:
+                    rec = dict(impl=name, shape=shape_name, error="skipped: the T x T mask needs > 64 GiB")
+                else:
+                    try:
+                        rec = run_one(name, shape_name, dtype, bw)
+                    except Exception as e:
+                        rec = dict(impl=name, shape=shape_name, error=f"{type(e).__name__}: {str(e)[:300]}")
+                        traceback.print_exc(limit=1)
+                        torch.cuda.empty_cache()
+                log(json.dumps(rec))
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                recs.append(rec)
+    md = table(recs)
+    with open(os.path.join(a.out, "attention.md"), "w") as f:
+        f.write(md + "\n")
+    log(md)
+
+
+if __name__ == "__main__":
+    main()

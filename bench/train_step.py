@@ -1,0 +1,171 @@
+"""One training step of a TransNormerLLM preset on the GPU (issue 4 item 6): tokens/s and MFU.
+
+    python bench/train_step.py --impl tnllm --preset 385M --T 8192 --B 2 --out runs/train
+    python bench/train_step.py --impl naive ...    # same model, attention = masked quadratic (bf16)
+    python bench/train_step.py --impl sdpa ...     # an equal-shape softmax Transformer (SDPA, causal)
+
+bf16 autocast with fp32 master weights, fused AdamW, every decoder layer compiled with
+``fullgraph=True`` (regional compile: the 23 identical layers share one graph; the LRPE layer has its
+own), and the loss (final norm, tied lm_head, cross entropy) compiled too. Time = median of timed
+steps after warm-up (compile), with CUDA events around the whole step (forward, backward, optimizer).
+
+MFU = model FLOPs per second / 989e12 (H200 dense bf16, datasheet). Model FLOPs per token =
+6 * (parameters in matmuls, lm_head included) + attention: softmax 6 * L * T * d (causal half of
+QK^T and PV, fwd + bwd), linear attention 12 * L * H * Dk * Dv (the state form q S, k^T v; fwd+bwd).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PEAK = 989e12
+
+
+def naive_attend(q, k, v, s, S):
+    """Masked quadratic linear attention in the input dtype (the paper's NormAttention baseline)."""
+    T = q.shape[2]
+    idx = torch.arange(T, device=q.device, dtype=torch.float32)
+    diff = idx[:, None] - idx[None, :]
+    M = (torch.exp(-s.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)).to(q.dtype)
+    return ((q @ k.transpose(-1, -2)) * M) @ v, S
+
+
+class SdpaBlock(nn.Module):
+    def __init__(self, d, H, g):
+        super().__init__()
+        self.H = H
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.l1, self.l2, self.l3 = nn.Linear(d, g, bias=False), nn.Linear(d, g, bias=False), nn.Linear(g, d, bias=False)
+
+    def forward(self, x):
+        from tnllm.ops import srms_norm
+        B, T, d = x.shape
+        q, k, v = self.qkv(srms_norm(x)).view(B, T, 3, self.H, d // self.H).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, d))
+        h = srms_norm(x)
+        return x + self.l3(self.l1(h) * self.l2(h))
+
+
+class SdpaLM(nn.Module):
+    """A softmax Transformer of the preset's shape (d, L, H, SGLU g, vocab, tied head); no u gate."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.decoder_embed_dim
+        self.emb = nn.Embedding(cfg.vocab_size, d)
+        self.layers = nn.ModuleList(SdpaBlock(d, cfg.decoder_attention_heads, cfg.glu_dim) for _ in range(cfg.decoder_layers))
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.emb.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0, 0.02)
+
+    def hidden_states(self, ids):
+        x = self.emb(ids) * math.sqrt(self.emb.weight.shape[1])
+        for l in self.layers:
+            x = l(x)
+        return x
+
+
+def build(impl, cfg):
+    if impl == "sdpa":
+        m = SdpaLM(cfg)
+        layers = m.layers
+    else:
+        from tnllm import TransNormerLLM
+        m = TransNormerLLM(cfg)
+        layers = m.model.layers
+        if impl == "naive":
+            for l in layers:
+                tm = l.token_mixer
+                tm._parallel = naive_attend
+    return m, layers
+
+
+def matmul_params(m) -> int:
+    return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", default="tnllm", choices=["tnllm", "naive", "sdpa"])
+    ap.add_argument("--preset", default="385M")
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default="runs/train")
+    a = ap.parse_args(argv)
+    from tnllm import TransNormerConfig
+    from tnllm.ops import srms_norm
+    cfg = TransNormerConfig.from_preset(a.preset)
+    torch.manual_seed(0)
+    m, layers = build(a.impl, cfg)
+    m = m.cuda()
+    if not a.no_compile:
+        for l in layers:
+            l.compile(fullgraph=True, dynamic=False)
+
+    def loss_fn(h, ids):
+        logits = m.lm_head(srms_norm(h))[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    if not a.no_compile:
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(1, cfg.vocab_size, (a.B, a.T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(m.hidden_states(ids), ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(a.warmup):
+        loss = step()
+    torch.cuda.synchronize()
+    warm = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        loss = step()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    ms = sorted(times)[len(times) // 2]
+    tokens = a.B * a.T
+    L, d, H = cfg.decoder_layers, cfg.decoder_embed_dim, cfg.decoder_attention_heads
+    e = d // H
+    if a.impl == "sdpa":
+        attn = 6 * L * a.T * d
+    else:
+        lrpe_layers = sum(1 for i in range(L) if cfg.lrpe(i))
+        attn = 12 * H * e * e * (L - lrpe_layers) + 12 * H * 2 * e * e * lrpe_layers
+    flops_tok = 6 * matmul_params(m) + attn
+    rec = dict(impl=a.impl, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
+               matmul_params=matmul_params(m), step_ms=ms, steps_ms=times, tokens_per_s=tokens / (ms * 1e-3),
+               mfu=flops_tok * tokens / (ms * 1e-3) / PEAK, flops_per_token=flops_tok,
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30, warmup_s=warm, loss=float(loss),
+               compiled=not a.no_compile, torch=torch.__version__)
+    print(json.dumps(rec), flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "train_step.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
