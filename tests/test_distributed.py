@@ -150,3 +150,30 @@ def test_bad_arguments():
         apply_ac(torch.nn.Linear(2, 2))
     with pytest.raises(FileNotFoundError, match="metadata"):
         tdcp.load("/nonexistent/ckpt", W.make_model(W.config()))
+
+
+def test_memory_estimate_matches_saved_activations():
+    """memory_per_rank's activation bytes (no AC, bf16) == what autograd saves, measured with saved_tensors_hooks."""
+    from tnllm import TransNormerConfig
+    from tnllm.train.parallelize import memory_per_rank
+    cfg = TransNormerConfig(vocab_size=67, decoder_embed_dim=64, decoder_layers=2, decoder_attention_heads=4,
+                            glu_dim=160, linear_use_lrpe_list=[0, 0])
+    model = TransNormerLLM(cfg).to(torch.bfloat16)
+    T = 128
+    x = model._embed(torch.randint(0, 67, (1, T))).detach().requires_grad_()
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model._run(x, None, 0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(v for k, v in seen.items() if k not in params)
+    est = memory_per_rank(cfg, seq_len=T, ac="none")["activations"]
+    assert abs(measured - est) <= 0.01 * est, (measured, est)
+    m1, m8 = memory_per_rank(TransNormerConfig.from_preset("7B"), 1), memory_per_rank(TransNormerConfig.from_preset("7B"), 8)
+    assert m8["adam"] * 8 == pytest.approx(m1["adam"]) and m8["activations"] == m1["activations"]
+    with pytest.raises(ValueError, match="ac"):
+        memory_per_rank(cfg, ac="some")

@@ -108,10 +108,38 @@ def cmd_train(a) -> int:
             print(f"{name:>6}: d={c.decoder_embed_dim} L={c.decoder_layers} H={c.decoder_attention_heads} "
                   f"g={c.glu_dim} V={c.vocab_size} ({c.num_params() / 1e6:.1f}M params)")
         return 0
+    import os
+    if a.fsdp is not None or a.tp is not None or "WORLD_SIZE" in os.environ:     # torchrun (docs/distributed.md)
+        from .train.dist import DistributedTrainer, destroy, is_main
+        try:
+            summary = DistributedTrainer(_train_config(a), fsdp=a.fsdp, tp=a.tp, ac=a.ac, mp=a.mp).fit()
+            if is_main():
+                _print_summary(summary)
+        finally:
+            destroy()
+        return 0
     from .train.loop import Trainer
-    summary = Trainer(_train_config(a)).fit()
+    parallelize = None
+    if a.ac != "none":
+        import functools
+        from .train.parallelize import apply_ac
+        parallelize = functools.partial(apply_ac, mode=a.ac)
+    if a.mp != "fp32":
+        raise ValueError("--mp bf16 is FSDP's mixed precision: run under torchrun (one process: --device cuda "
+                         "trains in bf16 autocast already)")
+    summary = Trainer(_train_config(a), parallelize=parallelize).fit()
     _print_summary(summary)
     return 0
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel (under torchrun; docs/distributed.md)")
+    g.add_argument("--fsdp", type=int, default=None, help="FSDP2 (data parallel) degree; -1 or unset: world / tp")
+    g.add_argument("--tp", type=int, default=None, help="tensor parallel degree (divides the heads); default 1")
+    g.add_argument("--ac", choices=("none", "full", "selective"), default="none",
+                   help="activation checkpointing per block (selective keeps the attention op's outputs)")
+    g.add_argument("--mp", choices=("fp32", "bf16"), default="fp32",
+                   help="FSDP mixed precision: bf16 params/compute, fp32 gradient reduction (default fp32)")
 
 
 def _prompts(a) -> list[str]:
@@ -267,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train TransNormerLLM (or the transformer baseline)")
     _add_train_args(t, out_default="runs/train", steps_default=400)
     t.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
+    _add_parallel_args(t)
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample from a checkpoint")

@@ -195,9 +195,11 @@ def _saved_keys(path: Path) -> list[str]:
 
 # -- full (released-layout) state dicts --------------------------------------------------------------------
 def full_state_dict(model) -> dict[str, Tensor]:
-    """The whole model as plain CPU tensors with the released keys and layout (qkvu rows q|k|v|u), on every
-    rank (collective: all ranks call it). For a single-file save at the end of a distributed run."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    """The whole model as plain CPU tensors with the released keys and layout (qkvu rows q|k|v|u).
+
+    Collective (every rank calls it); gathered one tensor at a time into rank 0's CPU memory, other ranks
+    get ``{}``. Without a process group, the plain model's tensors."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = {}
     for k, v in sd.items():
         v = v.full_tensor() if isinstance(v, DTensor) else v

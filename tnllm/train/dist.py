@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .loop import Trainer
+
 __all__ = ["ParallelDims", "init_distributed", "build_mesh", "is_initialized", "rank", "world_size", "local_rank",
-           "is_main", "print0", "barrier", "all_reduce_mean", "destroy", "device_type"]
+           "is_main", "print0", "barrier", "all_reduce_mean", "destroy", "device_type", "DistributedTrainer"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +151,90 @@ def all_reduce_mean(x: float | torch.Tensor, group=None) -> float:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+# -- the trainer on a mesh ------------------------------------------------------------------------------------
+class DistributedTrainer(Trainer):
+    """The one-process :class:`tnllm.train.loop.Trainer` on a (dp, tp) mesh, for ``torchrun ... tnllm train``.
+
+    What changes, and nothing else:
+
+    * the model is parallelized by :func:`tnllm.train.parallelize.parallelize` (TP -> AC -> per-block compile
+      -> FSDP2) through the trainer's ``parallelize`` hook; ``--compile`` compiles the blocks there instead of
+      ``model.compile()`` on the whole FSDP-wrapped model;
+    * data: the loader keeps the rows of this rank's *dp* index (the tp ranks of one group read the same
+      rows); only global rank 0 logs and writes single files; logged numbers are averaged over all ranks;
+    * checkpoints: every rank writes its shards with ``torch.distributed.checkpoint`` (into ``step-N/dcp``);
+      rank 0 gathers the full model and writes around it the same folder a one-process run writes (released
+      ``model.safetensors``, tokenizer, ``trainer_state.pt`` without optimizer tensors), so ``tnllm generate``
+      reads it unchanged. ``--resume`` takes the one-process path (weights, scheduler, data position, step),
+      then loads the model and optimizer shards from ``dcp/`` onto whatever (dp, tp) this run has.
+
+    ``fsdp``/``tp``: degrees (None or -1: inferred from the world size); ``ac``: "none" | "full" |
+    "selective"; ``mp``: "fp32" | "bf16" (FSDP MixedPrecisionPolicy: param bf16, reduce fp32).
+    """
+
+    DCP_DIR = "dcp"
+
+    def __init__(self, cfg, fsdp: int | None = None, tp: int | None = None, ac: str = "none", mp: str = "fp32",
+                 log=None):
+        import dataclasses
+        import functools
+        from .parallelize import AC_MODES, mixed_precision, parallelize
+        if ac not in AC_MODES:
+            raise ValueError(f"`ac` must be one of {AC_MODES}, got {ac!r}")
+        mixed_precision(mp)                                # validates the name
+        g_rank, world, _ = init_distributed()
+        self.dims = ParallelDims.resolve(world, fsdp, tp)
+        if not is_initialized():                           # a plain `python -m tnllm train --fsdp 1 --tp 1`
+            raise RuntimeError("the distributed trainer needs torchrun (RANK / WORLD_SIZE in the environment)")
+        on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        self.mesh = build_mesh(self.dims, "cuda" if on_gpu else "cpu")
+        fn = functools.partial(parallelize, world_mesh=self.mesh, ac=ac, compile=cfg.compile, mp_policy=mp)
+        super().__init__(dataclasses.replace(cfg, compile=False), parallelize=fn,
+                         rank=self.mesh["dp"].get_local_rank(), world_size=self.dims.dp, log=log)
+        self.global_rank = g_rank
+        self.is_main = g_rank == 0
+        self.ac, self.mp = ac, mp
+
+    def device(self) -> torch.device:
+        dev = super().device()
+        if dev.type == "cuda" and dev.index is None:      # this rank's GPU (init_distributed set it)
+            return torch.device("cuda", torch.cuda.current_device())
+        return dev
+
+    def setup(self) -> None:
+        super().setup()
+        if self.cfg.resume:
+            from . import checkpoint as ckpt
+            from . import dcp as tdcp
+            tdcp.load(ckpt.resolve_checkpoint(self.out) / self.DCP_DIR, self.raw_model, self.optimizer)
+        self.log(f"parallel: dp={self.dims.dp} x tp={self.dims.tp} = {self.dims.world} ranks "
+                 f"({self.mesh.device_type}), ac={self.ac}, mp={self.mp}")
+
+    def reduce_mean(self, value: float) -> float:
+        return all_reduce_mean(value)
+
+    def save(self):
+        import os
+        from . import checkpoint as ckpt
+        from . import dcp as tdcp
+        from ..model import TransNormerLLM
+        staging = self.out / f".dcp-step-{self.step:07d}"
+        tdcp.save(staging, self.raw_model, self.optimizer)
+        full = tdcp.full_state_dict(self.raw_model)        # collective; the tensors land on rank 0
+        path = None
+        if self.is_main:
+            with torch.device("meta"):
+                model = TransNormerLLM(self.raw_model.config)
+            model.load_state_dict(full, assign=True)
+            if model.config.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            state = self.trainer_state()
+            state["optimizer"] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+            state["sharded"] = self.DCP_DIR
+            path = ckpt.save_checkpoint(self.out, self.step, model, self.tokenizer, state, self.metrics_file,
+                                        keep=self.cfg.keep_checkpoints,
+                                        _before_rename=lambda tmp: os.rename(staging, tmp / self.DCP_DIR))
+        barrier()
+        return path

@@ -19,8 +19,9 @@ Tensor parallel (Megatron split on DTensor, ``torch.distributed.tensor.parallel`
   local squares in fp32, all-reduces the sum over the TP group (differentiable, backward is the same
   all-reduce), and divides by the full width, so each rank normalises exactly as one process does.
 * SGLU: ``l1``, ``l2`` column-wise, ``l3`` row-wise.
-* Embedding, tied ``lm_head`` and the pre-norms stay replicated over tp (their gradients come out identical
-  on every tp rank because the row-wise outputs are all-reduced).
+* Embedding and the tied ``lm_head`` stay whole on every tp rank, as Replicate DTensors
+  (:class:`ReplicateParallel`), so that all parameters live on one mesh; their gradients come out identical on
+  every tp rank because the row-wise outputs are all-reduced. The pre-norms have no parameters.
 """
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from tnllm.model import Lrpe, NormLinearAttention, TransNormerLLM
 from tnllm.ops.norm import EPS
 
-__all__ = ["FusedColwiseParallel", "tp_srms_norm", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp",
+__all__ = ["FusedColwiseParallel", "ReplicateParallel", "HeadShard", "memory_per_rank", "tp_srms_norm", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp",
            "parallelize", "mixed_precision", "AC_MODES", "QKVU_CHUNKS"]
 
 QKVU_CHUNKS = 4          # q | k | v | u
@@ -142,6 +143,39 @@ class HeadShard(ParallelStyle):
         return module
 
 
+class ReplicateParallel(ParallelStyle):
+    """Parameters as Replicate DTensors over tp, plain tensors in and out (embedding, tied lm_head).
+
+    Why not leave them plain: then every parameter is a DTensor on the same mesh, which is what
+    ``clip_grad_norm_`` and foreach / fused AdamW need (they refuse to mix Tensors and DTensors, or meshes).
+    ``distribute_params=False`` only adds the input/output conversion (for a module whose parameter is
+    tied to one distributed already). Gradients stay Replicate: every tp rank computes the same ones.
+    """
+
+    def __init__(self, distribute_params: bool = True):
+        super().__init__()
+        self.distribute_params = distribute_params
+
+    @staticmethod
+    def _replicate(name, module, mesh):
+        for pname, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()]),
+                                                          requires_grad=p.requires_grad))
+
+    @staticmethod
+    def _inputs(module, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                     if isinstance(x, Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+    @staticmethod
+    def _outputs(module, outputs, mesh):
+        return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        part = self._replicate if self.distribute_params else (lambda name, mod, mesh: None)
+        return distribute_module(module, device_mesh, part, self._inputs, self._outputs)
+
+
 # -- TP -------------------------------------------------------------------------------------------------
 def _check_model(model) -> None:
     if not isinstance(model, TransNormerLLM):
@@ -184,6 +218,11 @@ def apply_tp(model: TransNormerLLM, tp_mesh: DeviceMesh) -> TransNormerLLM:
         tm.num_heads = Hl
         tm.o_norm = functools.partial(tp_srms_norm, group=group, width=tm.num_heads * tp * tm.head_dim)
         tm.tnllm_tp = (tp, r)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    parallelize_module(model, tp_mesh, {"model.embed_tokens": ReplicateParallel(),
+                                        "lm_head": ReplicateParallel(distribute_params=not tied)})
+    if tied:                 # the embedding got a new (DTensor) Parameter: tie the head to it again
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
@@ -300,3 +339,49 @@ def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "non
     if dp.size() > 1 or mixed_precision(mp_policy) is not None:
         apply_fsdp(model, dp, mp_policy, reshard_after_forward)
     return model
+
+
+# -- memory per rank (for docs/distributed.md) ---------------------------------------------------------------
+def memory_per_rank(cfg, dp: int = 1, tp: int = 1, seq_len: int = 8192, micro_batch: int = 1, ac: str = "none",
+                    loss_chunk_tokens: int | None = None) -> dict[str, float]:
+    """Estimated bytes per rank for training ``cfg`` with FSDP2 over ``dp``, TP over ``tp``, AdamW, bf16
+    mixed precision (fp32 master weights, grads and states, bf16 compute), ``micro_batch`` sequences of
+    ``seq_len`` tokens per rank and step. Returns a dict of byte counts (keys below) and their ``total``.
+
+    * ``params``/``grads``/``adam``: the fp32 shards: 4 / 4 / 8 bytes per parameter, divided by dp (the
+      embedding, replicated over tp) or by dp * tp (everything in the blocks).
+    * ``unsharded``: bf16 all-gathered parameters alive at once: the root unit (embedding = tied head, kept
+      for the whole step) and two blocks (the one computing and the prefetched one), plus one block's
+      gradients in bf16 and fp32 (reduce-scatter in fp32) before they are sharded.
+    * ``activations``: what autograd keeps for backward, per token and layer (bf16; checked against
+      ``saved_tensors_hooks`` in tests/test_distributed.py): with no AC ``12 d`` bytes that TP replicates
+      (block inputs, fp32 norm inputs) plus ``(20 h + 6 g) / tp`` (q, k, v, u, attention input/output,
+      SGLU); full AC keeps ``2 d`` (the block input) plus one block recomputed at a time; selective keeps
+      ``2 d + 2 h / tp`` (input and attention output; ``+ 4 d`` under TP for the saved all-reduces).
+    * ``logits``: bf16 logits, their fp32 log-softmax and its gradient, ``10 V`` bytes per token of the
+      loss chunk (all tokens of the micro-batch unless ``loss_chunk_tokens`` is smaller).
+    """
+    if ac not in AC_MODES:
+        raise ValueError(f"`ac` must be one of {AC_MODES}, got {ac!r}")
+    for name, v in (("dp", dp), ("tp", tp), ("seq_len", seq_len), ("micro_batch", micro_batch)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
+    d, h, g, V, L = cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, cfg.vocab_size, cfg.decoder_layers
+    P = cfg.num_params()
+    P_emb = V * d if cfg.tie_word_embeddings else 2 * V * d
+    P_blk = (P - P_emb) / L
+    shard = P_emb / dp + (P - P_emb) / (dp * tp)
+    tokens = micro_batch * seq_len
+    full_layer = 12 * d + (20 * h + 6 * g) / tp
+    if ac == "none":
+        act = L * full_layer * tokens
+    elif ac == "full":
+        act = (L * 2 * d + full_layer) * tokens
+    else:
+        act = (L * (2 * d + 2 * h / tp + (4 * d if tp > 1 else 0)) + full_layer) * tokens
+    chunk = tokens if loss_chunk_tokens is None else min(tokens, loss_chunk_tokens)
+    out = {"params": 4 * shard, "grads": 4 * shard, "adam": 8 * shard,
+           "unsharded": 2 * P_emb + 2 * 2 * P_blk / tp + (2 + 4) * P_blk / tp,
+           "activations": act, "logits": 10 * V * chunk}
+    out["total"] = sum(out.values())
+    return out
