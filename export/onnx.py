@@ -372,20 +372,17 @@ def sample_numpy(logits: np.ndarray, temperature: float, top_k: int | None, rng)
 # checkpoints and int8
 # ---------------------------------------------------------------------------------------------
 def _load_checkpoint(ckpt):
+    """(model, tokenizer or None) through ``tnllm.train.checkpoint.load_model`` (run directories,
+    checkpoint folders and released HF folders); ``from_pretrained`` where that module is absent."""
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"export_checkpoint_onnx: no checkpoint at {ckpt}")
-    hf = ckpt.is_dir() and (ckpt / "config.json").is_file() and (
-        any(ckpt.glob("*.safetensors")) or any(ckpt.glob("pytorch_model*.bin")))
-    if hf:
-        from tnllm.model import TransNormerLLM
-        return TransNormerLLM.from_pretrained(ckpt), None
     try:
         from tnllm.train.checkpoint import load_model
-    except ImportError as e:
-        raise ValueError(f"export_checkpoint_onnx: {ckpt} is not a Hugging Face-layout folder "
-                         f"(config.json + weights) and tnllm.train.checkpoint.load_model is unavailable ({e})") from e
-    return load_model(ckpt)
+    except ImportError:
+        from tnllm.model import TransNormerLLM
+        return TransNormerLLM.from_pretrained(ckpt), None
+    return load_model(ckpt, device="cpu", dtype=torch.float32)
 
 
 def quantize_int8(src, dst) -> Path:

@@ -220,7 +220,9 @@ def test_export_rejects_bad_arguments(model, tmp_path):
 
 # -- checkpoints and int8 ---------------------------------------------------------------------------
 def test_export_checkpoint_with_int8(model, tmp_path):
+    from tnllm.tokenizer import ByteTokenizer
     model.save_pretrained(tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")        # load_model returns (model, tokenizer)
     rep = export_checkpoint_onnx(tmp_path / "ckpt", tmp_path / "out" / "m.onnx", opset=18, quantize="int8")
     assert (tmp_path / "out" / "m.onnx").is_file() and (tmp_path / "out" / "m.int8.onnx").is_file()
     assert (tmp_path / "out" / "m.export.json").is_file()
