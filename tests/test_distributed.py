@@ -177,3 +177,64 @@ def test_memory_estimate_matches_saved_activations():
     assert m8["adam"] * 8 == pytest.approx(m1["adam"]) and m8["activations"] == m1["activations"]
     with pytest.raises(ValueError, match="ac"):
         memory_per_rank(cfg, ac="some")
+
+
+def test_fsdp_bf16_mixed_precision():
+    W.run_world(W.w_bf16, 2, 2, 1)
+
+
+# -- the trainer under torchrun ------------------------------------------------------------------------------
+def _metrics(run_dir):
+    import json
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_torchrun_tnllm_train_equals_one_process_and_resumes_on_other_world(tmp_path):
+    """`torchrun --nproc-per-node 2 -m tnllm train --tp 2` logs the one-process trainer's losses; its
+    checkpoint resumes on 4 ranks (--fsdp 2 --tp 2 --ac selective) and ends where the uninterrupted run ends."""
+    import shutil
+    import subprocess
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
+    common = ["--preset", "tiny", "--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", "4",
+              "--eval-every", "0", "--eval-batches", "2", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress",
+              "--no-plot"]
+    one, par = tmp_path / "one", tmp_path / "par"
+    from tnllm.cli import main
+    assert main(["train", *common, "--out", str(one)]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(W.free_port()), "-m", "tnllm", "train", "--fsdp", "1", "--tp", "2", "--save-every", "2",
+           "--keep-checkpoints", "2", *common, "--out", str(par)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    errors = [l for l in r.stderr.splitlines() if "Error" in l or "error" in l or "what()" in l]
+    assert r.returncode == 0, "\n".join(errors[:20]) + r.stdout[-2000:] + r.stderr[-2000:]
+    assert "dp=1 x tp=2" in r.stdout
+    want, got = _metrics(one), _metrics(par)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        for k in ("loss", "val_loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
+    ck = par / "step-0000004"
+    assert (ck / "model.safetensors").is_file() and (ck / "dcp" / ".metadata").is_file()
+
+    # resume from step 2 on 4 ranks with another layout
+    shutil.rmtree(ck)
+    (par / "latest").write_text("step-0000002\n")
+    W.run_world(W.w_cli, 4, ["train", "--fsdp", "2", "--tp", "2", "--ac", "selective", "--resume", *common,
+                             "--out", str(par)])
+    got = _metrics(par)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        for k in ("loss", "val_loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
+    # the distributed checkpoint is an ordinary one for `generate`
+    from tnllm.train.checkpoint import load_model
+    model, _ = load_model(par)
+    ref, _ = load_model(one)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert k == k2
+        assert W.rel(v, v2) <= 1e-5, (k, W.rel(v, v2))       # whole-tensor relative error

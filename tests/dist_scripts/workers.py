@@ -166,6 +166,33 @@ def w_equivalence(rank, world, port, dp, tp, ac, bias, compile_backend):
     tdist.destroy()
 
 
+def w_bf16(rank, world, port, dp, tp):
+    """FSDP MixedPrecisionPolicy(bf16 params, fp32 reduce): fp32 master weights, bf16 compute, losses
+    within bf16 rounding of the fp32 run."""
+    mesh = setup(rank, world, port, dp, tp)
+    cfg = config()
+    want, _ = reference(cfg, range(3))
+    model = parallelize(make_model(cfg), mesh, mp_policy="bf16")
+    seen = []
+    h = model.model.layers[1].channel_mixer.l1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    got = train(model, optimizer(model), range(3), mesh)
+    h.remove()
+    assert set(seen) == {torch.bfloat16}, seen
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for s, ((lg, _), (lw, _)) in enumerate(zip(got, want)):
+        assert abs(lg - lw) <= 2e-2 * abs(lw), f"bf16 step {s}: loss {lg} vs fp32 {lw}"
+    tdist.destroy()
+
+
+def w_cli(rank, world, port, argv):
+    """``tnllm train ...`` as torchrun would start it: the env variables, then the CLI's main."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from tnllm.cli import main
+    assert main(list(argv)) == 0
+
+
 def w_tp_norm(rank, world, port):
     """tp_srms_norm over head slices == srms_norm over the full width, values and gradients."""
     from tnllm.ops import srms_norm
@@ -195,7 +222,7 @@ def w_tp_norm(rank, world, port):
 def w_resume_same(rank, world, port, dp, tp, ac, ckpt):
     """save after 2 steps -> a fresh model loading it runs steps 2, 3 exactly like the uninterrupted run."""
     mesh = setup(rank, world, port, dp, tp)
-    cfg = config()
+    cfg = config(bias=True)            # the qkvu bias takes the same TP-independent path as the weight
     model = parallelize(make_model(cfg), mesh, ac=ac)
     opt = optimizer(model)
     train(model, opt, range(2), mesh)
