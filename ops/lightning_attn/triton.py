@@ -186,9 +186,13 @@ def _pow2(n: int) -> int:
 
 
 def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
-    """Tile choice by widths: the [DA, BC] fp32 state tile stays <= 16K elements (registers)."""
+    """Tile choice by widths (H200 measurements in docs/benchmarks.md).
+
+    The [DA, BC] fp32 state tile stays <= 8K elements (registers); narrow heads (DA <= 64) take
+    BC = 32 so that B*H*DC/BC programs still fill the GPU. DA = 256 runs 8 warps, 1 stage (the
+    configurations with BC = 64 there failed on triton 3.6 / H200)."""
     BA = _pow2(DA)
-    BC = min(_pow2(DC), 64 if BA <= 128 else 32)
+    BC = min(_pow2(DC), 64 if BA == 128 else 32)
     if dtype == torch.float32:
         BC = min(BC, 32)
     return SweepConfig(BC=BC, CHUNK=64, num_warps=4 if BA <= 128 else 8, num_stages=2 if BA <= 128 else 1)
@@ -219,9 +223,10 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     n_tiles = triton.cdiv(DC, BC)
     n_chunks = triton.cdiv(T, CHUNK)
     n_split = cfg.n_split
-    if n_split <= 0:           # enough programs to fill the GPU about twice, splits of >= 16 chunks
+    if n_split <= 0:           # split only when the programs would not cover every SM; splits of >= 16 chunks
         progs = B * H * n_tiles
-        n_split = max(1, min(-(-2 * _n_sm(C.device) // progs), n_chunks // 16, 8))
+        n_sm = _n_sm(C.device)
+        n_split = max(1, min(-(-n_sm // progs) if progs < n_sm else 1, n_chunks // 16, 8))
     n_split = max(1, min(n_split, n_chunks))
     cps = triton.cdiv(n_chunks, n_split)
     n_split = triton.cdiv(n_chunks, cps)         # every split non-empty; all but the last full
@@ -239,8 +244,11 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         W = s32                                   # never read
     s0 = S0 if S0 is not None else s32
     s0_st = tuple(S0.stride()) if S0 is not None else (0, 0, 0, 0)
-    sf = final if final is not None else s32
-    sf_st = tuple(final.stride()) if final is not None else (0, 0, 0, 0)
+    # The final state is always stored (to scratch when unused): on triton 3.6 / H200 the variant
+    # whose last state is dead gave wrong results with 4 DC tiles (tests/gpu); the store costs
+    # B*H*DA*DC*4 bytes, ~0.5% of a sweep's traffic.
+    sf = final if final is not None else torch.empty(B, H, DA, DC, device=C.device, dtype=torch.float32)
+    sf_st = tuple(sf.stride())
     grid = (B * H * n_split * n_tiles,)
     _la_sweep_kernel[grid](
         A, Bm, C, out, s0, sf, W, s32, T, H, n_tiles, n_split, cps,
@@ -248,7 +256,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *s0_st, *sf_st,
         DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-        WRITE_SF=final is not None, SF_SHIFT=sf_shift, IEEE=ieee,
+        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
