@@ -5,10 +5,13 @@ compare against a one-process run of the same tiny model (fp32, relative error <
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -124,14 +127,19 @@ def test_activation_checkpointing_keeps_losses_and_grads(mode, calls):
     assert list(model.state_dict()) == list(ref.state_dict())      # AC adds no wrapper to the keys
 
 
-def test_row_permutation_gives_whole_heads():
-    h, d, tp = 8, 3, 2
-    w = torch.arange(4 * h * d, dtype=torch.float32).reshape(4 * h, d)
+@given(tp=st.sampled_from([1, 2, 4]), rows_per_rank=st.integers(1, 5), cols=st.sampled_from([(), (3,), (2, 2)]))
+def test_row_permutation_gives_whole_heads(tp, rows_per_rank, cols):
+    """tp-rank r's block of the permuted rows is [q_r; k_r; v_r; u_r]; unpermute_rows inverts it."""
+    h = tp * rows_per_rank
+    w = torch.arange(4 * h * math.prod(cols), dtype=torch.float32).reshape(4 * h, *cols)
     p = _permute_rows(w, 4, tp)
-    q, k, v, u = w.chunk(4)
-    r0 = torch.cat([q[:4], k[:4], v[:4], u[:4]])
-    torch.testing.assert_close(p[: 4 * h // tp], r0)
+    parts = w.chunk(4)
+    for r, block in enumerate(p.chunk(tp)):
+        want = torch.cat([c[r * rows_per_rank:(r + 1) * rows_per_rank] for c in parts])
+        torch.testing.assert_close(block, want)
     torch.testing.assert_close(unpermute_rows(p, 4, tp), w)
+    with pytest.raises(ValueError, match="tp"):
+        _permute_rows(torch.zeros(4 * h + 1, 2), 4, tp if tp > 1 else 3)
 
 
 def test_bad_arguments():

@@ -216,6 +216,13 @@ def w_tp_norm(rank, world, port):
         yl = tp_srms_norm(x[..., sl].to(dt), mesh["tp"].get_group(), width=24)
         assert yl.dtype == dt
         assert rel(yl.double(), srms_norm(x.to(dt))[..., sl].double()) <= tol
+    # heads that do not split over tp: a clear error before anything is sharded
+    from tnllm.train.parallelize import apply_tp
+    import pytest
+    with pytest.raises(ValueError, match="decoder_attention_heads"):
+        apply_tp(make_model(config(decoder_attention_heads=1, linear_use_lrpe_list=[0, 0])), mesh["tp"])
+    with pytest.raises(TypeError, match="1-D DeviceMesh"):
+        apply_tp(make_model(config()), mesh)
     tdist.destroy()
 
 

@@ -323,8 +323,9 @@ def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "non
                 mp_policy=None, reshard_after_forward: bool = True) -> TransNormerLLM:
     """Apply TP -> AC -> compile -> FSDP as the ("dp", "tp") ``world_mesh`` asks (size-1 dims are skipped).
 
-    Build and ``init_weights`` the model first (identically on every rank, or on rank 0: DTensor
-    distribution broadcasts rank 0's values), then parallelize; create the optimizer afterwards.
+    Build the model identically on every rank first (same seed, or the same checkpoint): TP's
+    ``distribute_tensor`` broadcasts rank 0's values, but FSDP keeps each rank's own slice of its own copy.
+    Create the optimizer afterwards, over the parallelized parameters.
     """
     _check_model(model)
     if not isinstance(world_mesh, DeviceMesh) or world_mesh.mesh_dim_names != ("dp", "tp"):
