@@ -40,7 +40,8 @@ def test_parallel_equals_single_process(world, dp, tp, ac, bias):
 
 
 def test_tp_compiles_fullgraph():
-    """TP blocks (DTensor hooks, the cross-rank norm, the custom op) trace with fullgraph=True (aot_eager)."""
+    """parallelize(compile=...) in its real order (TP -> AC -> compile -> FSDP): TP blocks (DTensor hooks,
+    the cross-rank norm, the custom op) trace with fullgraph=True (aot_eager backend) and still match."""
     W.run_world(W.w_equivalence, 2, 1, 2, "none", False, "aot_eager")
 
 

@@ -151,10 +151,7 @@ def w_equivalence(rank, world, port, dp, tp, ac, bias, compile_backend):
     cfg = config(bias=bias)
     steps = range(3)
     want, want_p = reference(cfg, steps)
-    model = parallelize(make_model(cfg), mesh, ac=ac)
-    if compile_backend:
-        for layer in model.model.layers:
-            layer.compile(backend=compile_backend, fullgraph=True)
+    model = parallelize(make_model(cfg), mesh, ac=ac, compile=compile_backend or False)
     got = train(model, optimizer(model), steps, mesh)
     what = f"dp={dp} tp={tp} ac={ac} bias={bias} compile={compile_backend}"
     assert_close_runs(got, want, what)

@@ -45,16 +45,16 @@ class ParallelDims:
         """
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"`world` must be an int >= 1, got {world!r}")
-        fsdp = None if fsdp in (None, -1) else fsdp
-        tp = 1 if tp in (None, -1) and fsdp is None else (None if tp in (None, -1) else tp)
+        fsdp, tp = (None if v in (None, -1) else v for v in (fsdp, tp))
         for name, v in (("fsdp", fsdp), ("tp", tp)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"`{name}` must be a positive int (or -1 to infer), got {v!r}")
         if fsdp is None:
+            tp = tp or 1
             if world % tp:
                 raise ValueError(f"world size {world} is not divisible by tp={tp}")
             fsdp = world // tp
-        if tp is None:
+        elif tp is None:
             if world % fsdp:
                 raise ValueError(f"world size {world} is not divisible by fsdp={fsdp}")
             tp = world // fsdp
@@ -185,9 +185,10 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"`ac` must be one of {AC_MODES}, got {ac!r}")
         mixed_precision(mp)                                # validates the name
         g_rank, world, _ = init_distributed()
+        if not is_initialized():                           # e.g. `tnllm train --tp 2` without torchrun
+            raise ValueError("--fsdp / --tp need a torchrun launch: torchrun --nproc-per-node N -m tnllm train "
+                             "--fsdp A --tp B ... (RANK / WORLD_SIZE are not set)")
         self.dims = ParallelDims.resolve(world, fsdp, tp)
-        if not is_initialized():                           # a plain `python -m tnllm train --fsdp 1 --tp 1`
-            raise RuntimeError("the distributed trainer needs torchrun (RANK / WORLD_SIZE in the environment)")
         on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
         self.mesh = build_mesh(self.dims, "cuda" if on_gpu else "cpu")
         fn = functools.partial(parallelize, world_mesh=self.mesh, ac=ac, compile=cfg.compile, mp_policy=mp)

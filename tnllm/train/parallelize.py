@@ -319,9 +319,11 @@ def apply_fsdp(model: TransNormerLLM, dp_mesh: DeviceMesh, mp_policy=None,
     return model
 
 
-def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "none", compile: bool = False,
+def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "none", compile: bool | str = False,
                 mp_policy=None, reshard_after_forward: bool = True) -> TransNormerLLM:
     """Apply TP -> AC -> compile -> FSDP as the ("dp", "tp") ``world_mesh`` asks (size-1 dims are skipped).
+
+    ``compile``: True (inductor) or a torch.compile backend name ("aot_eager" in the tests), per block.
 
     Build the model identically on every rank first (same seed, or the same checkpoint): TP's
     ``distribute_tensor`` broadcasts rank 0's values, but FSDP keeps each rank's own slice of its own copy.
@@ -336,7 +338,7 @@ def parallelize(model: TransNormerLLM, world_mesh: DeviceMesh, *, ac: str = "non
         apply_tp(model, tp)
     apply_ac(model, ac)
     if compile:
-        apply_compile(model)
+        apply_compile(model, **({"backend": compile} if isinstance(compile, str) else {}))
     if dp.size() > 1 or mixed_precision(mp_policy) is not None:
         apply_fsdp(model, dp, mp_policy, reshard_after_forward)
     return model
