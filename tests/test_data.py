@@ -83,23 +83,37 @@ def test_split_small_corpora():
         split_corpus(one, 1.5)
 
 
-def test_packing_stride_framing_and_resume():
+def test_packing_lanes_framing_and_resume():
     tok = ByteTokenizer()
-    docs = _docs(5, 30)
+    docs = _docs(8, 30)
     ld = PackedLoader(docs, tok.encode_bytes, seq_len=16, batch_size=4, bos_id=1, eos_id=2)
+    stream = np.concatenate([np.r_[1, tok.encode_bytes(d.read_bytes()), 2] for d in docs])
+    starts = np.cumsum([0] + [len(d.read_bytes()) + 2 for d in docs])
     b = ld.next_batch()
     assert b.shape == (4, 17) and b.dtype == torch.int64
-    assert torch.equal(b[:-1, -1], b[1:, 0])        # stride seq_len: each token is a target once
-    stream = np.concatenate([np.r_[1, tok.encode_bytes(d.read_bytes()), 2] for d in docs])
-    assert b[:, :-1].reshape(-1).tolist() == stream[:64].tolist()
+    # lane r starts at document 2r (8 documents over 4 lanes), framed by bos
+    for r in range(4):
+        assert b[r].tolist() == stream[starts[2 * r]:starts[2 * r] + 17].tolist() and b[r, 0] == 1
     state = ld.state_dict()
-    nxt = [ld.next_batch() for _ in range(6)]       # crosses the end of the corpus: wraps to doc 0
-    assert ld.epoch >= 1
+    nxt = [ld.next_batch() for _ in range(12)]       # lanes wrap around the end of the corpus
+    assert torch.equal(nxt[0][:, 0], b[:, -1])       # stride seq_len: each token is a target once per lane
+    assert all(torch.equal(x[:, -1], y[:, 0]) for x, y in zip(nxt, nxt[1:]))
+    assert ld.epoch == 0 and max(lane[0] for lane in ld.lanes) == 1      # the last lane wrapped
     again = PackedLoader(docs, tok.encode_bytes, seq_len=16, batch_size=4, bos_id=1, eos_id=2)
     again.load_state_dict(state)
     assert all(torch.equal(x, again.next_batch()) for x in nxt)
     with pytest.raises(ValueError, match="documents"):
         PackedLoader(docs[:3], tok.encode_bytes, 16, 4).load_state_dict(state)
+
+
+def test_fewer_documents_than_rows():
+    tok = ByteTokenizer()
+    one = [Document("one", inline=" ".join(str(i) for i in range(60)))]
+    b = PackedLoader(one, tok.encode_bytes, seq_len=8, batch_size=4, bos_id=1, eos_id=2).next_batch()
+    assert len(set(map(tuple, b.tolist()))) == 4                 # lanes start at different offsets
+    framed = [1] + tok.encode(one[0].text()) + [2]
+    L = len(framed)
+    assert b[0, 0] == 1 and b[2].tolist() == framed[L // 2:L // 2 + 9]
 
 
 def test_rank_sharding():

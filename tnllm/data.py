@@ -8,9 +8,9 @@
 * ``split_corpus``: each document goes to val when the sha1 of its name falls in the first ``val_fraction``
   of the hash range, so the split does not depend on the order or on how much of the corpus a run reads.
 * ``PackedLoader``: documents encoded as ``[bos] + ids + [eos]`` and concatenated into one stream (wrapping
-  around at its end), cut into rows of ``seq_len + 1`` tokens with stride ``seq_len``, so every token is a
-  target exactly once per pass. ``state_dict()``/``load_state_dict()`` hold the position (pass, document,
-  token offset) for exact resumption.
+  around at its end), read by one lane per batch row (lanes start spread over the corpus), each cut into rows
+  of ``seq_len + 1`` tokens with stride ``seq_len``. ``state_dict()``/``load_state_dict()`` hold the lanes'
+  positions (pass, document, token offset) for exact resumption.
 """
 from __future__ import annotations
 
@@ -152,9 +152,15 @@ def split_corpus(docs: Sequence[Document], val_fraction: float = 0.05) -> tuple[
 class PackedLoader:
     """Fixed-length rows ``[batch, seq_len + 1]`` (int64) from the packed token stream of ``docs``.
 
-    ``encode(bytes) -> np.ndarray[int]`` tokenizes one document; ``bos_id``/``eos_id`` frame it (None: left
-    out). ``rank``/``world_size`` keep every ``world_size``-th row of each global batch (data parallel); all
-    ranks advance the same position, so the state is the same on every rank.
+    Each row of a batch comes from its own *lane*: a read position in the stream (documents framed as
+    ``[bos] + ids + [eos]``, wrapping around at the end). Lane b starts a fraction b / batch_size of the way
+    through the documents, so the rows of one batch come from different files (contiguous rows of a single
+    file would make every batch one highly correlated sample), and each lane advances ``seq_len`` tokens
+    per batch, so its next row starts with the last token of its previous row: a token is a target once.
+
+    ``encode(bytes) -> np.ndarray[int]`` tokenizes one document. ``rank``/``world_size`` keep this rank's rows
+    (``rank::world_size``) of each global batch; every rank tracks every lane, so the state is the same on
+    all ranks and resumes on any of them.
     """
 
     def __init__(self, docs: Sequence[Document], encode: Callable[[bytes], np.ndarray], seq_len: int,
@@ -173,21 +179,32 @@ class PackedLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.bos_id, self.eos_id = bos_id, eos_id
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.doc, self.pos = 0, 0, 0
-        self._cache: tuple[int, np.ndarray] | None = None
-        self._empty_run = 0
+        self.lanes: list[list[int]] | None = None          # [epoch, doc, pos] per lane
+        self._cache: dict[int, np.ndarray] = {}
 
     # -- the token stream ---------------------------------------------------------------------
     def _tokens(self, i: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != i:
+        toks = self._cache.get(i)
+        if toks is None:
             ids = np.asarray(self.encode(self.docs[i].read_bytes()), dtype=np.int64)
             parts = ([np.array([self.bos_id])] if self.bos_id is not None else []) + [ids] + \
                     ([np.array([self.eos_id])] if self.eos_id is not None else [])
-            self._cache = (i, np.concatenate(parts).astype(np.int64))
-        return self._cache[1]
+            toks = np.concatenate(parts).astype(np.int64)
+            if len(self._cache) >= 2 * self.batch_size:     # lanes move forward: old documents are done
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = toks
+        return toks
 
-    def _read(self, n: int, advance: bool) -> np.ndarray:
-        epoch, doc, pos = self.epoch, self.doc, self.pos
+    def _start_lanes(self) -> list[list[int]]:
+        N, B = len(self.docs), self.batch_size
+        lanes = []
+        for b in range(B):
+            doc, rem = divmod(b * N, B)        # fractional part: how far into that document the lane starts
+            lanes.append([0, doc, (rem * len(self._tokens(doc))) // B])
+        return lanes
+
+    def _read(self, lane: list[int], n: int, advance: bool) -> np.ndarray:
+        epoch, doc, pos = lane
         out, got, empty = [], 0, 0
         while got < n:
             toks = self._tokens(doc)
@@ -204,30 +221,45 @@ class PackedLoader:
             got += len(take)
             pos += len(take)
         if advance:
-            self.epoch, self.doc, self.pos = epoch, doc, pos
+            lane[:] = [epoch, doc, pos]
         return np.concatenate(out)
 
     def next_batch(self):
         """The next ``[batch_size // world_size, seq_len + 1]`` int64 tensor (this rank's rows)."""
         import torch
-        B, T = self.batch_size, self.seq_len
-        flat = np.concatenate([self._read(B * T, advance=True), self._read(1, advance=False)])
-        rows = np.lib.stride_tricks.sliding_window_view(flat, T + 1)[::T]          # [B, T + 1], stride T
-        return torch.from_numpy(np.ascontiguousarray(rows[self.rank::self.world_size]))
+        T = self.seq_len
+        if self.lanes is None:
+            self.lanes = self._start_lanes()
+        rows = []
+        for b, lane in enumerate(self.lanes):
+            if b % self.world_size == self.rank:
+                rows.append(np.concatenate([self._read(lane, T, advance=True), self._read(lane, 1, advance=False)]))
+            else:      # other ranks' rows: advance only (a cached length lookup for most steps)
+                self._read(lane, T, advance=True)
+        return torch.from_numpy(np.stack(rows))
 
     def __iter__(self):
         while True:
             yield self.next_batch()
 
+    @property
+    def epoch(self) -> int:
+        """Passes completed by the slowest lane."""
+        return 0 if self.lanes is None else min(lane[0] for lane in self.lanes)
+
     # -- resumable position -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "doc": self.doc, "pos": self.pos, "num_docs": len(self.docs)}
+        if self.lanes is None:
+            self.lanes = self._start_lanes()
+        return {"lanes": [list(lane) for lane in self.lanes], "num_docs": len(self.docs),
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_docs", len(self.docs)) != len(self.docs):
-            raise ValueError(f"data loader state was saved for {state['num_docs']} documents, this corpus has "
-                             f"{len(self.docs)}: resume with the same --data and split")
-        self.epoch, self.doc, self.pos = int(state["epoch"]), int(state["doc"]), int(state["pos"])
+        if state.get("num_docs") != len(self.docs) or state.get("batch_size") != self.batch_size:
+            raise ValueError(f"data loader state was saved for {state.get('num_docs')} documents and batch size "
+                             f"{state.get('batch_size')}; this loader has {len(self.docs)} documents and batch size "
+                             f"{self.batch_size}: resume with the same --data, split and --batch-size")
+        self.lanes = [[int(x) for x in lane] for lane in state["lanes"]]
 
 
 def corpus_texts(docs: Sequence[Document], max_bytes: int):
