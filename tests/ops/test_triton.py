@@ -119,6 +119,12 @@ def test_tiles_chunks_splits(cfg):
     check(2, 2, 150, 20, 36, torch.float32, seed=cfg.n_split + cfg.CHUNK, state=True, cfg=cfg)
 
 
+@pytest.mark.parametrize("Dk,Dv", [(136, 24), (24, 136), (144, 144)], ids=str)
+def test_wide_heads_split_into_launches(Dk, Dv):
+    """Dk or Dv over 128 (the LRPE layer has Dk = 2e): column slices and summed partial sweeps."""
+    check(1, 2, 70, Dk, Dv, torch.float32, seed=Dk + Dv, state=True)
+
+
 def test_noncontiguous_inputs_no_dS_and_fast_decay():
     check(2, 2, 70, 16, 16, torch.float32, seed=3, state=True, noncontig=True, with_dS=False, s_max=8.0)
 
