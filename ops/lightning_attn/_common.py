@@ -17,11 +17,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None,
+                 check_decay: bool = True) -> None:
     """Validate the arguments shared by every form; raise TypeError/ValueError naming the argument.
 
     Runs on shapes and dtypes only (no data-dependent checks except the sign of ``s`` in eager
-    mode), so it is safe under torch.compile and torch.export.
+    mode, skipped with ``check_decay=False``: on CUDA it is a host sync), so it is safe under
+    torch.compile and torch.export.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("s", s)):
         if not isinstance(t, Tensor):
@@ -56,7 +58,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tens
     if len(set(devices.values())) > 1:
         where = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
         raise ValueError(f"lightning_attn: all inputs must be on one device, got {where}")
-    if not torch.compiler.is_compiling() and not _is_fake(s) and s.numel() and bool((s < 0).any()):
+    if check_decay and not torch.compiler.is_compiling() and not _is_fake(s) and s.numel() and bool((s < 0).any()):
         raise ValueError("lightning_attn: `s` (decay rate) must be >= 0 (lambda = exp(-s) <= 1), got a negative entry")
 
 
