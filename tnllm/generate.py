@@ -176,14 +176,13 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if max_new_tokens == 0:
         return ids
     dec = _as_decoder(model)
-    V = None
     seen = None
     finished = torch.zeros(B, dtype=torch.bool)
     logits, state = dec.start(ids, None if attention_mask is None else attention_mask.cpu())
     for i in range(max_new_tokens):
         logits = logits.float().cpu()
         if repetition_penalty != 1.0:
-            if seen is None:
+            if seen is None:     # [B, V]: tokens in each row's prompt (pads excluded) and output so far
                 V = logits.shape[-1]
                 seen = torch.zeros(B, V, dtype=torch.bool)
                 keep = ids if attention_mask is None else ids.masked_fill(attention_mask.cpu() == 0, -1)
