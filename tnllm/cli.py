@@ -111,12 +111,14 @@ def cmd_train(a) -> int:
     import os
     if a.fsdp is not None or a.tp is not None or "WORLD_SIZE" in os.environ:     # torchrun (docs/distributed.md)
         from .train.dist import DistributedTrainer, destroy, is_main
+        ok = False
         try:
             summary = DistributedTrainer(_train_config(a), fsdp=a.fsdp, tp=a.tp, ac=a.ac, mp=a.mp).fit()
             if is_main():
                 _print_summary(summary)
+            ok = True
         finally:
-            destroy()
+            destroy(barrier=ok)
         return 0
     from .train.loop import Trainer
     parallelize = None

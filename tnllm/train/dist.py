@@ -148,8 +148,12 @@ def all_reduce_mean(x: float | torch.Tensor, group=None) -> float:
     return float(t) / dist.get_world_size(group)
 
 
-def destroy() -> None:
+def destroy(barrier: bool = True) -> None:
+    """Tear the process group down, by default once every rank got here (a rank leaving while a peer still
+    talks to it can make gloo abort that peer). ``barrier=False`` after an error: the others may never come."""
     if is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
