@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -182,7 +181,8 @@ def test_memory_estimate_matches_saved_activations():
     measured = sum(v for k, v in seen.items() if k not in params)
     est = memory_per_rank(cfg, seq_len=T, ac="none")["activations"]
     assert abs(measured - est) <= 0.01 * est, (measured, est)
-    m1, m8 = memory_per_rank(TransNormerConfig.from_preset("7B"), 1), memory_per_rank(TransNormerConfig.from_preset("7B"), 8)
+    big = TransNormerConfig.from_preset("7B")
+    m1, m8 = memory_per_rank(big, 1), memory_per_rank(big, 8)
     assert m8["adam"] * 8 == pytest.approx(m1["adam"]) and m8["activations"] == m1["activations"]
     with pytest.raises(ValueError, match="ac"):
         memory_per_rank(cfg, ac="some")

@@ -38,8 +38,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from tnllm.model import Lrpe, NormLinearAttention, TransNormerLLM
 from tnllm.ops.norm import EPS
 
-__all__ = ["FusedColwiseParallel", "ReplicateParallel", "HeadShard", "memory_per_rank", "tp_srms_norm", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp",
-           "parallelize", "mixed_precision", "AC_MODES", "QKVU_CHUNKS"]
+__all__ = ["parallelize", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp", "tp_srms_norm", "mixed_precision",
+           "memory_per_rank", "FusedColwiseParallel", "ReplicateParallel", "HeadShard", "unpermute_rows",
+           "AC_MODES", "QKVU_CHUNKS"]
 
 QKVU_CHUNKS = 4          # q | k | v | u
 AC_MODES = ("none", "full", "selective")
