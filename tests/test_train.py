@@ -27,7 +27,7 @@ def corpus(tmp_path_factory):
 def tiny_cfg(out, corpus, **kw):
     base = dict(out_dir=str(out), preset="tiny", data=str(corpus), seq_len=32, batch_size=4, steps=6, lr=3e-3,
                 min_lr=3e-4, warmup_steps=2, eval_every=3, eval_batches=2, progress=False, plot=False,
-                val_fraction=0.2)
+                val_fraction=0.2, device="cpu")     # CPU: bit-exact comparisons
     base.update(kw)
     return TrainConfig(**base)
 
