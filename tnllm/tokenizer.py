@@ -110,7 +110,9 @@ class SentencePieceTokenizer:
         return list(self._sp.encode(text))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        # a model's vocabulary is often padded past the tokenizer's (64000 vs fewer pieces): ids
+        # without a piece carry no text and are dropped instead of failing the whole decode
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def save(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,15 @@ def load_model(ckpt_dir, device=None, dtype=None):
     else:
         raise ValueError(f"checkpoint {str(path)!r}: unknown arch {arch!r} (expected 'transnormer' or 'transformer')")
     model.eval()
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if "arch" not in cfg:
+        # a released folder: its config.json names the special ids the model was trained with
+        # (pad 0, bos 1, eos 2); they win over what the tokenizer file says or lacks
+        for name in ("pad", "bos", "eos"):
+            tid = cfg.get(f"{name}_token_id")
+            if isinstance(tid, int) and not isinstance(tid, bool):
+                setattr(tokenizer, f"{name}_id", tid)
+    return model, tokenizer
 
 
 def resolve_checkpoint(path) -> Path:
