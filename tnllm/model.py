@@ -126,7 +126,9 @@ class NormLinearAttention(nn.Module):
             m = mask[:, None, :, None].to(v.dtype)
             k, v = k * m, v * m
         o, S = attend(q, k, v, self.s, S)
-        if o.is_cuda and self.o_norm is srms_norm:   # fused Triton norm * u, reads o in [B, H, T, e]
+        # fused Triton norm * u on CUDA (reads o in [B, H, T, e]); a decode step (T = 1) keeps the plain
+        # expression, which inductor fuses with its neighbours instead of launching one more kernel
+        if o.is_cuda and o.shape[2] > 1 and self.o_norm is srms_norm:
             return self.out_proj(srms_norm_gate(o, u)), S
         B, T, _ = x.shape
         o = o.transpose(1, 2).reshape(B, T, -1)

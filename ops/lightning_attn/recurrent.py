@@ -16,12 +16,18 @@ def lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tenso
     """One recurrent step for every head. q, k [B, H, 1, Dk]; v [B, H, 1, Dv]; s [H];
     state [B, H, Dk, Dv] (fp32/fp64). Returns (o [B, H, 1, Dv] in q's dtype, new state).
 
-    Plain aten ops only, so it traces into ONNX and torch.export without a custom op.
+    Plain aten ops only, so it traces into ONNX and torch.export without a custom op. Written as
+    broadcast products and a sum (an outer product and a row-vector times matrix), not matmuls: at
+    T = 1 those are pointwise work, which inductor fuses with the neighbouring ops of the decode
+    step instead of launching two batched-matmul kernels per layer.
     """
+    if q.shape[-2] != 1 or k.shape[-2] != 1 or v.shape[-2] != 1:
+        raise ValueError(f"lightning_attn_step: q, k, v must hold one position (T = 1), got "
+                         f"{q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}")
     acc = state.dtype
     lam = torch.exp(-s.to(acc))[:, None, None]                      # [H, 1, 1]
-    S = lam * state + k.to(acc).transpose(-1, -2) @ v.to(acc)
-    o = q.to(acc) @ S
+    S = lam * state + k.to(acc).transpose(-1, -2) * v.to(acc)       # [B, H, Dk, 1] * [B, H, 1, Dv]
+    o = (q.to(acc).transpose(-1, -2) * S).sum(-2, keepdim=True)     # [B, H, 1, Dv]
     return o.to(q.dtype), S
 
 
