@@ -35,7 +35,7 @@ def state_names(num_layers: int, prefix: str = "state") -> list[str]:
 
 def state_shapes(model) -> list[tuple[int, int, int]]:
     """Per-layer state shapes without the batch dim: (H, Dk, Dv)."""
-    return [(l.token_mixer.num_heads, l.token_mixer.key_dim, l.token_mixer.head_dim) for l in model.model.layers]
+    return model.state_shapes()
 
 
 def _exporting() -> bool:

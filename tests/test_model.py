@@ -221,6 +221,8 @@ def test_bad_model_input():
         m.step(torch.tensor([1]), st[:2])
     with pytest.raises(TypeError, match=r"state\[1\]"):
         m.step(torch.tensor([1]), [st[0], st[1].half(), st[2]])
+    with pytest.raises(ValueError, match=r"state\[0\]` is on meta"):
+        m.step(torch.tensor([1]), [S.to("meta") for S in st])
     with pytest.raises(TypeError, match="TransNormerConfig"):
         TransNormerLLM({"vocab_size": 3})
 

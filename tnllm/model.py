@@ -245,14 +245,15 @@ class TransNormerLLM(nn.Module):
         if not isinstance(state, (list, tuple)) or len(state) != L:
             raise ValueError(f"`state` must be a sequence of {L} per-layer tensors [B, H, Dk, Dv], got "
                              f"{type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")
-        for i, (S, layer) in enumerate(zip(state, self.model.layers)):
-            tm = layer.token_mixer
-            want = (B, tm.num_heads, tm.key_dim, tm.head_dim)
+        for i, (S, hkv) in enumerate(zip(state, self.state_shapes())):
+            want = (B, *hkv)
             if not isinstance(S, Tensor) or tuple(S.shape) != want:
                 got = tuple(S.shape) if isinstance(S, Tensor) else type(S).__name__
                 raise ValueError(f"`state[{i}]` must have shape [B, H, Dk, Dv] = {want}, got {got}")
             if S.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"`state[{i}]` must be fp32 (or fp64), got {S.dtype}")
+            if S.device != self.lm_head.weight.device:
+                raise ValueError(f"`state[{i}]` is on {S.device}, the model on {self.lm_head.weight.device}")
         return state if isinstance(state, RecurrentState) else RecurrentState(state, 0)
 
     # -- forward paths ------------------------------------------------------------------------
@@ -304,9 +305,12 @@ class TransNormerLLM(nn.Module):
         device = device if device is not None else self.lm_head.weight.device
         if dtype is None:
             dtype = torch.float64 if self.lm_head.weight.dtype == torch.float64 else torch.float32
-        return RecurrentState([torch.zeros(batch_size, l.token_mixer.num_heads, l.token_mixer.key_dim,
-                                           l.token_mixer.head_dim, device=device, dtype=dtype)
-                               for l in self.model.layers], 0)
+        return RecurrentState([torch.zeros(batch_size, *hkv, device=device, dtype=dtype)
+                               for hkv in self.state_shapes()], 0)
+
+    def state_shapes(self) -> list[tuple[int, int, int]]:
+        """Per-layer state shapes without the batch dim: (H, Dk, Dv); Dk = 2e on LRPE layers."""
+        return [(l.token_mixer.num_heads, l.token_mixer.key_dim, l.token_mixer.head_dim) for l in self.model.layers]
 
     # -- compile / io ---------------------------------------------------------------------------
     def compile(self, *args, fullgraph: bool = True, dynamic: bool | None = True, **kwargs):
