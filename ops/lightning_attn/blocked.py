@@ -75,7 +75,8 @@ def blocked_fwd(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tenso
     Dv = v.shape[-1]
     acc = acc_dtype(q.dtype)
     if T == 0:
-        S = (initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc))
+        # a copy, never the input itself: a custom op's output may not alias an input
+        S = (initial_state.to(acc, copy=True) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc))
         return v.new_empty(B, H, 0, Dv).to(q.dtype), S.contiguous()
     C = block_size
     tb = _Tables(s, T, C, acc)
@@ -98,7 +99,7 @@ def blocked_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     Dv = v.shape[-1]
     acc = acc_dtype(q.dtype)
     if T == 0:
-        dS0 = dS.to(acc) if dS is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc)
+        dS0 = dS.to(acc, copy=True) if dS is not None else q.new_zeros(B, H, Dk, Dv, dtype=acc)
         return (torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(k, memory_format=torch.contiguous_format),
                 torch.zeros_like(v, memory_format=torch.contiguous_format), dS0.contiguous())
     C = block_size

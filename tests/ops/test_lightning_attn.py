@@ -225,3 +225,17 @@ def test_bad_block_size():
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="block_size"):
             lightning_attn(q, k, v, s, block_size=bad)
+
+
+def test_zero_length_with_state_through_the_op():
+    # review: T = 0 with an fp32 initial state returned the input tensor itself, which torch.library
+    # rejects ("output ... may not alias any inputs"); the final state must be a copy, the gradient too
+    from tnllm.ops import lightning_attn as op
+    q = torch.randn(2, 3, 0, 4, requires_grad=True)
+    v = torch.randn(2, 3, 0, 5, requires_grad=True)
+    S0 = torch.randn(2, 3, 4, 5, requires_grad=True)
+    o, S = op(q, q, v, torch.rand(3), initial_state=S0, output_final_state=True)
+    assert o.shape == (2, 3, 0, 5) and S.data_ptr() != S0.data_ptr()
+    torch.testing.assert_close(S, S0.detach(), rtol=0, atol=0)
+    (S * 3).sum().backward()
+    torch.testing.assert_close(S0.grad, torch.full_like(S0, 3.0), rtol=0, atol=0)
