@@ -251,3 +251,28 @@ def test_compile_matches_eager_no_graph_break_no_recompile():
     assert set(m.state_dict()) == set(ref.state_dict())
     expl = torch._dynamo.explain(ref.forward)(ids)
     assert expl.graph_break_count == 0, expl.break_reasons
+
+
+def test_empty_length_and_batch_are_valid():
+    # review: T = 0 (e.g. model.prefill(ids[:, k:]) with k = T) and B = 0 crashed in a reshape deep inside
+    m = model64()
+    ids = torch.randint(1, 97, (2, 6))
+    assert m(ids[:, :0]).shape == (2, 0, 97)
+    _, st = m.prefill(ids)
+    logits, st2 = m.prefill(ids[:, :0], st)
+    assert logits.shape == (2, 0, 97) and st2.offset == st.offset
+    for a, b in zip(st, st2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    logits, st0 = m.step(ids[:0, 0])
+    assert logits.shape == (0, 97) and st0[0].shape[0] == 0
+
+
+def test_bad_attention_mask_is_a_clear_error():
+    m = TransNormerLLM(tiny())
+    ids = torch.randint(1, 97, (2, 6))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.prefill(ids, attention_mask=torch.ones(6))
+    with pytest.raises(TypeError, match="attention_mask"):
+        m.hidden_states(ids, attention_mask=[[1] * 6] * 2)

@@ -131,7 +131,7 @@ class NormLinearAttention(nn.Module):
         if o.is_cuda and o.shape[2] > 1 and self.o_norm is srms_norm:
             return self.out_proj(srms_norm_gate(o, u)), S
         B, T, _ = x.shape
-        o = o.transpose(1, 2).reshape(B, T, -1)
+        o = o.transpose(1, 2).reshape(B, T, o.shape[1] * o.shape[3])    # explicit width: T = 0 or B = 0 is valid
         return self.out_proj(self.o_norm(o) * u), S
 
     def _parallel(self, q, k, v, s, S):
@@ -256,6 +256,16 @@ class TransNormerLLM(nn.Module):
                 raise ValueError(f"`state[{i}]` is on {S.device}, the model on {self.lm_head.weight.device}")
         return state if isinstance(state, RecurrentState) else RecurrentState(state, 0)
 
+    def _check_mask(self, mask, ids: Tensor) -> None:
+        if mask is None:
+            return
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"`attention_mask` must be a torch.Tensor [B, T] (1 keep, 0 pad) or None, got "
+                            f"{type(mask).__name__}")
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"`attention_mask` must have input_ids' shape [B, T] = {tuple(ids.shape)}, got "
+                             f"{tuple(mask.shape)}")
+
     # -- forward paths ------------------------------------------------------------------------
     def _embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_tokens(ids) * self.model.embed_scale
@@ -274,18 +284,21 @@ class TransNormerLLM(nn.Module):
         """Logits [B, T, V] of the parallel form. ``attention_mask`` [B, T] (1 keep, 0 pad) zeroes the
         contribution of padded tokens (left padding keeps later tokens exact: decay and LRPE are relative)."""
         self._check_ids(input_ids, "input_ids", 2)
+        self._check_mask(attention_mask, input_ids)
         x, _ = self._run(self._embed(input_ids), None, 0, attention_mask)
         return self._head(x)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final-norm input [B, T, d] (for chunked losses that never materialize [B, T, V])."""
         self._check_ids(input_ids, "input_ids", 2)
+        self._check_mask(attention_mask, input_ids)
         return self._run(self._embed(input_ids), None, 0, attention_mask)[0]
 
     def prefill(self, input_ids: Tensor, state: Sequence[Tensor] | None = None,
                 attention_mask: Tensor | None = None) -> tuple[Tensor, RecurrentState]:
         """Blocked prefill: (logits [B, T, V], RecurrentState); continue from ``state`` if given."""
         self._check_ids(input_ids, "input_ids", 2)
+        self._check_mask(attention_mask, input_ids)
         B, T = input_ids.shape
         state = None if state is None else self._check_state(state, B)
         offset = 0 if state is None else state.offset
