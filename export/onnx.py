@@ -86,7 +86,7 @@ def export_onnx(model, path, opset: int = 18, *, max_batch: int = 4096, verify: 
     m.eval()
     try:
         L = m.config.decoder_layers
-        step = RecurrentStep(m)
+        step = RecurrentStep(m).eval()      # a new Module starts in training mode (torch.onnx warns)
         ids, position, states = example_inputs(m, 2, device="cpu")
         b = torch.export.Dim("batch", min=1, max=max_batch)
         dyn = {"ids": {0: b}, "position": {0: b}, "states": tuple({0: b} for _ in range(L))}

@@ -272,3 +272,14 @@ def test_recurrent_step_is_the_model_step(model):
         a, sa = model.step(ids, RecurrentState(states, 42))
         b, sb = RecurrentStep(model)(ids, torch.full((3,), 42), tuple(states))
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(sa, sb))
+
+
+def test_export_of_an_eval_model_does_not_warn_about_training_mode(model, tmp_path):
+    # review: the RecurrentStep wrapper was a fresh Module in training mode, so torch.onnx warned
+    # "Exporting a model while it is in training mode" for every eval() model
+    import warnings
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "step.onnx", verify=False)
+    assert not [w for w in rec if "training mode" in str(w.message)]
+    assert not model.training
