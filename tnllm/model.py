@@ -296,7 +296,11 @@ class TransNormerLLM(nn.Module):
 
     def prefill(self, input_ids: Tensor, state: Sequence[Tensor] | None = None,
                 attention_mask: Tensor | None = None) -> tuple[Tensor, RecurrentState]:
-        """Blocked prefill: (logits [B, T, V], RecurrentState); continue from ``state`` if given."""
+        """Blocked prefill: (logits [B, T, V], RecurrentState); continue from ``state`` if given.
+
+        ``attention_mask`` is exact from the zero state only: continuing from a non-zero ``state``, a row's padded
+        positions still decay that state (by lam per pad), so its later logits differ slightly from the unpadded
+        row (``OnnxRecurrentDecoder.prefill`` keeps the state on pads instead)."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
         B, T = input_ids.shape
