@@ -223,6 +223,11 @@ def test_bad_model_input():
         m.step(torch.tensor([1]), [st[0], st[1].half(), st[2]])
     with pytest.raises(ValueError, match=r"state\[0\]` is on meta"):
         m.step(torch.tensor([1]), [S.to("meta") for S in st])
+    with pytest.raises(ValueError, match="position is unknown"):
+        m.step(torch.tensor([1]), [S.clone() for S in st])      # a plain list of non-zero states
+    m.step(torch.tensor([1]), [torch.zeros_like(S) for S in st])  # zeros: the start of a sequence
+    lr, _ = m.step(torch.tensor([1]), RecurrentState([S.clone() for S in st], st.offset))
+    torch.testing.assert_close(lr, m.step(torch.tensor([1]), st)[0])
     with pytest.raises(TypeError, match="TransNormerConfig"):
         TransNormerLLM({"vocab_size": 3})
 

@@ -254,7 +254,16 @@ class TransNormerLLM(nn.Module):
                 raise TypeError(f"`state[{i}]` must be fp32 (or fp64), got {S.dtype}")
             if S.device != self.lm_head.weight.device:
                 raise ValueError(f"`state[{i}]` is on {S.device}, the model on {self.lm_head.weight.device}")
-        return state if isinstance(state, RecurrentState) else RecurrentState(state, 0)
+        if isinstance(state, RecurrentState):
+            return state
+        # a plain sequence has no position; the LRPE layers need it. All-zero states are the start
+        # of a sequence (position 0); anything else would silently rotate q against the wrong frame.
+        if (any(self.config.linear_use_lrpe_list) and not torch.compiler.is_compiling()
+                and not any(_is_fake(S) for S in state) and any(bool(S.any()) for S in state)):
+            raise ValueError("`state` is a plain sequence of non-zero states, so its position is unknown (the LRPE "
+                             "layers need it): pass the RecurrentState that prefill/step returned, or wrap the "
+                             "tensors as RecurrentState(tensors, offset=<positions consumed>)")
+        return RecurrentState(state, 0)
 
     def _check_mask(self, mask, ids: Tensor) -> None:
         if mask is None:
