@@ -100,6 +100,18 @@ def test_state_dtype_is_fp32_for_fp32_model():
     assert st[0].shape == (2, 4, 32, 16) and st[1].shape == (2, 4, 16, 16)
 
 
+def test_padded_continuation_is_refused():
+    m = model64(6)
+    ids = torch.randint(3, 97, (2, 10))
+    _, st = m.prefill(ids)
+    mask = torch.ones(2, 4)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.prefill(ids[:, :4], st, attention_mask=mask)
+    m.prefill(ids[:, :4], st, attention_mask=torch.ones(2, 4))      # no padding: fine
+    m.prefill(ids[:, :4], m.zero_state(2), attention_mask=mask)      # from the zero state: fine
+
+
 def test_left_padding_mask_keeps_rows_exact():
     m = model64(4)
     ids = torch.randint(3, 97, (1, 20))

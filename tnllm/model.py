@@ -307,13 +307,17 @@ class TransNormerLLM(nn.Module):
                 attention_mask: Tensor | None = None) -> tuple[Tensor, RecurrentState]:
         """Blocked prefill: (logits [B, T, V], RecurrentState); continue from ``state`` if given.
 
-        ``attention_mask`` is exact from the zero state only: continuing from a non-zero ``state``, a row's padded
-        positions still decay that state (by lam per pad), so its later logits differ slightly from the unpadded
-        row (``OnnxRecurrentDecoder.prefill`` keeps the state on pads instead)."""
+        ``attention_mask`` (left padding) is exact from the zero state, where decay and LRPE are relative. A padded
+        chunk continuing a non-zero ``state`` is refused: its pads would decay that state and shift the row's LRPE
+        frame (``OnnxRecurrentDecoder.prefill``, with per-row positions, handles that case by stepping)."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
         B, T = input_ids.shape
         state = None if state is None else self._check_state(state, B)
+        if (state is not None and attention_mask is not None and not torch.compiler.is_compiling()
+                and not bool(attention_mask.bool().all()) and any(bool(S.any()) for S in state)):
+            raise ValueError("`attention_mask` pads a chunk that continues a non-zero `state`: padding is exact only "
+                             "at the start of a sequence; prefill the padded prompts first, then continue unpadded")
         offset = 0 if state is None else state.offset
         x, new = self._run(self._embed(input_ids), state, offset, attention_mask)
         return self._head(x), RecurrentState(new, offset + T)
