@@ -293,3 +293,30 @@ def test_bad_attention_mask_is_a_clear_error():
         m.prefill(ids, attention_mask=torch.ones(6))
     with pytest.raises(TypeError, match="attention_mask"):
         m.hidden_states(ids, attention_mask=[[1] * 6] * 2)
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HYP_MODEL = model64(11, linear_use_lrpe_list=[1, 0, 1])
+
+
+@given(T=st.integers(2, 70), data=st.data())
+def test_any_chunking_equals_parallel(T, data):
+    """Property: cutting a sequence into any chunks (prefill) and single steps gives the parallel logits."""
+    m = _HYP_MODEL
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))
+    full = m(ids)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=4))))
+    bounds = [0] + cuts + [T]
+    state, outs = None, []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a == 1 and data.draw(st.booleans()):
+            lt, state = m.step(ids[:, a], state)
+            outs.append(lt[:, None])
+        else:
+            lp, state = m.prefill(ids[:, a:b], state)
+            outs.append(lp)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-8, atol=1e-8)
+    assert state.offset == T
