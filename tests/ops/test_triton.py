@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
-from _numerics import assert_close  # noqa: E402
+from _numerics import assert_close, poisoned  # noqa: E402
 from tnllm.ops import norm_triton as nt  # noqa: E402
 from tnllm.ops.lightning_attn import naive  # noqa: E402
 from tnllm.ops.lightning_attn import op as la_op  # noqa: E402
@@ -31,22 +31,6 @@ assert isinstance(tri._la_sweep_kernel, InterpretedFunction)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-class poisoned:
-    """Inside the block, torch.empty returns NaN-filled tensors (floats) so unwritten outputs show."""
-
-    def __enter__(self):
-        self._empty = torch.empty
-
-        def empty(*a, **kw):
-            t = self._empty(*a, **kw)
-            if t.is_floating_point():
-                t.fill_(float("nan"))
-            return t
-        torch.empty = empty
-        return self
-
-    def __exit__(self, *exc):
-        torch.empty = self._empty
 
 
 def make(B, H, T, Dk, Dv, dtype, seed, state, s_max=1.0, noncontig=False):
