@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TransNormerConfig
+from .model import check_token_ids
 
 
 def matched_config(cfg: TransNormerConfig) -> TransNormerConfig:
@@ -150,13 +151,7 @@ class TransformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_ids(self, ids, name: str, ndim: int) -> None:
-        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dim() != ndim:
-            want = "[B, T]" if ndim == 2 else "[B]"
-            raise ValueError(f"`{name}` must be an integer torch.Tensor of shape {want}, got "
-                             f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
-        if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0
-                                                                  or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"`{name}` has token ids outside [0, vocab_size={self.config.vocab_size})")
+        check_token_ids(ids, name, ndim, self.config.vocab_size)
 
     def _run(self, ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None):
         B, T = ids.shape

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnllm.ops import lightning_attn, lightning_attn_step, srms_norm
+from tnllm.ops.lightning_attn._common import _is_fake
 from tnllm.ops.norm_triton import srms_norm_gate
 
 from .config import TransNormerConfig, alibi_slopes
@@ -227,18 +228,7 @@ class TransNormerLLM(nn.Module):
 
     # -- checks -------------------------------------------------------------------------------
     def _check_ids(self, ids, name: str, ndim: int) -> None:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"`{name}` must be an integer tensor of token ids, got {ids.dtype}")
-        if ids.dim() != ndim:
-            want = "[B, T]" if ndim == 2 else "[B]"
-            raise ValueError(f"`{name}` must have shape {want}, got {tuple(ids.shape)}")
-        if not torch.compiler.is_compiling() and ids.numel() and not _is_fake(ids):
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"`{name}` has token ids outside [0, vocab_size={self.config.vocab_size}): "
-                                 f"min {lo}, max {hi}")
+        check_token_ids(ids, name, ndim, self.config.vocab_size)
 
     def _check_state(self, state, B: int) -> RecurrentState:
         L = self.config.decoder_layers
@@ -360,6 +350,19 @@ class TransNormerLLM(nn.Module):
         save_pretrained(self, path)
 
 
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t) or t.device.type == "meta"
+def check_token_ids(ids, name: str, ndim: int, vocab_size: int) -> None:
+    """Token ids must be an integer tensor of ``ndim`` dims ([B, T] or [B]) in [0, vocab_size).
+
+    The range check reads the ids (eager only); out-of-range ids would otherwise hit a device-side
+    assert in the embedding on CUDA."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"`{name}` must be an integer tensor of token ids, got {ids.dtype}")
+    if ids.dim() != ndim:
+        want = "[B, T]" if ndim == 2 else "[B]"
+        raise ValueError(f"`{name}` must have shape {want}, got {tuple(ids.shape)}")
+    if not torch.compiler.is_compiling() and ids.numel() and not _is_fake(ids):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"`{name}` has token ids outside [0, vocab_size={vocab_size}): min {lo}, max {hi}")
