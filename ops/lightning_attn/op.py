@@ -79,7 +79,7 @@ lightning_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor | None = None,
                    output_final_state: bool = False, block_size: int = DEFAULT_BLOCK, check_decay: bool = True):
-    """Causal decayed linear attention (SPEC section 2): o_t = sum_{s<=t} lam^(t-s) (q_t . k_s) v_s + lam^(t+1) q_t S0.
+    """Causal decayed linear attention: o_t = sum_{s<=t} lam^(t-s) (q_t . k_s) v_s + lam^(t+1) q_t S0.
 
     Args:
         q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; one float dtype (fp16, bf16, fp32, fp64). Layout [B, H, T, D]
