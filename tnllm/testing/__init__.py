@@ -56,9 +56,12 @@ def _hypothesis():
     return hypothesis, strategies
 
 
+ABS_FLOOR = 1e-20   # RMS below which a reference counts as zero (an fp32 state underflows there)
+
+
 def rel_err(got: Tensor, ref: Tensor) -> float:
-    """||got - ref|| / ||ref|| (Frobenius, fp64); the absolute norm when ref is zero; inf when ``got``
-    has a non-finite entry where ``ref`` is finite, or the shapes differ."""
+    """||got - ref|| / max(||ref||, ABS_FLOOR sqrt(n)) (Frobenius, fp64, over the entries where ``ref``
+    is finite); inf when ``got`` has a non-finite entry where ``ref`` is finite, or the shapes differ."""
     got, ref = got.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
     if got.shape != ref.shape:
         return math.inf
@@ -66,8 +69,8 @@ def rel_err(got: Tensor, ref: Tensor) -> float:
     if not bool(torch.isfinite(got[fin]).all()):
         return math.inf
     num = float((got[fin] - ref[fin]).norm())
-    den = float(ref[fin].norm())
-    return num / den if den > 0 else num
+    den = max(float(ref[fin].norm()), ABS_FLOOR * math.sqrt(max(int(fin.sum()), 1)))
+    return num / den
 
 
 # -- cases ----------------------------------------------------------------------------------------
