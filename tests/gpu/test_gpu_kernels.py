@@ -57,12 +57,12 @@ def test_noncontiguous_slow_and_fast_decay():
 def test_property_cuda():
     """Hypothesis-drawn cases on CUDA, every kernel dtype (shapes, layouts, rates incl. 0 and inf, states)."""
     tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                          max_examples=60, max_T=300, dims=(1, 16, 32, 48, 64, 128))
+                          max_examples=40, max_T=300, dims=(16, 64))
 
 
 def test_edge_semantics_cuda():
-    tt.assert_edge_semantics(lightning_attn, device="cuda", dtypes=(torch.bfloat16, torch.float32), max_examples=30,
-                             dims=(16, 32, 64))
+    tt.assert_edge_semantics(lightning_attn, device="cuda", dtypes=(torch.bfloat16, torch.float32), max_examples=20,
+                             dims=(16, 64))
 
 
 def test_model_nan_embedding_causal_cuda():

@@ -40,7 +40,7 @@ def _fmt(e: float) -> str:
 def run_check(fn: Callable | None = None, *, op: str | None = None, device: str = "cpu", examples: int = 100,
               dtypes: Sequence[torch.dtype] | None = None, oracle: str = "naive", seed: int | None = None,
               edges: bool = True, rates: Sequence[str] | None = None, max_T: int = 256,
-              file=None) -> int:
+              dims: Sequence[int] | None = None, file=None) -> int:
     """Run the agreement suite (``examples`` drawn cases per dtype, o/S/dq/dk/dv/dS0 against the fp64
     ``oracle``) and, with ``edges``, the edge contract; print a table to ``file``. Returns 0 when
     every case passes, 1 otherwise."""
@@ -61,6 +61,10 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
     if dtypes is None:
         dtypes = (torch.bfloat16, torch.float16, torch.float32) if dev.type == "cuda" else (torch.float32, torch.float64)
     rates = tuple(rates) if rates else tt.RATES
+    # on CUDA every new (Dk, Dv) is a new Triton specialisation (a compile), so fewer widths by default
+    dims = tuple(dims) if dims else ((16, 64, 128) if dev.type == "cuda" else (1, 4, 8, 16, 24, 32))
+    if not all(isinstance(d, int) and d >= 1 for d in dims):
+        raise ValueError(f"`dims` must be positive ints, got {dims}")
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"tnllm check: {name} on {device} ({where}), fp64 {oracle} oracle, {examples} drawn cases per dtype, "
           f"torch {torch.__version__}", file=file)
@@ -72,7 +76,7 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
         seen = {n: False for n in tt.QUANTITIES}
         stats = {"n": 0, "bad": 0}
         tol = tt.TOL[dt]
-        strat = tt.cases(devices=(device,), dtypes=(dt,), max_T=max_T, rates=rates)
+        strat = tt.cases(devices=(device,), dtypes=(dt,), max_T=max_T, rates=rates, dims=dims)
 
         @hypothesis.settings(max_examples=examples, deadline=None, database=None, phases=(Phase.explicit, Phase.generate),
                              suppress_health_check=list(hypothesis.HealthCheck), derandomize=seed is None)
@@ -106,7 +110,7 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
             dname = {v: k for k, v in tt.DTYPES.items()}[dt]
             try:
                 tt.assert_edge_semantics(fn, device=device, dtypes=(dt,), max_examples=n_edge,
-                                         bad_rates=(dt == dtypes[0]))
+                                         bad_rates=(dt == dtypes[0]), dims=dims, max_T=min(max_T, 150))
             except Exception as e:  # noqa: BLE001
                 edge_ok = False
                 failures.append(f"edges {dname}: {type(e).__name__}: {str(e).splitlines()[0]}")
@@ -133,6 +137,8 @@ def add_parser(sub) -> None:
     c.add_argument("--oracle", choices=("naive", "recurrent", "loop"), default="naive")
     c.add_argument("--rates", default=None, help="comma list of decay kinds from zero,small,medium,large,inf (default all)")
     c.add_argument("--max-T", type=int, default=256, help="longest drawn sequence (default 256)")
+    c.add_argument("--dims", default=None, help="comma list of head widths drawn for Dk and Dv "
+                                                "(default 16,64,128 on cuda; 1,4,8,16,24,32 on cpu)")
     c.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
     c.add_argument("--no-edges", action="store_true", help="skip the edge contract (non-finite inputs, s = inf, bad s)")
     c.set_defaults(fn=cmd_check)
@@ -142,5 +148,9 @@ def cmd_check(a: argparse.Namespace) -> int:
     import tnllm.testing as tt
     dtypes = None if not a.dtype else tuple(tt.DTYPES[d] for d in dict.fromkeys(a.dtype))
     rates = None if not a.rates else tuple(x.strip() for x in a.rates.split(","))
+    try:
+        dims = None if not a.dims else tuple(int(x) for x in a.dims.split(","))
+    except ValueError as e:
+        raise ValueError(f"`--dims` must be a comma list of ints, got {a.dims!r}") from e
     return run_check(op=a.op, device=a.device, examples=a.examples, dtypes=dtypes, oracle=a.oracle, seed=a.seed,
-                     edges=not a.no_edges, rates=rates, max_T=a.max_T)
+                     edges=not a.no_edges, rates=rates, max_T=a.max_T, dims=dims)
