@@ -119,8 +119,9 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
-    print(f"({time.perf_counter() - t0:.1f} s; edges: a NaN/inf in q, k or v at t leaves o and dq before t and dk, dv "
-          f"after t bit-identical; s = inf is lambda = 0; a NaN or negative s raises)", file=file)
+    note = ("; edges: a NaN/inf in q, k or v at t leaves o and dq before t and dk, dv after t bit-identical; "
+            "s = inf is lambda = 0; a NaN or negative s raises") if edges else ""
+    print(f"({time.perf_counter() - t0:.1f} s; worst relative error per quantity over the cases{note})", file=file)
     for f in failures:
         print("failed:", f, file=file)
     return 0 if not failures else 1
