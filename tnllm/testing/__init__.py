@@ -38,7 +38,7 @@ __all__ = ["TOL", "QUANTITIES", "DTYPES", "rel_err", "Case", "cases", "make_inpu
 
 # One tolerance per input dtype: the largest relative error (rel_err) allowed against the fp64 oracle
 # for every quantity (the state and its gradient are fp32 for low-precision inputs, and held to the
-# same bound). Measured worst cases: docs/ops.md.
+# same bound).
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 QUANTITIES = ("o", "S", "dq", "dk", "dv", "dS0")
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
