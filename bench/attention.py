@@ -3,6 +3,7 @@
     python bench/attention.py --out runs/attn [--shapes main,d64,lrpe,t2k,t32k] [--peers naive,sdpa_cudnn,...]
     python bench/attention.py --sweep --out runs/sweep       # tile/launch configs of the tnllm sweeps
     python bench/attention.py --plot runs/attn/attention.json --png docs/attention.png   # CPU: the plot
+    python bench/attention.py --device cpu --out runs/attn_cpu    # the same code at a tiny shape (smoke test)
 
 Per implementation and shape: forward ms, forward+backward ms (medians of triton.testing.do_bench),
 extra peak memory (peak during fwd+bwd over the inputs' allocation, GiB) and achieved bandwidth:
@@ -30,7 +31,9 @@ SHAPES = {   # name: (B, H, T, Dk, Dv)
     "lrpe": (8, 8, 8192, 256, 128),
     "t2k": (32, 16, 2048, 128, 128),
     "t32k": (2, 16, 32768, 128, 128),
+    "tiny": (1, 2, 100, 16, 8),       # --device cpu
 }
+DEV = "cuda"                          # --device
 PEERS = ["naive", "sdpa_cudnn", "sdpa_flash", "fla_chunk", "lightning_attn2"]
 
 
@@ -39,22 +42,36 @@ def log(*a):
 
 
 def bench(fn, grad_to_none=None, warmup=25, rep=100):
+    if DEV != "cuda":                 # CPU: median of a few wall-clock calls
+        ts = []
+        for i in range(3 + 5):
+            t = time.perf_counter()
+            fn()
+            if i >= 3:
+                ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
-    x = torch.empty(2 ** 30, dtype=torch.float16, device="cuda").normal_()
+    x = torch.empty(2 ** 30 if DEV == "cuda" else 2 ** 22, dtype=torch.float16, device=DEV).normal_()
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
+    nbytes = 2 * x.numel() * x.element_size()
     del x, y
-    return 2 * 2 ** 31 / (ms * 1e-3)
+    return nbytes / (ms * 1e-3)
 
 
 def decay_rates(H: int) -> torch.Tensor:
     """ALiBi slopes of layer 0 (the fastest decay of the model): s_h = 2^(-8(h+1)/H)."""
-    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device="cuda")
+    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=DEV)
 
 
 def make_impl(name: str, B, H, T, Dk, Dv, dtype):
@@ -67,7 +84,7 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from tnllm.ops import lightning_attn
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
-        idx = torch.arange(T, device="cuda", dtype=torch.float32)
+        idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
         M = (torch.exp(-s[:, None, None] * diff.clamp(min=0)) * (diff >= 0)).to(dtype)     # [H, T, T], cached
 
@@ -106,15 +123,15 @@ def floor_bytes(B, H, T, Dk, Dv, dtype, bwd: bool) -> int:
 def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
     B, H, T, Dk, Dv = SHAPES[shape_name]
     fn, layout = make_impl(name, B, H, T, Dk, Dv, dtype)
-    mk = (lambda D: torch.randn(B, H, T, D, device="cuda", dtype=dtype)) if layout == "bhtd" else \
-        (lambda D: torch.randn(B, T, H, D, device="cuda", dtype=dtype))
+    mk = (lambda D: torch.randn(B, H, T, D, device=DEV, dtype=dtype)) if layout == "bhtd" else \
+        (lambda D: torch.randn(B, T, H, D, device=DEV, dtype=dtype))
     q, k, v = mk(Dk) / math.sqrt(Dk), mk(Dk) / math.sqrt(Dk), mk(Dv)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     do = mk(Dv)
     t0 = time.time()
     for _ in range(warmup_calls):          # compiles / autotunes the peers before timing
         fn(q, k, v).backward(do)
-    torch.cuda.synchronize()
+    _sync()
     warm_s = time.time() - t0
     with torch.no_grad():
         fwd = bench(lambda: fn(q, k, v))
@@ -124,12 +141,16 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
     fb = bench(step, grad_to_none=[q, k, v])
     for x in (q, k, v):
         x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    else:
+        step()
+        peak = float("nan")           # no allocator statistics off CUDA
     check = {}
     if name == "tnllm":   # the benchmarked kernels vs the blocked form in fp32 on the same inputs
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
@@ -142,14 +163,19 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         rel = lambda a, b: float((a.float() - b).norm() / b.norm())
         check = dict(o=rel(o, o_r), dq=rel(dq, g_r[0]), dk=rel(dk, g_r[1]), dv=rel(dv, g_r[2]))
         del o, dq, dk, dv, o_r, g_r
-        torch.cuda.empty_cache()
+        _empty_cache()
     rec = dict(impl=name, shape=shape_name, check_rel_err=check, B=B, H=H, T=T, Dk=Dk, Dv=Dv, dtype=str(dtype).split(".")[-1],
                fwd_ms=fwd, fwdbwd_ms=fb, extra_peak_gib=peak, warmup_s=warm_s,
                fwd_bw_frac=floor_bytes(B, H, T, Dk, Dv, dtype, False) / (fwd * 1e-3) / copy_bw,
                fwdbwd_bw_frac=floor_bytes(B, H, T, Dk, Dv, dtype, True) / (fb * 1e-3) / copy_bw)
     del q, k, v, do, fn
-    torch.cuda.empty_cache()
+    _empty_cache()
     return rec
+
+
+def _empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def prune_fla_autotune(max_configs: int):
@@ -277,16 +303,28 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
     ap.add_argument("--png", default="docs/attention.png")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: the same code at the tiny shape with the naive peer (default shapes/peers then tiny/naive)")
     a = ap.parse_args(argv)
+    global DEV
+    DEV = a.device
+    if DEV == "cpu":
+        if a.shapes == ",".join(SHAPES):
+            a.shapes = "tiny"
+        if a.peers == ",".join(PEERS):
+            a.peers = "naive"
+        a.fla_shapes = ""
     if a.plot:
         plot(a.plot, a.png)
         return
     os.makedirs(a.out, exist_ok=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     if a.sweep:
+        if DEV != "cuda":
+            ap.error("--sweep times the Triton kernels: it needs --device cuda")
         sweep(a.out, dtype)
         return
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     bw = copy_bandwidth()
     log(f"device {dev}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     peers = [p for p in a.peers.split(",") if p]
@@ -303,7 +341,7 @@ def main(argv=None):
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
-            names = ["tnllm"] + (["tnllm_api"] if shape_name == "main" else []) + peers
+            names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers
             for name in names:
                 if name == "fla_chunk" and shape_name not in a.fla_shapes.split(","):
                     continue
@@ -315,7 +353,7 @@ def main(argv=None):
                     except Exception as e:
                         rec = dict(impl=name, shape=shape_name, error=f"{type(e).__name__}: {str(e)[:300]}")
                         traceback.print_exc(limit=1)
-                        torch.cuda.empty_cache()
+                        _empty_cache()
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

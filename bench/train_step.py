@@ -1,8 +1,9 @@
-"""One training step of a TransNormerLLM preset on the GPU (issue 4 item 6): tokens/s and MFU.
+"""One training step of a TransNormerLLM preset on the GPU: tokens/s and MFU.
 
     python bench/train_step.py --impl tnllm --preset 385M --T 8192 --B 2 --out runs/train
     python bench/train_step.py --impl naive ...    # same model, attention = masked quadratic (bf16)
     python bench/train_step.py --impl sdpa ...     # an equal-shape softmax Transformer (SDPA, causal)
+    python bench/train_step.py --device cpu --preset tiny --T 64 --B 2 --steps 2 --warmup 1 --no-compile   # smoke
 
 bf16 autocast with fp32 master weights, fused AdamW, every decoder layer compiled with
 ``fullgraph=True`` (regional compile: the 23 identical layers share one graph; the LRPE layer has its
@@ -105,13 +106,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default="runs/train")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: the same step (autocast bf16 on CPU, wall-clock timing, no memory statistics)")
     a = ap.parse_args(argv)
+    dev = a.device
+    cuda = dev == "cuda"
     from tnllm import TransNormerConfig
     from tnllm.ops import srms_norm
     cfg = TransNormerConfig.from_preset(a.preset)
     torch.manual_seed(0)
     m, layers = build(a.impl, cfg)
-    m = m.cuda()
+    m = m.to(dev)
     if not a.no_compile:
         for l in layers:
             l.compile(fullgraph=True, dynamic=False)
@@ -121,11 +126,11 @@ def main(argv=None):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     if not a.no_compile:
         loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(1, cfg.vocab_size, (a.B, a.T), device="cuda")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=cuda)
+    ids = torch.randint(1, cfg.vocab_size, (a.B, a.T), device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss = loss_fn(m.hidden_states(ids), ids)
         loss.backward()
         opt.step()
@@ -135,17 +140,23 @@ def main(argv=None):
     t0 = time.time()
     for _ in range(a.warmup):
         loss = step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     warm = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(a.steps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        loss = step()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            loss = step()
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        else:
+            t1 = time.perf_counter()
+            loss = step()
+            times.append((time.perf_counter() - t1) * 1e3)
     ms = sorted(times)[len(times) // 2]
     tokens = a.B * a.T
     L, d, H = cfg.decoder_layers, cfg.decoder_embed_dim, cfg.decoder_attention_heads
@@ -159,8 +170,8 @@ def main(argv=None):
     rec = dict(impl=a.impl, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
                matmul_params=matmul_params(m), step_ms=ms, steps_ms=times, tokens_per_s=tokens / (ms * 1e-3),
                mfu=flops_tok * tokens / (ms * 1e-3) / PEAK, flops_per_token=flops_tok,
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30, warmup_s=warm, loss=float(loss),
-               compiled=not a.no_compile, torch=torch.__version__)
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None, warmup_s=warm,
+               loss=float(loss.detach()), compiled=not a.no_compile, device=dev, torch=torch.__version__)
     print(json.dumps(rec), flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "train_step.jsonl"), "a") as f:

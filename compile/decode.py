@@ -98,6 +98,9 @@ class CudaGraphDecoder:
                 b.zero_()
             pos = 0 if position is None else position
         else:
+            if position is not None and isinstance(state, (list, tuple)) and not hasattr(state, "offset"):
+                from tnllm.model import RecurrentState      # a plain sequence with its position given
+                state = RecurrentState(list(state), 0)
             state = self.model._check_state(state, self.batch_size)
             for b, S in zip(self.states, state):
                 b.copy_(S)

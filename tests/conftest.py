@@ -1,4 +1,4 @@
-"""Test-session setup: a fresh inductor cache (stale-cache pitfall, torch-apis.md section 2),
+"""Test-session setup: a fresh inductor cache (AOTAutogradCache keys miss custom-op Python bodies),
 hypothesis profiles, and skipping of GPU tests on machines without CUDA."""
 import os
 import tempfile
@@ -16,6 +16,10 @@ settings.register_profile("dev", max_examples=10, deadline=None, database=None,
 settings.register_profile("thorough", max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The Triton-interpreter suite runs in a child process of its own (tests/ops/test_triton.py): the
+# interpreter is chosen when kernels are decorated, so in this process it would leak into the CUDA tests.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -150,7 +150,12 @@ def test_numpy_step_decoder_left_padding_matches_torch():
     ids, mask, T = _left_pad(PROMPTS[:3])
     ref = generate(m, ids, 10, attention_mask=mask)
     got = generate(_NumpyStep(m), ids, 10, attention_mask=mask)
-    assert isinstance(OnnxDecoder(_NumpyStep(m)), OnnxDecoder)
+    # generate dispatched the step-only object to OnnxDecoder (no TorchDecoder fallback): the
+    # equality above compares the numpy step path with the torch one
+    from tnllm.generate import _as_decoder
+    step_only = _NumpyStep(m)
+    dec = _as_decoder(step_only)
+    assert type(dec) is OnnxDecoder and dec.dec is step_only
     assert torch.equal(ref, got)
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.hub import convert, load_pretrained, save_pretrained
 
-from _numerics import rel_rms
+from tnllm.testing import rel_err as rel_rms
 
 V, D, L, H, G = 67, 32, 3, 4, 48
 

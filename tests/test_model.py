@@ -67,7 +67,28 @@ def test_parallel_equals_prefill_and_steps():
         lt, st = m.step(ids[:, t], st)
         torch.testing.assert_close(lt, full[:, t], rtol=1e-8, atol=1e-8)
     assert isinstance(st, RecurrentState) and st.offset == 40 and len(st) == 3
-    assert st[0].shape == (2, 4, 32, 16) and st[1].shape == (2, 4, 16, 16) and st[0].dtype == torch.float64 or True
+    want = [(2, *hkv) for hkv in m.state_shapes()]
+    assert [tuple(S.shape) for S in st] == want and all(S.dtype == torch.float64 for S in st)
+    assert want[0] == (2, 4, 32, 16) and want[1] == (2, 4, 16, 16)      # LRPE layer 0: Dk = 2 e
+
+
+@pytest.mark.parametrize("tokens", [[5, 6, 7, 8, 9, 10, 11, 12] * 12, [5, 6, 7, 8]])
+def test_nan_embedding_row_stays_causal(tokens):
+    """A NaN embedding row used at position 3 leaves the logits at positions 0-2 finite and bit-equal
+    to the clean run (every form of Lightning Attention masks with wheres, not 0 * NaN)."""
+    torch.manual_seed(0)
+    m = TransNormerLLM(tiny(tie_word_embeddings=False)).eval()
+    ids = torch.tensor([tokens, [9] * len(tokens)])
+    clean = m(ids)
+    clean_pre, _ = m.prefill(ids)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[8] = float("nan")
+    bad = m(ids)
+    assert torch.isfinite(bad[0, :3]).all() and torch.equal(bad[0, :3], clean[0, :3])
+    assert not torch.isfinite(bad[0, 3]).all()
+    assert torch.equal(bad[1], clean[1])                 # the other row never sees token 8
+    bad_pre, _ = m.prefill(ids)
+    assert torch.equal(bad_pre[0, :3], clean_pre[0, :3])
 
 
 def test_step_from_scratch_equals_parallel():

@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--quantize", choices=("int8",), default=None)
     o.set_defaults(fn=cmd_export)
+    from tnllm.testing._check import add_parser as add_check_parser
+    add_check_parser(sub)                              # tnllm check: the tnllm.testing property suite
     return p
 
 

@@ -1,10 +1,12 @@
 """Shared pieces of the Lightning Attention forms: input validation and decay tables.
 
-Legend (SPEC section 2): B batch, H heads, T length, Dk key/query width, Dv value width,
+Legend: B batch, H heads, T length, Dk key/query width, Dv value width,
 s [H] the non-negative per-head decay rate, lam = exp(-s), S [B, H, Dk, Dv] the state.
 Every form accumulates in ``acc_dtype(q.dtype)``: fp32, or fp64 for fp64 inputs.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -58,8 +60,56 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tens
     if len(set(devices.values())) > 1:
         where = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
         raise ValueError(f"lightning_attn: all inputs must be on one device, got {where}")
-    if check_decay and not torch.compiler.is_compiling() and not _is_fake(s) and s.numel() and bool((s < 0).any()):
-        raise ValueError("lightning_attn: `s` (decay rate) must be >= 0 (lambda = exp(-s) <= 1), got a negative entry")
+    if check_decay:
+        check_decay_values(s)
+
+
+# -- the value check of s, memoised ---------------------------------------------------------------
+# Reading s back to the host costs a device sync on CUDA. A verdict "s is valid" is remembered per
+# tensor object and its version counter (bumped by every in-place write, also through views), so
+# a fixed rate buffer is read once; a modified one is read again.
+_DECAY_OK: dict[int, tuple] = {}
+_MEMO_MAX = 1024
+
+
+def _decay_values_ok(s: Tensor) -> bool:
+    """The host read: True iff every entry of s is >= 0 or +inf (no NaN, no negative)."""
+    return bool((s >= 0).all())          # NaN >= 0 is False
+
+
+def check_decay_values(s: Tensor) -> None:
+    """Raise ValueError unless every entry of ``s`` is >= 0 (+inf allowed: lambda = 0); NaN is rejected.
+
+    Costs one host read per distinct tensor state: the verdict is memoised on the tensor's identity,
+    device and version counter. Under torch.compile / fake tensors the check is a device-side
+    assertion in the graph (no host read); while a CUDA stream is capturing a graph it is a
+    device-side assertion for a tensor not checked before (``torch._assert_async``: a bad rate then
+    aborts the CUDA context with the message below).
+    """
+    msg = "lightning_attn: `s` (decay rate) must be >= 0 (lambda = exp(-s) <= 1; inf means lambda = 0), got a negative or NaN entry"
+    if s.numel() == 0:
+        return
+    if torch.compiler.is_compiling() or _is_fake(s):
+        if s.device.type != "meta":
+            torch._assert_async((s >= 0).all(), msg)
+        return
+    try:
+        version = s._version
+    except RuntimeError:                  # inference tensors have no version counter: no memo
+        version = None
+    key = id(s)
+    hit = _DECAY_OK.get(key)
+    if version is not None and hit is not None and hit[0]() is s and hit[1] == version and hit[2] == s.device:
+        return
+    if s.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        torch._assert_async((s >= 0).all(), msg)
+        return
+    if not _decay_values_ok(s):
+        raise ValueError(msg)
+    if version is not None:
+        if len(_DECAY_OK) >= _MEMO_MAX:
+            _DECAY_OK.clear()
+        _DECAY_OK[key] = (weakref.ref(s, lambda _r, key=key: _DECAY_OK.pop(key, None)), version, s.device)
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -67,9 +117,43 @@ def _is_fake(t: Tensor) -> bool:
     return is_fake(t) or t.device.type == "meta"
 
 
+def decay_pow(s: Tensor, m: Tensor) -> Tensor:
+    """lam^m = exp(-s m) for integer-valued m >= 0, exactly 1 at m = 0 for every rate (s = inf
+    included, where -s * 0 would be NaN); broadcasts s against m."""
+    return torch.where(m == 0, torch.ones((), dtype=m.dtype, device=m.device), torch.exp(-s * m.clamp(min=1)))
+
+
 def intra_decay(s: Tensor, C: int, dtype: torch.dtype) -> Tensor:
-    """D[h, j, i] = lam_h^(j-i) for j >= i else 0, shape [H, C, C]; never forms lam^(-t)."""
+    """D[h, j, i] = lam_h^(j-i) for j >= i else 0, shape [H, C, C]; never forms lam^(-t), exact 1 on the diagonal."""
     idx = torch.arange(C, device=s.device, dtype=dtype)
     diff = idx[:, None] - idx[None, :]
-    D = torch.exp(-s.to(dtype)[:, None, None] * diff.clamp(min=0))
-    return D * (diff >= 0)
+    D = decay_pow(s.to(dtype)[:, None, None], diff.clamp(min=0))
+    return torch.where(diff >= 0, D, torch.zeros((), dtype=dtype, device=s.device))
+
+
+def causal_mask(C: int, device) -> Tensor:
+    """[C, C] bool, True where j >= i (row j may see column i)."""
+    idx = torch.arange(C, device=device)
+    return idx[:, None] >= idx[None, :]
+
+
+def masked_matmul(P: Tensor, X: Tensor, reverse: bool = False) -> Tensor:
+    """P @ X for a causal P (zero above the diagonal; below it when ``reverse``), without letting a
+    non-finite row of X reach the rows of the result that P does not connect to it.
+
+    ``0 * NaN = NaN`` inside a matmul would carry a NaN at position i into every output row; here
+    X's non-finite entries are zeroed for the product and added back as a running sum over the
+    position axis (-2): row j gets the non-finite entries of rows i <= j (i >= j when ``reverse``),
+    so it is non-finite exactly where the causal sum includes them and bit-identical to the clean
+    product elsewhere."""
+    fin = torch.isfinite(X)
+    if X.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(X) and bool(fin.all()):
+        return P @ X                       # eager CPU fast path (no sync to avoid there): the same values
+    zero = torch.zeros((), dtype=X.dtype, device=X.device)
+    out = P @ torch.where(fin, X, zero)
+    bad = torch.where(fin, zero, X)
+    if reverse:
+        pois = bad.flip(-2).cumsum(-2).flip(-2)
+    else:
+        pois = bad.cumsum(-2)
+    return out + pois

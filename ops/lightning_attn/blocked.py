@@ -1,4 +1,4 @@
-"""The blocked form (Lightning Attention-2, SPEC section 2) in PyTorch: the CPU kernel of the op.
+"""The blocked form (Lightning Attention-2) in PyTorch: the CPU kernel of the op.
 
 The sequence is cut into blocks of C positions (the last may be shorter: c_n <= C). Inside a
 block the masked quadratic form ("intra"); across blocks the running state S [Dk, Dv] in the
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import acc_dtype, check_inputs, intra_decay
+from ._common import acc_dtype, causal_mask, check_inputs, decay_pow, intra_decay, masked_matmul
 
 DEFAULT_BLOCK = 64
 
@@ -42,10 +42,16 @@ class _Tables:
         c[-1] = T - (nb - 1) * C                                    # tail block length
         self.nb, self.C = nb, C
         self.D = intra_decay(sa, C, acc)[:, None]
-        self.q_dec = torch.exp(-sa[:, None] * (j + 1))[:, None, :, None]
+        self.mask = causal_mask(C, s.device)
+        self.q_dec = decay_pow(sa[:, None], j + 1)[:, None, :, None]
         kexp = c[:, None] - 1 - j[None, :]                          # [nb, C]
-        self.k_dec = (torch.exp(-sa[:, None, None] * kexp.clamp(min=0)) * (kexp >= 0))[..., None]
-        self.blk = torch.exp(-sa[:, None] * c[None, :])[..., None, None]
+        zero = torch.zeros((), dtype=acc, device=s.device)
+        self.k_dec = torch.where(kexp >= 0, decay_pow(sa[:, None, None], kexp.clamp(min=0)), zero)[..., None]
+        self.blk = decay_pow(sa[:, None], c[None, :])[..., None, None]
+
+    def causal(self, scores: Tensor) -> Tensor:
+        """scores * D on and below the diagonal, exact 0 above it (a where: 0 * NaN would be NaN)."""
+        return torch.where(self.mask, scores * self.D, torch.zeros((), dtype=scores.dtype, device=scores.device))
 
 
 def _blocks(x: Tensor, C: int, nb: int, acc: torch.dtype) -> Tensor:
@@ -83,7 +89,7 @@ def blocked_fwd(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tenso
     Q, K, V = (_blocks(x, C, tb.nb, acc) for x in (q, k, v))
     kv = (K * tb.k_dec).transpose(-1, -2) @ V                      # [B, H, nb, Dk, Dv]
     S_before, S_last = _scan_states(kv, tb.blk, initial_state)
-    O = ((Q @ K.transpose(-1, -2)) * tb.D) @ V + (Q * tb.q_dec) @ S_before
+    O = masked_matmul(tb.causal(Q @ K.transpose(-1, -2)), V) + (Q * tb.q_dec) @ S_before
     o = O.reshape(B, H, tb.nb * C, Dv)[:, :, :T]
     return o.to(q.dtype).contiguous(), S_last.contiguous()
 
@@ -108,8 +114,8 @@ def blocked_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
     # forward sweep: recompute the states before each block -> dq
     kv = (K * tb.k_dec).transpose(-1, -2) @ V
     S_before, _ = _scan_states(kv, tb.blk, initial_state)
-    P = (dO @ V.transpose(-1, -2)) * tb.D                           # [.., C(j), C(i)] = lam^(j-i) do_j . v_i
-    dQ = P @ K + (dO * tb.q_dec) @ S_before.transpose(-1, -2)
+    P = tb.causal(dO @ V.transpose(-1, -2))                        # [.., C(j), C(i)] = lam^(j-i) do_j . v_i
+    dQ = masked_matmul(P, K) + (dO * tb.q_dec) @ S_before.transpose(-1, -2)
     # reverse sweep over dS: state gradient after each block
     qdo = (Q * tb.q_dec).transpose(-1, -2) @ dO                    # [B, H, nb, Dk, Dv]
     G = dS.to(acc) if dS is not None else kv.new_zeros(B, H, Dk, Dv)
@@ -118,9 +124,11 @@ def blocked_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, 
         after[n] = G
         G = tb.blk[:, n] * G + qdo[:, :, n]
     G_after = torch.stack(after, dim=2)                            # [B, H, nb, Dk, Dv]
-    A = (Q @ K.transpose(-1, -2)) * tb.D                           # [.., j, i]
-    dK = P.transpose(-1, -2) @ Q + (V @ G_after.transpose(-1, -2)) * tb.k_dec
-    dV = A.transpose(-1, -2) @ dO + (K * tb.k_dec) @ G_after
+    A = tb.causal(Q @ K.transpose(-1, -2))                         # [.., j, i]
+    # the intra products never let a non-finite row meet a zero weight (masked_matmul): a NaN in
+    # k or v at t stays out of dq before t; one in q at t stays out of dk and dv after t
+    dK = masked_matmul(P.transpose(-1, -2), Q, reverse=True) + (V @ G_after.transpose(-1, -2)) * tb.k_dec
+    dV = masked_matmul(A.transpose(-1, -2), dO, reverse=True) + (K * tb.k_dec) @ G_after
 
     def unblock(x: Tensor, like: Tensor) -> Tensor:
         return x.reshape(B, H, tb.nb * C, x.shape[-1])[:, :, :T].to(like.dtype).contiguous()

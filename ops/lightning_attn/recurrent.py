@@ -1,4 +1,4 @@
-"""The recurrent form, SPEC section 2: S_t = lam S_{t-1} + k_t^T v_t, o_t = q_t S_t.
+"""The recurrent form: S_t = lam S_{t-1} + k_t^T v_t, o_t = q_t S_t.
 
 The update multiplies by lam = exp(-s) <= 1 only, so it stays finite for any length (it never
 forms lam^(-t)). ``lightning_attn_step`` is the one-token update used by ``TransNormerLLM.step``

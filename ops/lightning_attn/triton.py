@@ -1,6 +1,6 @@
 """Triton kernels for Lightning Attention on CUDA: one generic causal "sweep" used four times.
 
-Legend (SPEC section 2): B batch, H heads, T length, lam = exp(-s_h). All shapes [B, H, T, D].
+Legend: B batch, H heads, T length, lam = exp(-s_h). All shapes [B, H, T, D].
 
 The sweep computes, for inputs A [T, DA], Bm [T, DA], C [T, DC] of one head and an optional
 initial state S0' [DA, DC] (fp32), in a frame r that runs forward (r = t) or backward (r = T-1-t):
@@ -9,7 +9,7 @@ initial state S0' [DA, DC] (fp32), in a frame r that runs forward (r = t) or bac
     Final = lam^(T+E0) S0' + sum_r lam^(T-1-r) Bm_r^T C_r        (times lam^SF_SHIFT)
 
 Forward:  o  = sweep(q, k, v, S0),          E0 = 0, final = S.
-Backward (the mirrored split of SPEC section 2, no flips in memory: the kernel reverses indices):
+Backward (the mirrored split of the blocked form, no flips in memory: the kernel reverses indices):
           dq = sweep(do, v, k, S0^T),        forward frame, E0 = 0;
           dk = sweep(v, do, q, dS^T),        reverse frame, E0 = -1;
           dv = sweep(k, q, do, dS),          reverse frame, E0 = -1, final * lam = dS0.
@@ -23,7 +23,9 @@ A Bm^T per tile but keeps the state in registers and gives B*H*DC/BC programs; p
 head run side by side, so the re-reads of A and Bm mostly hit L2. For small B*H the sequence can
 be cut into a few splits (SweepConfig.n_split): a cheap pre-pass writes each split's local state
 contribution [DA, DC] (a few per head, not one per chunk), and each split folds the earlier ones
-into its starting state. All decays are lam^m with m >= 0 (exp of -s*m), finite for any T.
+into its starting state. All decays are lam^m with m >= 0 (exp of -s*m, exactly 1 at m = 0), finite
+for any T and any rate (s = inf: lam = 0). Masks are wheres, so a non-finite input at frame position r
+never reaches an output at a frame position before r.
 Widths over 128 run as several launches of <= 128 (see _sweep).
 
 Launchers take tensors of any strides with a unit last-dim stride (else they copy) and return
@@ -49,6 +51,13 @@ def _mm(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _lam_pow(log_lam, m):
+    """lam^m = exp(log_lam * m) for integer m >= 0, exactly 1 at m = 0 (also for lam = 0, where
+    log_lam * 0 = -inf * 0 would be NaN)."""
+    return tl.where(m > 0, tl.exp(log_lam * tl.maximum(m, 1).to(tl.float32)), 1.0)
 
 
 @triton.jit
@@ -87,8 +96,8 @@ def _la_local_state_kernel(
     mc = jc < DC
     b_base = Bp + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h
     c_base = Cp + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
-    kdec = tl.exp(log_lam * (CHUNK - 1 - jj).to(tl.float32))
-    blk = tl.exp(log_lam * CHUNK)
+    kdec = _lam_pow(log_lam, CHUNK - 1 - jj)
+    blk = tl.exp(log_lam * CHUNK)                    # CHUNK >= 1: no -inf * 0
     L = tl.zeros([BA, BC], dtype=tl.float32)
     n0 = p * chunks_per_split
     for n in range(n0, n0 + chunks_per_split):
@@ -137,10 +146,11 @@ def _la_sweep_kernel(
         L = tl.load(W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC) + ja[:, None] * DC + jc[None, :],
                     mask=mS, other=0.0)
         e = split_len + tl.where(p == 0, E0, 0)
-        S = S * tl.exp(log_lam * e.to(tl.float32)) + L
+        S = S * _lam_pow(log_lam, e) + L
 
     diff = jj[:, None] - jj[None, :]
-    Dm = tl.where(diff >= 0, tl.exp(log_lam * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    causal = diff >= 0
+    Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
     a_base = A + b.to(tl.int64) * sa_b + h.to(tl.int64) * sa_h
     b_base = Bp + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h
     c_base = Cp + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
@@ -155,15 +165,22 @@ def _la_sweep_kernel(
         bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
         c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
         es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
-        qdec = tl.exp(log_lam * (jj + 1 + es).to(tl.float32))
-        sc = _mm(a, tl.trans(bm), IEEE) * Dm
-        o = _mm(sc.to(c.dtype), c, IEEE) + _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
+        qdec = _lam_pow(log_lam, jj + 1 + es)
+        # masks are wheres, never products with 0: a NaN/inf in a row of A or Bm stays in its row
+        # or column of the scores, and C's non-finite entries are zeroed for the intra product and
+        # added back as a running sum (frame rows >= theirs), so none reaches an earlier row
+        sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
+        cfin = tl.abs(c.to(tl.float32)) < float("inf")
+        cz = tl.where(cfin, c, tl.zeros_like(c))
+        o = _mm(sc.to(c.dtype), cz, IEEE) + _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
+        if tl.sum((~cfin).to(tl.int32)) > 0:
+            o = o + tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
         tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & mc[None, :])
         cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
-        kdec = tl.where(kexp >= 0, tl.exp(log_lam * tl.maximum(kexp, 0).to(tl.float32)), 0.0)
+        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
         bd = (bm * kdec[:, None]).to(bm.dtype)
-        S = S * tl.exp(log_lam * (cl + es).to(tl.float32)) + _mm(tl.trans(bd), c, IEEE)
+        S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bd), c, IEEE)
 
     if WRITE_SF:
         if split == n_split - 1:

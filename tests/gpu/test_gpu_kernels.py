@@ -1,64 +1,37 @@
 """GPU suite (``pytest -m gpu``; skipped without CUDA): the Triton path of the op on a real device.
 
-Outputs, final states and gradients of ``tnllm.ops.lightning_attn`` against an fp64 oracle from
-the same (rounded) inputs; relative RMS error <= 1e-2 (bf16), 2e-3 (fp16), 1e-4 (fp32, ieee dots).
-Fresh random inputs every check, NaN-poisoned allocations so unwritten elements fail.
+Everything goes through tnllm.testing: outputs, final states and gradients of
+``tnllm.ops.lightning_attn`` against the fp64 oracle from the same (rounded) inputs, within the one
+tolerance table ``tt.TOL``; NaN-poisoned allocations so unwritten elements fail; the edge contract
+(non-finite inputs stay causal, s = inf, bad s) on CUDA; the memoised decay check under CUDA graph
+capture.
 """
 import math
 
 import pytest
 import torch
 
-from _numerics import poisoned
-from tnllm.ops import lightning_attn, lightning_attn_naive
+import tnllm.testing as tt
+from tnllm.ops import lightning_attn
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return tt.rel_err(a, b)
 
 
+def poisoned_op(q, k, v, s, initial_state=None, output_final_state=False):
+    with tt.poisoned_allocations():
+        return lightning_attn(q, k, v, s, initial_state=initial_state, output_final_state=output_final_state)
 
 
-def make(B, H, T, Dk, Dv, dtype, state, s_max=1.0, noncontig=False):
-    dev = "cuda"
-    if noncontig:
-        q, k, v = (torch.randn(B, T, H, D, device=dev).transpose(1, 2) for D in (Dk, Dk, Dv))
-    else:
-        q, k, v = (torch.randn(B, H, T, D, device=dev) for D in (Dk, Dk, Dv))
-    q, k = q / math.sqrt(Dk), k / math.sqrt(Dk)
-    s = torch.rand(H, device=dev) * s_max
-    S0 = torch.randn(B, H, Dk, Dv, device=dev) if state else None
-    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
-    S0 = S0.requires_grad_() if state else None
-    return q, k, v, s, S0
-
-
-def grads(fn, q, k, v, s, S0, do, dS):
-    o, S = fn(q, k, v, s, initial_state=S0, output_final_state=True)
-    loss = (o.double() * do).sum() + (S.double() * dS).sum()
-    ins = [q, k, v] + ([S0] if S0 is not None else [])
-    return [o, S, *torch.autograd.grad(loss, ins)]
-
-
-def check(B, H, T, Dk, Dv, dtype, state, **kw):
-    q, k, v, s, S0 = make(B, H, T, Dk, Dv, dtype, state, **kw)
-    do = torch.randn(B, H, T, Dv, device="cuda", dtype=torch.float64)
-    dS = torch.randn(B, H, Dk, Dv, device="cuda", dtype=torch.float64)
-    with poisoned():
-        got = grads(lightning_attn, q, k, v, s, S0, do, dS)
-    d = lambda x: None if x is None else x.detach().double().requires_grad_()
-    ref = grads(lightning_attn_naive, d(q), d(k), d(v), s.double(), d(S0), do, dS)
-    errs = {n: rel(a, b) for n, a, b in zip(("o", "S", "dq", "dk", "dv", "dS0"), got, ref)}
-    bad = {n: e for n, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"B{B} H{H} T{T} Dk{Dk} Dv{Dv} {dtype} state={state}: {errs}"
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+def check(B, H, T, Dk, Dv, dtype, state, rates=None, layout="contiguous", seed=0):
+    rates = rates or tuple(float(x) for x in torch.linspace(0.01, 1.0, H))
+    case = tt.Case(B, H, T, Dk, Dv, dtype, device="cuda", layout=layout, rates=rates, state=state, seed=seed)
+    tt.check_case(poisoned_op, case)
 
 
 CASES = [   # (B, H, T, Dk, Dv, dtype): every dtype at the model widths, odd widths, tails, Dk != Dv
@@ -72,26 +45,91 @@ CASES = [   # (B, H, T, Dk, Dv, dtype): every dtype at the model widths, odd wid
 @pytest.mark.parametrize("B,H,T,Dk,Dv,dt", CASES, ids=lambda x: str(x))
 @pytest.mark.parametrize("state", [False, True], ids=["nostate", "state"])
 def test_op_cuda_matches_naive(B, H, T, Dk, Dv, dt, state):
-    check(B, H, T, Dk, Dv, DT[dt], state)
+    check(B, H, T, Dk, Dv, DT[dt], state, seed=T + Dk)
 
 
 def test_noncontiguous_slow_and_fast_decay():
-    check(2, 4, 515, 128, 128, torch.bfloat16, True, noncontig=True, s_max=1e-5)
-    check(2, 4, 515, 128, 128, torch.bfloat16, True, s_max=20.0)
+    check(2, 4, 515, 128, 128, torch.bfloat16, True, layout="bthd", rates=(1e-5, 0.0, 3e-6, 1e-6))
+    check(2, 4, 515, 128, 128, torch.bfloat16, True, rates=(20.0, 1e4, math.inf, 5.0))
+    check(1, 2, 300, 64, 32, torch.float16, True, layout="padded", rates=(0.1, math.inf))
+
+
+def test_property_cuda():
+    """Hypothesis-drawn cases on CUDA, every kernel dtype (shapes, layouts, rates incl. 0 and inf, states)."""
+    tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                          max_examples=40, max_T=300, dims=(16, 64))
+
+
+def test_edge_semantics_cuda():
+    tt.assert_edge_semantics(lightning_attn, device="cuda", dtypes=(torch.bfloat16, torch.float32), max_examples=20,
+                             dims=(16, 64))
+
+
+def test_model_nan_embedding_causal_cuda():
+    from tnllm import TransNormerConfig, TransNormerLLM
+    torch.manual_seed(0)
+    m = TransNormerLLM(TransNormerConfig(vocab_size=97, decoder_embed_dim=64, decoder_layers=2,
+                                         decoder_attention_heads=4, glu_dim=96,
+                                         tie_word_embeddings=False)).cuda().eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 20], device="cuda")
+    clean = m(ids)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[8] = float("nan")
+    bad = m(ids)
+    assert torch.isfinite(bad[:, :3]).all() and torch.equal(bad[:, :3], clean[:, :3])
+    assert not torch.isfinite(bad[:, 3]).all()
+
+
+def test_decay_check_no_sync_and_graph_capture():
+    """The default check reads s once; under CUDA graph capture it does not sync (capture would fail)."""
+    from tnllm.ops.lightning_attn import _common
+    q = torch.randn(1, 2, 64, 16, device="cuda", dtype=torch.bfloat16)
+    s = torch.tensor([0.1, 0.2], device="cuda")
+    lightning_attn(q, q, q, s)
+    calls = []
+    real = _common._decay_values_ok
+    _common._decay_values_ok = lambda t: calls.append(1) or real(t)
+    try:
+        torch.cuda.set_sync_debug_mode("error")       # any synchronising call raises
+        for _ in range(3):
+            lightning_attn(q, q, q, s)
+        torch.cuda.set_sync_debug_mode(0)
+        assert not calls
+        fresh = torch.tensor([0.3, 0.4], device="cuda")
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            lightning_attn(q, q, q, fresh)            # warm-up outside capture (checks `fresh` once)
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        other = torch.tensor([0.5, 0.6], device="cuda")
+        with torch.cuda.graph(g):
+            out = lightning_attn(q, q, q, fresh)
+            out2 = lightning_attn(q, q, q, other)     # never checked before: a device-side assertion
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, lightning_attn(q, q, q, fresh))
+        torch.testing.assert_close(out2, lightning_attn(q, q, q, other))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        _common._decay_values_ok = real
+    with pytest.raises(ValueError, match="`s`"):
+        lightning_attn(q, q, q, torch.tensor([0.1, float("nan")], device="cuda"))
 
 
 def test_many_heads_grid():
     """B*H far past any grid-dimension limit of 65535 along y/z."""
-    check(70000, 1, 20, 16, 16, torch.float16, True)
+    check(70000, 1, 20, 16, 16, torch.float16, True, rates=(0.5,))
 
 
 def test_split_path_small_batch_long_sequence():
     """B*H small: the launcher splits the sequence (state pre-pass); compare one long head."""
-    check(1, 1, 6000, 64, 64, torch.bfloat16, True)
+    check(1, 1, 6000, 64, 64, torch.bfloat16, True, rates=(0.01,))
 
 
 def test_compile_fullgraph_cuda():
-    q, k, v, s, S0 = make(2, 4, 200, 64, 64, torch.bfloat16, True)
+    q, k, v, s, S0, _, _ = tt.make_inputs(tt.Case(2, 4, 200, 64, 64, torch.bfloat16, device="cuda",
+                                                  rates=(0.1, 0.2, 0.5, 1.0), seed=3))
 
     def f(q, k, v, S0):
         o, S = lightning_attn(q * 1.5, k, v, s, initial_state=S0, output_final_state=True)
@@ -114,7 +152,7 @@ def test_norm_gate_cuda(dt):
     o = torch.randn(B, H, T, E, device="cuda", dtype=dtype, requires_grad=True)
     u = torch.randn(B, T, 2 * H * E, device="cuda", dtype=dtype)[..., : H * E].detach().requires_grad_()
     dy = torch.randn(B, T, H * E, device="cuda", dtype=dtype)
-    with poisoned():
+    with tt.poisoned_allocations():
         y = srms_norm_gate(o, u)
         gy = torch.autograd.grad((y * dy).sum(), [o, u])
     od, ud = o.detach().double().requires_grad_(), u.detach().double().requires_grad_()

@@ -1,13 +1,13 @@
-"""Lightning Attention: the forms agree with the fp64 naive oracle (outputs, final states, gradients)."""
+"""Lightning Attention: every form agrees with the fp64 oracles (outputs, final states, gradients)
+and holds the edge contract, through the one harness tnllm.testing."""
+import functools
 import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-from _numerics import TOL, assert_close
+import tnllm.testing as tt
 from tnllm.ops import lightning_attn, lightning_attn_blocked, lightning_attn_naive, lightning_attn_recurrent
+from tnllm.ops.lightning_attn import _common
 
 FORMS = {
     "op": lightning_attn,
@@ -17,81 +17,126 @@ FORMS = {
 }
 
 
-def make(B, H, T, Dk, Dv, dtype, seed, s_max=3.0, state=True, noncontig=False):
+def make(B, H, T, Dk, Dv, dtype, seed, state=True, layout="contiguous"):
     g = torch.Generator().manual_seed(seed)
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-    if noncontig:   # [B, T, H, D] storage viewed as [B, H, T, D], as the model produces
-        q, k, v = (r(B, T, H, D).transpose(1, 2) for D in (Dk, Dk, Dv))
-    else:
-        q, k, v = r(B, H, T, Dk), r(B, H, T, Dk), r(B, H, T, Dv)
-    q, k = q / math.sqrt(Dk), k / math.sqrt(Dk)
-    s = torch.rand(H, generator=g, dtype=torch.float64) * s_max
-    S0 = r(B, H, Dk, Dv) if state else None
-    do, dS = r(B, H, T, Dv), r(B, H, Dk, Dv)
-    cast = lambda x: None if x is None else x.to(dtype).requires_grad_()
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32   # state in the acc dtype
-    return cast(q), cast(k), cast(v), s.float(), (None if S0 is None else S0.to(sdt).requires_grad_()), do, dS
+    rates = tuple(float(x) for x in torch.rand(H, generator=g) * 3)
+    return tt.make_inputs(tt.Case(B, H, T, Dk, Dv, dtype, layout=layout, rates=rates, state=state, seed=seed))
 
 
-def run(fn, q, k, v, s, S0, do, dS, **kw):
-    o, S = fn(q, k, v, s, initial_state=S0, output_final_state=True, **kw)
-    loss = (o.double() * do).sum() + (S.double() * dS).sum()
-    inputs = [q, k, v] + ([S0] if S0 is not None else [])
-    grads = torch.autograd.grad(loss, inputs)
-    return [o, S, *grads]
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_blocked_matches_naive_fp64(block):
+    tt.assert_forms_agree(functools.partial(lightning_attn_blocked, block_size=block), dtypes=(torch.float64,),
+                          max_examples=8, max_T=300)
 
 
-def oracle(q, k, v, s, S0, do, dS):
-    d = lambda x: None if x is None else x.detach().double().requires_grad_()
-    return run(lightning_attn_naive, d(q), d(k), d(v), s.double(), d(S0), do, dS)
+def test_op_matches_naive():
+    tt.assert_forms_agree(lightning_attn, dtypes=(torch.float32, torch.float64), max_T=200, max_examples=20)
 
 
-NAMES = ["o", "S", "dq", "dk", "dv", "dS0"]
+def test_recurrent_matches_naive():
+    tt.assert_forms_agree(lightning_attn_recurrent, dtypes=(torch.float64,), max_T=80, max_examples=15)
 
 
-def check(form, B, H, T, Dk, Dv, dtype, seed, state, s_max=3.0, noncontig=False, **kw):
-    args = make(B, H, T, Dk, Dv, dtype, seed, s_max=s_max, state=state, noncontig=noncontig)
-    got = run(FORMS[form], *args, **kw)
-    ref = oracle(*args)
-    for name, a, b in zip(NAMES, got, ref):
-        # the state is fp32 for low-precision inputs, so it is held to fp32-accumulation accuracy
-        tol_dtype = dtype
-        assert_close(a, b, tol_dtype, f"{form} {name} B{B} H{H} T{T} Dk{Dk} Dv{Dv} seed{seed}", scale=4.0)
-    assert got[0].dtype == dtype
-    assert got[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+def test_naive_matches_fp64_loop():
+    tt.assert_forms_agree(lightning_attn_naive, dtypes=(torch.float64,), oracle="loop", max_T=80, max_examples=15)
 
 
-@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 300), Dk=st.sampled_from([1, 4, 8, 16, 32]),
-       Dv=st.sampled_from([1, 4, 8, 24]), s_max=st.sampled_from([1e-4, 0.1, 1.0, 10.0]),
-       state=st.booleans(), block=st.sampled_from([16, 32, 64, 128]), seed=st.integers(0, 2**31 - 1))
-def test_blocked_matches_naive_fp64(B, H, T, Dk, Dv, s_max, state, block, seed):
-    check("blocked", B, H, T, Dk, Dv, torch.float64, seed, state, s_max=s_max, block_size=block)
-
-
-@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 200), Dk=st.sampled_from([4, 16]),
-       Dv=st.sampled_from([4, 8]), state=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_op_matches_naive(B, H, T, Dk, Dv, state, seed, dtype):
-    check("op", B, H, T, Dk, Dv, dtype, seed, state, s_max=10.0)
-
-
-@given(T=st.integers(1, 80), state=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_recurrent_matches_naive(T, state, seed):
-    check("recurrent", 2, 2, T, 8, 4, torch.float64, seed, state)
+def test_low_precision_dtypes_and_layouts():
+    tt.assert_forms_agree(lightning_attn, dtypes=(torch.float16, torch.bfloat16), max_T=130, max_examples=20)
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 127, 128, 129, 257], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("form", ["op", "recurrent"])
 def test_block_edges(form, T):
-    check(form, 2, 2, T, 16, 8, torch.float64, T, state=True)
+    tt.check_case(FORMS[form], tt.Case(2, 2, T, 16, 8, torch.float64, rates=(0.3, math.inf), seed=T))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("layout", tt.LAYOUTS)
 @pytest.mark.parametrize("Dk,Dv", [(16, 16), (32, 8), (8, 24)], ids=lambda d: str(d))
-def test_op_dtypes(dtype, noncontig, Dk, Dv):
-    check("op", 2, 3, 100, Dk, Dv, dtype, 7, state=True, noncontig=noncontig)
+def test_op_dtypes(dtype, layout, Dk, Dv):
+    tt.check_case(lightning_attn, tt.Case(2, 3, 100, Dk, Dv, dtype, layout=layout, rates=(0.0, 0.5, 20.0), seed=7))
+
+
+# -- edge semantics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_edge_semantics(form):
+    """A NaN/inf in q, k or v at t never reaches o or dq before t, nor dk, dv after t (bit-identical to
+    the clean run); s = inf is lambda = 0; a NaN or negative s raises."""
+    tt.assert_edge_semantics(FORMS[form], dtypes=(torch.float32, torch.float64), max_examples=15)
+
+
+def test_edge_semantics_blocked_small_blocks():
+    tt.assert_nonfinite_causal(functools.partial(lightning_attn_blocked, block_size=16), dtypes=(torch.bfloat16,),
+                               max_examples=10)
+
+
+def test_nothing_overflows_for_any_rate():
+    """Every decay is lam^m with m >= 0: finite for any length and rate (0, tiny, huge, inf)."""
+    B, H, T, D = 1, 4, 3000, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    s = torch.tensor([0.0, 1e-6, 1e30, math.inf])
+    S0 = torch.randn(B, H, D, D)
+    outs = {n: f(q, k, v, s, initial_state=S0, output_final_state=True) for n, f in FORMS.items() if n != "naive"}
+    for n, (o, S) in outs.items():
+        assert torch.isfinite(o).all() and torch.isfinite(S).all(), n
+    for n in ("op", "blocked"):
+        assert tt.rel_err(outs[n][0], outs["recurrent"][0]) < 1e-4 and tt.rel_err(outs[n][1], outs["recurrent"][1]) < 1e-4
+
+
+def test_bad_rates_raise_in_every_form():
+    q = torch.randn(1, 2, 5, 4)
+    for form, fn in FORMS.items():
+        for bad in ([math.nan, 0.5], [0.5, -1e-3], [-math.inf, 0.0]):
+            with pytest.raises(ValueError, match="`s`"):
+                fn(q, q, q, torch.tensor(bad))
+
+
+# -- the memoised decay check (no host read on a cached call) ----------------------------------
+
+def test_decay_check_is_memoised_and_rechecked_after_in_place_change(monkeypatch):
+    calls = []
+    real = _common._decay_values_ok
+    monkeypatch.setattr(_common, "_decay_values_ok", lambda s: calls.append(1) or real(s))
+    q = torch.randn(1, 2, 8, 4)
+    s = torch.tensor([0.1, 0.2])
+    for _ in range(5):
+        lightning_attn(q, q, q, s)
+    assert len(calls) == 1                     # the host read once, then the memo
+    s.fill_(-1)                                # in place: the version counter moves, so the check runs again
+    with pytest.raises(ValueError, match="`s`"):
+        lightning_attn(q, q, q, s)
+    assert len(calls) == 2
+    s.fill_(0.5)
+    lightning_attn(q, q, q, s)
+    lightning_attn(q, q, q, s)
+    assert len(calls) == 3
+    s[1:].fill_(math.nan)                      # through a view: same counter
+    with pytest.raises(ValueError, match="NaN"):
+        lightning_attn(q, q, q, s)
+    t = s.clone().fill_(0.3)                   # a new tensor: its own check
+    lightning_attn(q, q, q, t)
+    assert len(calls) == 5
+    lightning_attn(q, q, q, torch.tensor([-1.0, 0.0]), check_decay=False)   # off: no check at all
+    assert len(calls) == 5
+    with torch.inference_mode():               # inference tensors have no version counter: checked every call
+        u = torch.tensor([0.1, 0.2])
+        lightning_attn(q, q, q, u)
+        lightning_attn(q, q, q, u)
+    assert len(calls) == 7
+
+
+def test_decay_check_under_compile_is_device_side():
+    """Compiled, the check is an assertion inside the graph (no host read at trace time, no graph break)."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, s: lightning_attn(q, q, q, s), fullgraph=True)
+    q = torch.randn(1, 2, 8, 4)
+    good = torch.tensor([0.1, 0.2])
+    torch.testing.assert_close(fn(q, good), lightning_attn(q, q, q, good))
+    with pytest.raises(Exception, match="decay rate"):
+        fn(q, torch.tensor([0.1, -1.0]))
 
 
 def test_state_split_equals_full():
@@ -127,7 +172,22 @@ def test_gradcheck_fp64():
     q, k, v, s, S0, _, _ = make(1, 2, 37, 4, 3, torch.float64, 5)
     fn = lambda q, k, v, S0: lightning_attn(q, k, v, s, initial_state=S0, output_final_state=True, block_size=16)
     assert torch.autograd.gradcheck(fn, (q, k, v, S0))
-    assert torch.autograd.gradgradcheck is not None
+
+
+@pytest.mark.parametrize("form", ["naive", "recurrent"])
+def test_gradgradcheck_reference_forms(form):
+    """The reference forms are plain autograd, so second derivatives exist and are checked."""
+    q, k, v, s, S0, _, _ = make(1, 2, 9, 3, 2, torch.float64, 5)
+    fn = lambda q, k, v, S0: FORMS[form](q, k, v, s, initial_state=S0, output_final_state=True)
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, S0))
+
+
+def test_op_double_backward_is_a_clear_error():
+    """The op's backward is itself a custom op without a derivative: a second backward says so."""
+    q, k, v, s, S0, _, _ = make(1, 2, 9, 3, 2, torch.float64, 5)
+    (g,) = torch.autograd.grad(lightning_attn(q, k, v, s).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="lightning_attn_bwd"):
+        torch.autograd.grad(g.sum(), q)
 
 
 def test_opcheck():

@@ -1,0 +1,195 @@
+"""The Triton kernels on CPU under TRITON_INTERPRET=1 (fp32/fp16: the interpreter's bf16 tl.dot is broken).
+
+Run in their own process by tests/ops/test_triton.py (this directory is not collected by the main
+run: the interpreter is chosen when the kernels are decorated, so it would leak into every CUDA
+test of the same process). By hand: ``TRITON_INTERPRET=1 python -m pytest tests/interpret``.
+
+The launchers, wrapped as a form with lightning_attn's signature, go through tnllm.testing against
+the fp64 oracle (outputs, final states, all gradients) at tile/chunk/split/tail edges, and through
+the edge contract, with poisoned (NaN) allocations so that an element never written fails.
+"""
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (run through tests/ops/test_triton.py)", allow_module_level=True)
+pytest.importorskip("triton")
+
+import tnllm.testing as tt  # noqa: E402
+from tnllm.ops import norm_triton as nt  # noqa: E402
+from tnllm.ops.lightning_attn import op as la_op  # noqa: E402
+from tnllm.ops.lightning_attn import triton as tri  # noqa: E402
+from tnllm.ops.lightning_attn._common import check_inputs  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+assert isinstance(tri._la_sweep_kernel, InterpretedFunction), "the kernels were decorated without the interpreter"
+
+
+class _TritonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s, S0, cfg):
+        with tt.poisoned_allocations():
+            o, S = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+        ctx.save_for_backward(q, k, v, s, S0)
+        ctx.cfg = cfg
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, s, S0 = ctx.saved_tensors
+        cfgs = None if ctx.cfg is None else {n: ctx.cfg for n in ("dq", "dk", "dv")}
+        with tt.poisoned_allocations():
+            dq, dk, dv, dS0 = tri.lightning_attn_bwd_triton(do.contiguous(), dS, q, k, v, s, S0, cfgs=cfgs)
+        for x in (dq, dk, dv, dS0):
+            assert x.is_contiguous()
+        return dq, dk, dv, None, (dS0 if S0 is not None else None), None
+
+
+def triton_form(q, k, v, s, initial_state=None, output_final_state=False, cfg=None):
+    """The Triton launchers as a form with lightning_attn's signature (autograd through the backward launcher)."""
+    check_inputs(q, k, v, s, initial_state)
+    S0 = initial_state.float() if initial_state is not None else None
+    o, S = _TritonFn.apply(q, k, v, s, S0, cfg)
+    return (o, S) if output_final_state else o
+
+
+def check(B, H, T, Dk, Dv, dtype, seed, state, cfg=None, rates=None, layout="contiguous"):
+    rates = rates or tuple(0.1 + 0.8 * h for h in range(H))
+    case = tt.Case(B, H, T, Dk, Dv, dtype, layout=layout, rates=rates, state=state, seed=seed)
+    tt.check_case(functools.partial(triton_form, cfg=cfg), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,H,T,Dk,Dv", [
+    (1, 2, 1, 16, 16), (1, 2, 63, 16, 32), (2, 1, 65, 32, 16), (1, 2, 130, 24, 40), (1, 1, 257, 16, 16),
+], ids=lambda x: str(x))
+@pytest.mark.parametrize("state", [False, True], ids=["nostate", "state"])
+def test_kernels_match_naive(B, H, T, Dk, Dv, dtype, state):
+    check(B, H, T, Dk, Dv, dtype, seed=T * 7 + Dk, state=state)
+
+
+@pytest.mark.parametrize("cfg", [
+    tri.SweepConfig(BC=16, CHUNK=16, n_split=1),
+    tri.SweepConfig(BC=16, CHUNK=16, n_split=3),     # splits with a state pre-pass, tail in the last split
+    tri.SweepConfig(BC=16, CHUNK=32, n_split=2),
+    tri.SweepConfig(BC=32, CHUNK=16, n_split=8),     # more splits asked than chunks of 16 allow evenly
+], ids=lambda c: f"BC{c.BC}-C{c.CHUNK}-split{c.n_split}")
+def test_tiles_chunks_splits(cfg):
+    check(2, 2, 150, 20, 36, torch.float32, seed=cfg.n_split + cfg.CHUNK, state=True, cfg=cfg, rates=(0.0, math.inf))
+
+
+@pytest.mark.parametrize("Dk,Dv", [(136, 24), (24, 136), (144, 144)], ids=str)
+def test_wide_heads_split_into_launches(Dk, Dv):
+    """Dk or Dv over 128 (the LRPE layer has Dk = 2e): column slices and summed partial sweeps."""
+    check(1, 2, 70, Dk, Dv, torch.float32, seed=Dk + Dv, state=True)
+
+
+def test_noncontiguous_inputs_and_fast_decay():
+    check(2, 2, 70, 16, 16, torch.float32, seed=3, state=True, layout="bthd", rates=(8.0, 1e4))
+    check(1, 2, 40, 16, 8, torch.float16, seed=4, state=True, layout="padded", rates=(0.5, 2.0))
+
+
+def test_slow_decay_long_split():
+    # lam ~ 1 - 1e-6: every position sees the whole prefix; with 5 splits of 2 chunks
+    check(1, 2, 600, 16, 16, torch.float32, seed=5, state=True, rates=(1e-6, 0.0),
+          cfg=tri.SweepConfig(BC=16, CHUNK=64, n_split=5))
+
+
+def test_kernels_property():
+    for cfg in (None, tri.SweepConfig(BC=16, CHUNK=16, n_split=3)):
+        tt.assert_forms_agree(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float32, torch.float16),
+                              max_examples=5, max_T=100, dims=(8, 16, 24, 40))
+
+
+def test_kernels_edge_semantics():
+    """NaN/inf at t stays causal in all four sweeps (forward and the three backward ones), s = inf is lambda = 0."""
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3)),
+                             dtypes=(torch.float32,), max_examples=6, max_T=70, dims=(8, 16))
+    tt.assert_nonfinite_causal(triton_form, dtypes=(torch.float16,), max_examples=3, max_T=70, dims=(16,))
+
+
+def test_no_state_still_returns_the_initial_state_gradient():
+    """dS0 without a state is the gradient a zero initial state would get: lam^T dS + sum lam^(t+1) q^T do."""
+    case = tt.Case(1, 2, 90, 16, 8, torch.float32, rates=(0.2, 0.7), state=False, seed=11)
+    q, k, v, s, _, do, dS = tt.make_inputs(case)
+    with tt.poisoned_allocations():
+        dS0 = tri.lightning_attn_bwd_triton(do.float(), dS.float(), q.detach(), k.detach(), v.detach(), s, None)[3]
+    Z = torch.zeros(1, 2, 16, 8, dtype=torch.float64, requires_grad=True)
+    ref = tt.oracle(q, k, v, s, Z, do, dS)["dS0"]
+    assert tt.rel_err(dS0, ref) <= tt.TOL[torch.float32]
+
+
+def test_zero_length_and_fallbacks():
+    q, k, v, s, S0, do, dS = tt.make_inputs(tt.Case(1, 2, 0, 16, 16, torch.float32, rates=(0.1, 0.2), seed=0))
+    o, S = tri.lightning_attn_fwd_triton(q, k, v, s, S0)
+    assert o.shape == (1, 2, 0, 16) and torch.equal(S, S0)
+    dq, dk, dv, dS0 = tri.lightning_attn_bwd_triton(do.float(), dS.float(), q, k, v, s, S0)
+    assert dq.shape == q.shape and torch.equal(dS0, dS.float())
+    # fp64 is not a kernel dtype: the launchers fall back to the blocked form, same answers
+    case = tt.Case(1, 2, 33, 8, 8, torch.float64, rates=(0.1, 0.2), seed=1)
+    q, k, v, s, S0, do, dS = tt.make_inputs(case)
+    o, S = tri.lightning_attn_fwd_triton(q, k, v, s, S0)
+    assert tt.rel_err(o, tt.oracle(q, k, v, s, S0, do, dS)["o"]) <= tt.TOL[torch.float64]
+    assert not tri.supported(q, v) and tri.supported(q.float(), v.float())
+
+
+def test_cuda_registration_glue():
+    """The functions registered for CUDA on the op, run here through the interpreter on CPU tensors."""
+    case = tt.Case(1, 2, 40, 16, 16, torch.float32, rates=(0.3, 0.9), seed=2)
+    q, k, v, s, S0, do, dS = tt.make_inputs(case)
+    ref = tt.oracle(q, k, v, s, S0, do, dS)
+    o, S = la_op._fwd_cuda(q.detach(), k.detach(), v.detach(), s, S0.detach(), 64)
+    dq, dk, dv, dS0 = la_op._bwd_cuda(do.float(), dS.float(), q.detach(), k.detach(), v.detach(), s, S0.detach(), 64)
+    for name, a in zip(("o", "S", "dq", "dk", "dv", "dS0"), (o, S, dq, dk, dv, dS0)):
+        assert tt.rel_err(a, ref[name]) <= tt.TOL[torch.float32], name
+
+
+# ---- fused SRMSNorm * u ------------------------------------------------------------------------
+
+def _norm_inputs(B, H, T, E, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(B, T, H, E, generator=g).transpose(1, 2).to(dtype)          # [B, H, T, e] seen through [B, T, H, e] strides
+    u = torch.randn(B, T, 2 * H * E, generator=g)[..., : H * E].to(dtype)       # a chunk of a wider projection
+    dy = torch.randn(B, T, H * E, generator=g).to(dtype)
+    return o, u, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,H,T,E", [(2, 3, 5, 24), (1, 4, 7, 32), (1, 1, 3, 16)], ids=str)
+def test_norm_gate_kernels(B, H, T, E, dtype):
+    o, u, dy = _norm_inputs(B, H, T, E, dtype, seed=B + H + T + E)
+    ref = nt._reference(o, u)
+    od, ud = o.double().requires_grad_(), u.double().requires_grad_()
+    (nt._reference(od, ud) * dy.double()).sum().backward()
+    with tt.poisoned_allocations():
+        y = nt.srms_norm_gate_fwd_triton(o, u)
+        dx, du = nt.srms_norm_gate_bwd_triton(dy, o, u)
+    if dtype == torch.float16:   # same roundings as the unfused expression
+        assert torch.equal(y, ref)
+    assert tt.rel_err(y, ref) <= tt.TOL[dtype], 'y'
+    assert tt.rel_err(dx, od.grad) <= tt.TOL[dtype], 'do'
+    assert tt.rel_err(du, ud.grad) <= tt.TOL[dtype], 'du'
+    assert dx.shape == o.shape and dx.is_contiguous() and du.is_contiguous()
+
+
+def test_norm_gate_op_cpu():
+    """On CPU the public function is exactly the unfused model expression; the op's CPU kernels agree."""
+    from tnllm.ops import srms_norm
+    o, u, dy = _norm_inputs(2, 2, 6, 16, torch.float32, seed=0)
+    B, H, T, E = o.shape
+    assert torch.equal(nt.srms_norm_gate(o, u), srms_norm(o.transpose(1, 2).reshape(B, T, -1)) * u)
+    oo, uu = o.clone().requires_grad_(), u.clone().requires_grad_()
+    y = torch.ops.tnllm.srms_norm_gate(oo, uu)
+    (y * dy).sum().backward()
+    od, ud = o.double().requires_grad_(), u.double().requires_grad_()
+    (nt._reference(od, ud) * dy.double()).sum().backward()
+    assert tt.rel_err(oo.grad, od.grad) <= tt.TOL[torch.float32], 'do'
+    assert tt.rel_err(uu.grad, ud.grad) <= tt.TOL[torch.float32], 'du'
+    torch.library.opcheck(torch.ops.tnllm.srms_norm_gate.default, (oo, uu))
+    with pytest.raises(ValueError, match="u"):
+        nt.srms_norm_gate(o, u[..., :-1])
+    assert torch.equal(nt.srms_norm_gate(o, u.double()), srms_norm(o.transpose(1, 2).reshape(B, T, -1)) * u.double())
