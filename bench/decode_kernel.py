@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -154,6 +155,10 @@ def main(argv=None) -> list[dict]:
            platform.processor() or platform.machine(), "dtype": a.dtype, "calls": a.calls, "replays": a.replays}
     print(json.dumps(env), flush=True)
     rows = []
+
+    def save():                                  # after every row: a run cut short keeps what it measured
+        (out / "decode_kernel.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+        (out / "decode_kernel.md").write_text(table(rows, a.impls) + "\n")
     for preset in a.presets:
         cfg = TransNormerConfig.from_preset(preset)
         act = cfg.linear_act_fun
@@ -171,22 +176,27 @@ def main(argv=None) -> list[dict]:
                         for t in (qkvu, S, pos):
                             torch._dynamo.maybe_mark_dynamic(t, 0)
                     f = {"eager": tail_eager, "compiled": compiled, "fused": tail_fused}[impl]
-                    err = rel_err(f(qkvu, S.clone(), s, theta, pos, act), y_ref)
 
                     def call(f=f, S=S):
                         f(qkvu, S, s, theta, pos, act)
-                    kern = count_kernels(call, dev)
-                    t = timer(call)
+                    try:
+                        err = rel_err(f(qkvu, S.clone(), s, theta, pos, act), y_ref)
+                        kern = count_kernels(call, dev)
+                        t = timer(call)
+                    except Exception as exc:          # record it and go on with the other rows
+                        traceback.print_exc()
+                        print(json.dumps(dict(base, impl=impl, error=repr(exc)[:500])), flush=True)
+                        continue
                     row = dict(base, impl=impl, us=t * 1e6, GBps=nbytes / t / 1e9, pct_peak=100 * nbytes / t / PEAK,
                                kernels=kern, rel_err_vs_eager=err)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    save()
                     del S
                 del ins, qkvu, S0, y_ref
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    (out / "decode_kernel.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    (out / "decode_kernel.md").write_text(table(rows, a.impls) + "\n")
+    save()
     print(table(rows, a.impls))
     return rows
 
