@@ -7,6 +7,8 @@ fixed order); CUDA-graph capture and replay of many steps; torch.compile(fullgra
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from _numerics import poisoned
 from tnllm.ops.gla_decode import gla_decode_naive, gla_decode_step
@@ -56,6 +58,25 @@ def test_kernel_vs_reference(H, B, lrpe, dtype):
     assert all(e <= TOL[dtype] for e in errs.values()), f"{tag}: {errs}"
     assert torch.equal(y_i, y_f) and torch.equal(buf, S_f), f"{tag}: in place != functional"
     assert y_f.dtype == dtype and S_f.dtype == torch.float32
+
+
+@given(B=st.integers(1, 5), H=st.integers(1, 4), e=st.sampled_from([16, 32, 64, 128]), lrpe=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), act=st.sampled_from(["silu", "relu", "none"]),
+       rate=st.sampled_from([0.0, 1e-6, 0.5, 30.0]), pos=st.sampled_from([0, 1, 100000, 12345]),
+       scale=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 2**31 - 1))
+def test_kernel_property(B, H, e, lrpe, dtype, act, rate, pos, scale, seed):
+    torch.manual_seed(seed)
+    h = H * e
+    qkvu = torch.randn(B, 4 * h, device="cuda").to(dtype)
+    S = torch.randn(B, H, 2 * e if lrpe else e, e, device="cuda") * scale
+    s = torch.full((H,), rate, device="cuda")
+    theta = (10000 ** (-2 / h * torch.arange(h, device="cuda"))).reshape(H, 1, e) if lrpe else None
+    p = torch.full((B,), pos, device="cuda", dtype=torch.int64)
+    y_ref, S_ref = gla_decode_naive(qkvu.float(), S, s, theta, p, act)
+    with poisoned():
+        y, S_new = gla_decode_step(qkvu, S, s, theta, p, act)
+    errs = {"y": rel(y, y_ref), "S": rel(S_new, S_ref)}
+    assert all(v <= TOL[dtype] for v in errs.values()), errs
 
 
 @pytest.mark.parametrize("lrpe", [True, False], ids=["lrpe", "nolrpe"])
