@@ -1,0 +1,217 @@
+"""The fused decode step in one Triton kernel launch (the maths of ``naive.py``).
+
+Grid: one program per (row b, head h, block j of BV value columns), P = H * cdiv(e, BV) programs
+per row. Each program reads q_h, k_h (all Dk key rows) and its BV columns of v_h, applies the
+activation and LRPE, updates its [Dk, BV] tile of the state (S <- lam S + k^T v, fp32, read once
+and written once), and reads out o = q S for its BV columns. Tiles are independent, so the state,
+the only large operand, streams through all SMs even at batch 1 (385M: 8 heads x 128/BV tiles).
+
+SRMSNorm spans the whole width h = H * e, across programs. Design: *the last program of a row
+normalises it*. Each program writes its o columns (rounded to the input dtype) into y and its
+partial sum of squares into a workspace, then takes a ticket from a per-row counter with one
+atomic (acq_rel, gpu scope). The program that draws the last ticket (P - 1) knows that every other
+program of its row has stored its partials, so it sums the P partials in a fixed order (the result
+is deterministic), rescales y in place and multiplies by u, then resets the counter to 0 for the
+next call. No program ever waits for another (there is no grid-wide barrier and no spinning), so
+it is correct for any number of resident programs and any schedule; there are no floating-point
+atomics. Cost: one extra read and write of y (h elements) per row, by one program.
+
+The counters are a persistent int32 buffer per device, zero between calls (each call leaves them
+at 0). Calls on one device must therefore not run concurrently on two streams. Inside CUDA-graph
+capture the cached buffer is reused when it is large enough (run the step once before capturing,
+as ``CudaGraphDecoder`` does with its warm-up); otherwise the graph gets its own zeroed buffer.
+
+The state is updated in place (``state_out`` is ``state``) or written to a separate buffer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..norm import EPS
+
+ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, sq_b, sy_b, eps,
+                          H: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr,
+                          NV: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr, BW: tl.constexpr,
+                          BP: tl.constexpr):
+        pid = tl.program_id(0)
+        j = pid % NV
+        h = (pid // NV) % H
+        b = (pid // (NV * H)).to(tl.int64)
+        HE: tl.constexpr = H * E
+        P: tl.constexpr = H * NV
+        ee = tl.arange(0, BE)
+        me = ee < E
+        vv = j * BV + tl.arange(0, BV)
+        mv = vv < E
+        row = QKVU + b * sq_b + h * E
+        q = tl.load(row + ee, mask=me, other=0.0)
+        DT = q.dtype
+        k = tl.load(row + HE + ee, mask=me, other=0.0)
+        v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0).to(tl.float32)
+        # the activation runs in the input dtype, as in the model (fp32 inside, rounded)
+        qf = q.to(tl.float32)
+        kf = k.to(tl.float32)
+        if ACT == 1:
+            qf = qf * tl.sigmoid(qf)
+            kf = kf * tl.sigmoid(kf)
+        elif ACT == 2:
+            qf = tl.maximum(qf, 0.0)
+            kf = tl.maximum(kf, 0.0)
+        qf = qf.to(DT).to(tl.float32)
+        kf = kf.to(DT).to(tl.float32)
+        lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
+        m2 = me[:, None] & mv[None, :]
+        tile = ee[:, None] * E + vv[None, :]
+        if LRPE:
+            base = (b * H + h) * (2 * E * E)
+            th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
+            ang = th * tl.load(POS + b).to(tl.float32)               # fp32 angle, as the model forms it
+            # reduce to [-pi, pi] before cos/sin (angles reach 1e5 rad and more): n 2pi subtracted in
+            # fp64 with 2pi split into an fp32 head and tail (n * head is exact), error ~1e-10 rad
+            a64 = ang.to(tl.float64)
+            n = tl.floor(a64 * 0.15915494309189535 + 0.5)
+            red = ((a64 - n * 6.2831854820251465) - n * -1.7484555314695172e-07).to(tl.float32)
+            c = tl.cos(red)
+            sn = tl.sin(red)
+            q1 = (qf * c).to(DT).to(tl.float32)
+            q2 = (qf * sn).to(DT).to(tl.float32)
+            k1 = (kf * c).to(DT).to(tl.float32)
+            k2 = (kf * sn).to(DT).to(tl.float32)
+            s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
+            s1 = lam * s1 + k1[:, None] * v[None, :]
+            tl.store(S_OUT + base + tile, s1, mask=m2)
+            s2 = tl.load(S_IN + base + E * E + tile, mask=m2, other=0.0)
+            s2 = lam * s2 + k2[:, None] * v[None, :]
+            tl.store(S_OUT + base + E * E + tile, s2, mask=m2)
+            o = tl.sum(q1[:, None] * s1, 0) + tl.sum(q2[:, None] * s2, 0)
+        else:
+            base = (b * H + h) * (E * E)
+            s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
+            s1 = lam * s1 + kf[:, None] * v[None, :]
+            tl.store(S_OUT + base + tile, s1, mask=m2)
+            o = tl.sum(qf[:, None] * s1, 0)
+        o = o.to(DT)                                                  # o in the input dtype, as in the model
+        of = o.to(tl.float32)
+        tl.store(Y + b * sy_b + h * E + vv, o, mask=mv)
+        tl.store(SS + pid, tl.sum(of * of, 0))
+        # every thread's stores of this program come before the release of its ticket
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT + b, 1, sem="acq_rel", scope="gpu")
+        if ticket == P - 1:
+            # the last program of row b: all P partials are visible (acquire); .cg reads skip L1
+            pp = tl.arange(0, BP)
+            ss = tl.load(SS + b * P + pp, mask=pp < P, other=0.0, cache_modifier=".cg")
+            r = tl.rsqrt(tl.sum(ss, 0) / HE + eps)
+            for c0 in range(0, HE, BW):
+                cols = c0 + tl.arange(0, BW)
+                mc = cols < HE
+                x = tl.load(Y + b * sy_b + cols, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                u = tl.load(QKVU + b * sq_b + 3 * HE + cols, mask=mc, other=0.0)
+                n = (x * r).to(DT)
+                tl.store(Y + b * sy_b + cols, (n.to(tl.float32) * u.to(tl.float32)).to(DT), mask=mc)
+            tl.atomic_xchg(CNT + b, 0, sem="relaxed", scope="gpu")    # ready for the next call
+
+    return triton, gla_decode_kernel
+
+
+_KERNELS = None
+_COUNTERS: dict = {}
+
+
+def _get_kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _kernels()
+    return _KERNELS
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _counters(device: torch.device, B: int) -> Tensor:
+    """The per-row ticket counters (int32, all zero between calls) for ``B`` rows on ``device``."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= B:
+        return buf
+    if _capturing(device):          # memory allocated in capture belongs to the graph: keep it uncached
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
+    _COUNTERS[key] = buf
+    return buf
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def block_v(B: int, H: int, e: int, Dk: int, num_sms: int) -> int:
+    """Value columns per program: a tile of at most 8192 fp32 state elements, halved (down to 16)
+    until the grid has at least two programs per SM."""
+    import triton
+    BE = triton.next_power_of_2(e)
+    bv = min(BE, max(16, 8192 // triton.next_power_of_2(Dk)))
+    while bv > 16 and B * H * triton.cdiv(e, bv) < 2 * num_sms:
+        bv //= 2
+    return bv
+
+
+def supported(qkvu: Tensor, state: Tensor) -> bool:
+    """Whether the Triton kernel handles these dtypes (else the op runs the reference form)."""
+    return qkvu.dtype in _SUPPORTED and state.dtype == torch.float32
+
+
+def gla_decode_triton(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, pos: Tensor | None,
+                      act: str, state_out: Tensor | None = None, eps: float = EPS,
+                      bv: int | None = None) -> Tensor:
+    """Launcher (CUDA, or the CPU under TRITON_INTERPRET=1). Inputs as ``gla_decode_naive``, checked.
+
+    Writes the new state into ``state_out`` ([B, H, Dk, e] fp32, contiguous; ``state`` itself for an
+    in-place update, the default) and returns y [B, h] (contiguous, qkvu's dtype). ``bv`` overrides
+    the value columns per program (a power of 2 >= 16)."""
+    triton, kernel = _get_kernels()
+    B, H, Dk, e = state.shape
+    if state_out is None:
+        state_out = state
+    if not state_out.is_contiguous() or state_out.dtype != torch.float32 or state_out.shape != state.shape:
+        raise ValueError(f"gla_decode_step: the state written must be a contiguous fp32 [B, H, Dk, e] tensor, got "
+                         f"{state_out.dtype} {tuple(state_out.shape)} contiguous={state_out.is_contiguous()}")
+    if not state.is_contiguous():
+        if state_out is state:
+            raise ValueError("gla_decode_step: an in-place update needs a contiguous `state`")
+        state = state.contiguous()
+    if qkvu.stride(-1) != 1:
+        qkvu = qkvu.contiguous()
+    lrpe = theta is not None
+    rate = s.to(torch.float32).contiguous()
+    th = theta.to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
+    ps = pos.to(torch.int64).contiguous() if lrpe else rate
+    y = torch.empty(B, H * e, device=qkvu.device, dtype=qkvu.dtype)
+    if B == 0:
+        return y
+    if bv is None:
+        bv = block_v(B, H, e, Dk, _num_sms(qkvu.device))
+    NV = triton.cdiv(e, bv)
+    P = H * NV
+    ss = torch.empty(B * P, device=qkvu.device, dtype=torch.float32)
+    cnt = _counters(qkvu.device, B)
+    BE = triton.next_power_of_2(e)
+    BW = min(1024, triton.next_power_of_2(H * e))
+    warps = 4 if Dk * bv <= 4096 else 8
+    kernel[(B * P,)](qkvu, state, state_out, rate, th, ps, y, ss, cnt, qkvu.stride(0), y.stride(0), eps,
+                     H=H, E=e, BE=BE, BV=bv, NV=NV, LRPE=lrpe, ACT=ACT_CODE[act], BW=BW,
+                     BP=triton.next_power_of_2(P), num_warps=warps)
+    return y
