@@ -117,8 +117,8 @@ def _kernels():
                 mc = cols < HE
                 x = tl.load(Y + b * sy_b + cols, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
                 u = tl.load(QKVU + b * sq_b + 3 * HE + cols, mask=mc, other=0.0)
-                n = (x * r).to(DT)
-                tl.store(Y + b * sy_b + cols, (n.to(tl.float32) * u.to(tl.float32)).to(DT), mask=mc)
+                xn = (x * r).to(DT)
+                tl.store(Y + b * sy_b + cols, (xn.to(tl.float32) * u.to(tl.float32)).to(DT), mask=mc)
             tl.atomic_xchg(CNT + b, 0, sem="relaxed", scope="gpu")    # ready for the next call
 
     return triton, gla_decode_kernel

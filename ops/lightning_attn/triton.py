@@ -215,7 +215,14 @@ def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
 
 
 def _last_unit(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+    """``x`` itself when its last stride is 1 and its base and row strides are 16-byte aligned, else a
+    contiguous copy. The model's layouts (views of the fused qkvu projection) pass as they are; a view
+    with a misaligned start or row stride (e.g. ``t[..., 1:D + 1]`` of a wider tensor) faulted on the
+    H200 (illegal memory access in the backward sweeps), so it is copied first."""
+    es = x.element_size()
+    unit = x.stride(-1) == 1 or x.shape[-1] == 1
+    aligned = x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1])
+    return x if unit and aligned else x.contiguous()
 
 
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
