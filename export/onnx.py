@@ -148,16 +148,12 @@ def _verify_step(model, path, tol: float = 1e-3) -> None:
 # checkpoints and int8
 # ---------------------------------------------------------------------------------------------
 def _load_checkpoint(ckpt):
-    """(model, tokenizer or None) through ``tnllm.train.checkpoint.load_model`` (run directories,
-    checkpoint folders and released HF folders); ``from_pretrained`` where that module is absent."""
+    """(model, tokenizer) through ``tnllm.checkpoints.load_model`` (run directories, checkpoint folders and
+    released HF folders)."""
+    from tnllm.checkpoints import load_model
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"export_checkpoint_onnx: no checkpoint at {ckpt}")
-    try:
-        from tnllm.train.checkpoint import load_model
-    except ImportError:
-        from tnllm.model import TransNormerLLM
-        return TransNormerLLM.from_pretrained(ckpt), None
     return load_model(ckpt, device="cpu", dtype=torch.float32)
 
 
@@ -170,26 +166,33 @@ def quantize_int8(src, dst) -> Path:
 
 
 def export_checkpoint_onnx(ckpt, out, opset: int = 18, quantize: str | None = None, *,
-                           prefill: bool = False) -> dict:
-    """Load a tnllm checkpoint (``tnllm.train.checkpoint.load_model``) or a Hugging Face-layout folder
+                           prefill: bool = False, progress=None) -> dict:
+    """Load a tnllm checkpoint (``tnllm.checkpoints.load_model``) or a Hugging Face-layout folder
     and write its step graph to ``out``. ``quantize="int8"`` also writes ``<out stem>.int8.onnx``
     (int8 weights, dynamic activations) and measures it against fp32. ``prefill`` also writes
-    ``<out stem>.prefill.onnx``. Returns a report dict (paths, sizes, seconds, int8 accuracy) that is
+    ``<out stem>.prefill.onnx``. ``progress(message)``, if given, hears each stage. Returns a report dict
+    (paths, sizes, seconds, int8 accuracy) that is
     also saved as ``<out stem>.export.json``."""
     if quantize not in (None, "int8"):
         raise ValueError(f"`quantize` must be None or 'int8', got {quantize!r}")
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"`out` must name a .onnx file, got {out}")
+    say = progress if progress is not None else (lambda msg: None)
     t0 = time.perf_counter()
+    say(f"loading {ckpt}")
     model, _tok = _load_checkpoint(ckpt)
+    say(f"tracing the recurrent step of a {model.num_params() / 1e6:.2f}M-parameter model (torch.onnx, opset {opset})")
     export_onnx(model, out, opset=opset)
+    say(f"wrote {out}; onnxruntime agrees with PyTorch on a check step")
     report = {"ckpt": str(ckpt), "path": str(out), "opset": opset, "bytes": _size(out),
               "num_params": model.num_params(), "export_seconds": round(time.perf_counter() - t0, 2)}
     if prefill:
+        say("exporting the prefill graph")
         pre = export_onnx_prefill(model, out.with_suffix(".prefill.onnx"), opset=opset)
         report["prefill_path"] = str(pre)
     if quantize == "int8":
+        say("quantizing to int8 and measuring it against fp32")
         q = quantize_int8(out, out.with_suffix(".int8.onnx"))
         report["int8_path"] = str(q)
         report["int8_bytes"] = _size(q)

@@ -127,8 +127,10 @@ class OnnxRecurrentDecoder:
         if mine is None:
             raise ValueError(f"{self.path} stores no model config (tnllm.config metadata): export it again with "
                              f"`tnllm export onnx`")
-        a, b = mine.to_dict(), config.to_dict()
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        import dataclasses
+        names = [f.name for f in dataclasses.fields(mine) if f.name != "extra"]    # the model, not the notes
+        a, b = ({k: getattr(c, k) for k in names} for c in (mine, config))
+        diff = [k for k in names if a[k] != b[k]]
         if diff:
             shown = ", ".join(f"{k}: graph {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:4])
             raise ValueError(f"{self.path} was exported from another model than {where} ({shown}"

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tnllm import TransNormerConfig, TransNormerLLM
-from tnllm.hub import convert, load_pretrained, save_pretrained
+from tnllm.checkpoints import convert, load_pretrained
+from tnllm.hub import save_pretrained
 
 from _numerics import rel_rms
 

@@ -510,9 +510,26 @@ class TransNormerLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "TransNormerLLM":
-        """Load a released Hugging Face-layout folder (config.json + safetensors/bin, sharded too)."""
-        from .hub import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a released Hugging Face-layout folder (config.json + safetensors/bin, sharded too), or a tnllm
+        checkpoint folder. ``dtype`` None: float32; a dtype (or its name) casts; ``"auto"`` keeps the file's.
+        Every key, shape and dtype is checked (``tnllm.hub``) before the model receives a tensor; returns it
+        in eval mode."""
+        from .hub import read_pretrained
+
+        def skeleton(cfg):
+            with torch.device("meta"):          # no memory, no init cost; dropped on any error
+                return cls(cfg)
+
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cfg, sd, model = read_pretrained(path, skeleton, dtype=dtype, device=device)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:             # assign=True replaced both Parameters: tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for i, layer in enumerate(model.model.layers):   # the decay is a fixed, non-persistent buffer
+            layer.token_mixer.s = decay_rates(cfg, i).to(device)
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        assert not left, f"left on the meta device after loading: {left}"
+        return model.eval()
 
     def save_pretrained(self, path) -> None:
         """Write the released layout back (config.json + model.safetensors)."""
