@@ -1,7 +1,7 @@
 """Compile policies: per-block ``fullgraph`` compile, never changing the math.
 
-Blocks are compiled one by one (``nn.Module.compile`` keeps the module type and the state_dict keys,
-torch-apis.md section 7); identical blocks share the compiled code, so the cost is that of one or
+Blocks are compiled one by one (``nn.Module.compile`` keeps the module type and the state_dict keys);
+identical blocks share the compiled code, so the cost is that of one or
 two blocks (the LRPE layer differs), not of the whole stack.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ documented there: ``ids``, ``position``, ``state_0..`` -> ``logits``, ``new_stat
 ``torch.onnx.export(dynamo=True)`` with a dynamic batch dim. The step is plain aten ops (the
 custom op only appears in the parallel form), so it needs no translation. The prefill graph
 (``export_onnx_prefill``) has the custom op and gets it decomposed to the quadratic form with
-``ExportedProgram.run_decompositions`` before conversion (torch-apis.md section 3, way (c)).
+``ExportedProgram.run_decompositions`` before conversion.
 
 This module only writes graphs (and checks them once in onnxruntime); running them is
 ``tnllm.export.runtime`` (``OnnxRecurrentDecoder``), imported lazily for the check.

@@ -1,4 +1,4 @@
-"""TransNormerConfig: the released ``config.json`` field names (SPEC section 1), presets, JSON round trip."""
+"""TransNormerConfig: the released ``config.json`` field names, presets, JSON round trip."""
 from __future__ import annotations
 
 import dataclasses
@@ -140,7 +140,7 @@ def _p(d, L, H, g, scale=True, V=64000):
 
 
 PRESETS: dict[str, dict] = {
-    # released shapes (SPEC section 1)
+    # released shapes
     "385M": _p(1024, 24, 8, 2816),
     "1B": _p(2048, 16, 16, 5632),
     "3B": _p(2560, 32, 20, 6912, scale=False),
@@ -161,7 +161,7 @@ def list_presets() -> list[str]:
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """ALiBi head rates (SPEC section 1); non-power-of-two H use the nearest lower power c, then
+    """ALiBi head rates; non-power-of-two H use the nearest lower power c, then
     every other slope of 2c."""
     def pow2(n):
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))

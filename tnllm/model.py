@@ -1,4 +1,4 @@
-"""TransNormerLLM v1 as released (SPEC section 1): GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
+"""TransNormerLLM v1 as released: GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
 
 Legend: B batch, T length, d model width, H heads, e head dim, L layers, S per-layer state [B, H, Dk, Dv].
 Module attribute names equal the released checkpoint keys (``model.layers.{i}.token_mixer.qkvu_proj``...),
@@ -337,11 +337,15 @@ class TransnormerModel(nn.Module):
 
 
 class TransNormerLLM(nn.Module):
-    """TransNormerLLM for causal LM. See SPEC section 3 for the API.
+    """TransNormerLLM for causal LM (docs/architecture.md walks one token through it).
 
-    * ``model(ids)`` -> logits [B, T, V] (parallel blocked form, no state).
-    * ``model.prefill(ids, state=None)`` -> (logits [B, T, V], RecurrentState).
+    * ``model(ids)`` -> logits [B, T, V] (parallel blocked form, no state); ``hidden_states`` + ``head``.
+    * ``model.prefill(ids, state=None, attention_mask=None)`` -> (logits [B, T, V], RecurrentState).
     * ``model.step(ids [B], state)`` -> (logits [B, V], RecurrentState): the recurrent form.
+    * ``zero_state(B)``, ``state_shapes()``, ``validate_state(state, B)``.
+
+    The state's positions (``RecurrentState.position``, [B]) let rows sit at different places, so a new
+    sequence can go into one row of a running batch (``RecurrentState.reset_rows`` / ``load_rows``).
     """
 
     def __init__(self, cfg: TransNormerConfig):
