@@ -90,6 +90,7 @@ class RecurrentState(list):
 
     def __init__(self, tensors: Sequence[Tensor] = (), position: int | Tensor = 0):
         super().__init__(tensors)
+        self._pending = None                # (base positions [B], n): position = base + n, made when read
         if isinstance(position, Tensor):
             if position.is_floating_point() or position.is_complex() or position.dtype == torch.bool \
                     or position.dim() != 1 or (len(self) and position.shape[0] != self[0].shape[0]):
@@ -110,6 +111,9 @@ class RecurrentState(list):
     @property
     def position(self) -> Tensor:
         """Each row's position, int64 [B], on the states' device."""
+        if self._pending is not None:
+            base, n = self._pending
+            self._position, self._pending = base + n, None
         if self._position is None:
             dev = self[0].device if len(self) else None
             self._position = torch.full((self.batch_size,), self._offset, dtype=torch.int64, device=dev)
@@ -125,7 +129,7 @@ class RecurrentState(list):
         """The position all rows share; ValueError when rows sit at different positions."""
         if self._offset is not None:
             return self._offset
-        pos = self._position.cpu()
+        pos = self.position.cpu()
         if pos.numel() and bool((pos != pos[0]).any()):
             raise ValueError(f"the rows sit at different positions {pos.tolist()}: there is no single offset "
                              "(read `state.position`)")
@@ -135,7 +139,9 @@ class RecurrentState(list):
         """The state after ``n`` more tokens per row: ``tensors`` at position + n."""
         if self._offset is not None:
             return RecurrentState(tensors, self._offset + n)
-        return RecurrentState(tensors, self._position + n)
+        new = RecurrentState(tensors, self.position)
+        new._pending = (self.position, n)           # computed only when read (a static-buffer decoder
+        return new                                  # advances its own position tensor instead)
 
     def _rows(self, rows) -> Tensor:
         B = self.batch_size
@@ -185,10 +191,10 @@ class RecurrentState(list):
 
     def clone(self) -> "RecurrentState":
         return RecurrentState([S.clone() for S in self],
-                              self._offset if self._offset is not None else self._position.clone())
+                              self._offset if self._offset is not None else self.position.clone())
 
     def __repr__(self) -> str:
-        pos = self._offset if self._offset is not None else self._position.tolist()
+        pos = self._offset if self._offset is not None else self.position.tolist()
         return (f"RecurrentState(layers={len(self)}, position={pos}, "
                 f"shape={tuple(self[0].shape) if self else None})")
 
