@@ -13,6 +13,15 @@ from pathlib import Path
 DEMO_PROMPT = "def fibonacci(n):\n"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (required options and flags have none to show)."""
+
+    def _get_help_string(self, action):
+        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # -- argument groups ------------------------------------------------------------------------------
 def _positive_int(s: str) -> int:
     v = int(s)
@@ -309,7 +318,7 @@ def cmd_export(a) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter      # every option's help ends with its default
+    fmt = _HelpFormatter      # every option's help ends with its default
     p = argparse.ArgumentParser(prog="tnllm", description="TransNormerLLM + Lightning Attention in pure PyTorch",
                                 formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
