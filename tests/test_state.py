@@ -72,7 +72,7 @@ def _continuous_batching(model, start, step, reset_rows, load_rows):
     for i in range(8):
         if i == 3:
             with torch.no_grad():
-                _, st = model.prefill(d[None])
+                _, st = model.prefill(d[None].to(model.lm_head.weight.device))
             load_rows([1], st)
         if i == 5:
             reset_rows(torch.tensor([True, False, False]))
@@ -113,3 +113,26 @@ def test_a_new_sequence_in_one_row_of_a_running_batch(model, via):
             lg, st = model.step(t.view(1), st)
             ref.append(lg[0])
     torch.testing.assert_close(torch.stack(got[0][5:]), torch.stack(ref), **close)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_continuous_batching_in_a_cuda_graph(compiled):
+    """reset_rows / load_rows on the static buffers between graph replays (no re-capture) give each row
+    what it gets alone, the captured graph included."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    m = TransNormerLLM(TransNormerConfig(**CFG)).eval().cuda()
+    dec = CudaGraphDecoder(m, 3, compile=compiled)
+    assert dec.cuda_graph
+    got, (a, b, c, d), toks = _continuous_batching(
+        m, lambda ids: dec.prefill(ids.cuda()), lambda t: dec.step(t.cuda()).cpu(), dec.reset_rows,
+        lambda rows, st: dec.load_rows(rows, st))
+    graph = dec.graph
+    assert graph is not None
+    mc = m.cpu()
+    close = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(got[2]), _alone(mc, c, toks[:, 2]), **close)
+    torch.testing.assert_close(torch.stack(got[1][3:]), _alone(mc, d, toks[3:, 1]), **close)
+    torch.testing.assert_close(torch.stack(got[0][:5]), _alone(mc, a, toks[:5, 0]), **close)
