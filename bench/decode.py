@@ -219,7 +219,7 @@ class Bench:
         dec.reset(st, position=0)
         dec.step(torch.ones(batch, dtype=torch.int64, device=dev))       # capture (and compile)
         setup = time.perf_counter() - t
-        run = dec.replay
+        run = dec.graph.replay if dec.graph is not None else dec.replay     # the bare replay on CUDA
         state_bytes = sum(s.numel() * 4 for s in dec.states)
         for ctx in self.a.contexts:
             dec.reset(st, position=ctx)
@@ -270,7 +270,7 @@ class Bench:
                     dec = CudaGraphDecoder(m, 1)
                     dec.reset(out[1], position=T)
                     dec.step(torch.ones(1, dtype=torch.int64, device=dev))
-                    run = dec.replay
+                    run = dec.graph.replay if dec.graph is not None else dec.replay
                     sec = time_loop(run, self.a.steps, 3, dev)
                     self.row(section="decode_after_prefill", model="tnl", policy=_policy(dev, False), batch=1,
                              context=T, ms_per_token=round(sec * 1e3, 4))
