@@ -199,8 +199,8 @@ class OnnxRecurrentDecoder:
         """input_ids [B, T] -> (logits [B, T, V] float32, OnnxState).
 
         With a prefill graph: parallel chunks of ``chunk`` tokens; else T steps. ``attention_mask``
-        [B, T] (1 keep, 0 pad; left padding) leaves a row's state and position untouched at its padded
-        tokens (always stepped), so a padded row ends where the same prompt alone ends."""
+        [B, T] (1 keep, 0 pad; left padding) leaves a row's state untouched at its padded tokens (always
+        stepped) while its position advances, as ``TransNormerLLM.prefill`` does: the same states."""
         ids = self._ids(input_ids, 2, "input_ids")
         B, T = ids.shape
         state = self._state(state, B)
@@ -242,16 +242,16 @@ class OnnxRecurrentDecoder:
 def prefill_by_steps(step, ids: np.ndarray, keep: np.ndarray | None, state):
     """Feed ``ids`` [B, T] through ``step(ids [B], state) -> (logits [B, V], state)`` (the state a list of
     arrays with ``position``; ``state=None`` is the zero start). Where ``keep`` [B, T] is False (left padding)
-    the row's arrays and position stay as they were. Returns (logits [B, T, V], state)."""
+    the row's arrays stay as they were and its position still advances, as in ``TransNormerLLM.prefill``
+    (pads count as positions), so the states equal the PyTorch model's. Returns (logits [B, T, V], state)."""
     logits = []
     for t in range(ids.shape[1]):
         lg, new = step(ids[:, t], state)
         if keep is not None and not keep[:, t].all():
             k = keep[:, t]
             old = [np.zeros_like(a) for a in new] if state is None else state
-            old_pos = np.zeros_like(new.position) if state is None else state.position
             new = type(new)([np.where(k.reshape((-1,) + (1,) * (a.ndim - 1)), a, b).astype(a.dtype)
-                             for a, b in zip(new, old)], np.where(k, new.position, old_pos))
+                             for a, b in zip(new, old)], new.position)
         logits.append(lg)
         state = new
     return np.stack(logits, axis=1), state
@@ -261,7 +261,7 @@ class OnnxDecoder:
     """The decoder protocol (``start``/``step``, torch in and out) over a numpy step decoder: an
     ``OnnxRecurrentDecoder``, or any object with ``step(ids np[B], state|None) -> (logits np [B, V], state)``
     whose state carries ``position`` (then the prompt is fed token by token; a padded token leaves its row's
-    state and position as they were)."""
+    state as it was)."""
 
     def __init__(self, dec):
         self.dec = dec
