@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -103,7 +102,7 @@ class StaticKV:
             o = F.scaled_dot_product_attention(q, kc, vc)
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, 1, H * e))
             x = x + layer.mlp(layer.mlp_norm(x))
-        self.logits.copy_(tf._head(x)[:, 0])
+        self.logits.copy_(tf.head(x)[:, 0])
 
 
 def graph_of(fn, dev, warmup: int = 2):
@@ -219,7 +218,7 @@ class Bench:
         dec.reset(st, position=0)
         dec.step(torch.ones(batch, dtype=torch.int64, device=dev))       # capture (and compile)
         setup = time.perf_counter() - t
-        run = dec.graph.replay if dec.graph is not None else dec._fn
+        run = dec.graph.replay if dec.graph is not None else dec.replay     # the bare replay on CUDA
         state_bytes = sum(s.numel() * 4 for s in dec.states)
         for ctx in self.a.contexts:
             dec.reset(st, position=ctx)
@@ -257,14 +256,9 @@ class Bench:
                 if self.left() < 20:
                     raise TimeoutError(f"budget spent before prefill T={T}")
                 ids = torch.randint(1, m.config.vocab_size, (1, T), device=dev)
-                if name == "tnl":
-                    def fn():
-                        x, st = m._run(m._embed(ids), None, 0)
-                        return m._head(x[:, -1:]), st
-                else:
-                    def fn():
-                        x, cache = m._run(ids, None, None)
-                        return m._head(x[:, -1:]), cache
+
+                def fn(m=m, ids=ids):
+                    return m.prefill(ids, last_only=True)
                 self.mem_reset()
                 with torch.no_grad():
                     sec = time_loop(fn, 2, 1, dev)
@@ -275,7 +269,7 @@ class Bench:
                     dec = CudaGraphDecoder(m, 1)
                     dec.reset(out[1], position=T)
                     dec.step(torch.ones(1, dtype=torch.int64, device=dev))
-                    run = dec.graph.replay if dec.graph is not None else dec._fn
+                    run = dec.graph.replay if dec.graph is not None else dec.replay
                     sec = time_loop(run, self.a.steps, 3, dev)
                     self.row(section="decode_after_prefill", model="tnl", policy=_policy(dev, False), batch=1,
                              context=T, ms_per_token=round(sec * 1e3, 4))

@@ -4,7 +4,7 @@
 * ``CudaGraphDecoder(model, batch_size)``: static state buffers, the step captured in a CUDA graph
   (optionally compiled first); eager on CPU. Drives ``tnllm.generate`` through its start/step protocol.
 """
-from .decode import BufferState, CudaGraphDecoder
+from .decode import CudaGraphDecoder
 from .policy import MODES, compile_model, is_compiled
 
-__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder", "BufferState"]
+__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder"]

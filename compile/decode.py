@@ -2,19 +2,25 @@
 so on CUDA the whole step (every layer, the head) is captured once in a ``torch.cuda.CUDAGraph`` and
 replayed per token: one launch per token instead of hundreds.
 
-Buffers (batch B fixed at construction): ``ids`` [B] int64, ``position`` [B] int64 (the LRPE offset
-of each row, a tensor so the graph needs no re-capture as it grows), ``states`` (per-layer fp32
-[B, H, Dk, Dv]) and ``logits`` [B, V] fp32. The math is the model's own step path
-(``model._embed`` -> ``model._run(..., step=True)`` -> ``model._head``).
+Buffers (batch B fixed at construction): ``ids`` [B] int64, ``position`` [B] int64 (each row's
+position, a tensor so the graph needs no re-capture as it grows and rows may differ), ``states``
+(per-layer fp32 [B, H, Dk, Dv]) and ``logits`` [B, V] fp32. ``buffers`` is a ``RecurrentState`` over
+those very tensors; the step is the model's public ``model.step(ids, buffers)``, copied back in place.
+
+A static batch of slots for continuous batching: ``reset_rows(rows)`` starts new sequences in some rows
+(zero state, position 0) and ``load_rows(rows, state)`` puts prefilled ones there, while the other rows
+keep going; the captured graph reads the buffers, so neither needs a re-capture.
 
 The same class runs on CPU without a graph (eager or compiled), which is how the static-buffer
-logic is tested without a GPU. It also implements the ``start``/``step`` protocol of
-``tnllm.generate``, so ``generate(CudaGraphDecoder(model, B), ids)`` decodes through the graph.
+logic is tested without a GPU. It implements the decoder protocol of ``tnllm.generate`` (``start`` /
+``step``), so ``generate(CudaGraphDecoder(model, B), ids)`` decodes through the graph.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tnllm.model import RecurrentState, check_token_ids
 
 from .policy import check_mode
 
@@ -51,6 +57,8 @@ class CudaGraphDecoder:
         self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
         self.position = torch.zeros(B, dtype=torch.int64, device=dev)
         self.states = list(model.zero_state(B, dev))
+        self.buffers = RecurrentState(self.states, self.position)     # views of the same tensors
+        self.config = model.config
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
         self._fn = torch.compile(self._step_inplace, fullgraph=True, dynamic=False, mode=mode) if compile \
             else self._step_inplace
@@ -60,12 +68,11 @@ class CudaGraphDecoder:
     # -- the step, on the buffers --------------------------------------------------------------
     @torch.no_grad()
     def _step_inplace(self) -> None:
-        m = self.model
-        x, new = m._run(m._embed(self.ids)[:, None, :], self.states, self.position, step=True)
-        self.logits.copy_(m._head(x)[:, 0])
+        logits, new = self.model.step(self.ids, self.buffers)
+        self.logits.copy_(logits)
         for buf, S in zip(self.states, new):
             buf.copy_(S)
-        self.position.add_(1)
+        self.position.add_(1)               # (new.position would be one more kernel per step)
 
     def _buffers(self) -> list[Tensor]:
         return [self.ids, self.position, self.logits, *self.states]
@@ -89,43 +96,64 @@ class CudaGraphDecoder:
             b.copy_(s)
         self.graph = g
 
+    def replay(self) -> None:
+        """One step on the buffers as they are (``ids`` already written): the graph's replay on CUDA
+        (capturing it the first time), the eager or compiled step elsewhere. What a benchmark times."""
+        if self.cuda_graph:
+            self.capture()
+            self.graph.replay()
+        else:
+            self._fn()
+
     # -- state in and out ---------------------------------------------------------------------
     def reset(self, state=None, position=None) -> None:
-        """Zero state at position 0, or load ``state`` (a ``RecurrentState``: its ``offset`` is the
-        position unless ``position`` (int or [B]) is given)."""
+        """Zero state at position 0, or load ``state``: a ``RecurrentState`` (its positions are used unless
+        ``position`` is given) or a plain sequence of per-layer tensors with ``position`` (an int or [B])."""
+        pos = 0 if position is None else position
+        if isinstance(pos, Tensor):
+            if tuple(pos.shape) not in ((), (self.batch_size,)) or pos.is_floating_point() or pos.dtype == torch.bool:
+                raise ValueError(f"`position` must be an int or an int tensor [B] = [{self.batch_size}], got "
+                                 f"{pos.dtype} {tuple(pos.shape)}")
+            if bool((pos < 0).any()):
+                raise ValueError(f"`position` must be >= 0, got {pos.tolist()}")
+        elif not (isinstance(pos, int) and not isinstance(pos, bool) and pos >= 0):
+            raise ValueError(f"`position` must be an int >= 0 or an int tensor [B], got {pos!r}")
         if state is None:
             for b in self.states:
                 b.zero_()
-            pos = 0 if position is None else position
         else:
-            if position is not None and isinstance(state, (list, tuple)) and not hasattr(state, "offset"):
-                from tnllm.model import RecurrentState      # a plain sequence with its position given
-                state = RecurrentState(list(state), 0)
-            state = self.model._check_state(state, self.batch_size)
+            if not isinstance(state, RecurrentState) and isinstance(state, (list, tuple)) and position is not None:
+                state = RecurrentState(list(state), pos if isinstance(pos, int) else pos.reshape(-1).expand(
+                    self.batch_size).to(self.device))
+            state = self.model.validate_state(state, self.batch_size)
             for b, S in zip(self.states, state):
                 b.copy_(S)
-            pos = state.offset if position is None else position
+            if position is None:
+                pos = state.position
         if isinstance(pos, Tensor):
-            if tuple(pos.shape) not in ((), (self.batch_size,)) or pos.is_floating_point():
-                raise ValueError(f"`position` must be an int or an int tensor [B] = [{self.batch_size}], got "
-                                 f"{pos.dtype} {tuple(pos.shape)}")
             self.position.copy_(pos)
-        elif isinstance(pos, int) and not isinstance(pos, bool) and pos >= 0:
-            self.position.fill_(pos)
         else:
-            raise ValueError(f"`position` must be an int >= 0 or an int tensor [B], got {pos!r}")
+            self.position.fill_(pos)
 
-    def state(self):
-        """A copy of the buffers as a ``RecurrentState`` (rows must share one position)."""
-        from tnllm.model import RecurrentState
+    def reset_rows(self, rows) -> None:
+        """Start new sequences in ``rows`` (indices or a bool mask [B]): zero state, position 0; the other rows
+        keep their state and position. No re-capture."""
+        self.buffers.reset_rows(rows)
+
+    def load_rows(self, rows, state: RecurrentState) -> None:
+        """Copy ``state`` (as many rows as ``rows``, e.g. a prompt prefilled alone with ``model.prefill``) and
+        its positions into ``rows``; the other rows are untouched. No re-capture."""
+        self.buffers.load_rows(rows, state)
+
+    def state(self) -> RecurrentState:
+        """A copy of the buffers as a ``RecurrentState`` (the shared position as an int when all rows agree)."""
         pos = self.position.cpu()
-        if (pos != pos[0]).any():
-            raise ValueError(f"rows sit at different positions {pos.tolist()}: no single RecurrentState offset")
-        return RecurrentState([b.clone() for b in self.states], int(pos[0]))
+        shared = pos.numel() and not bool((pos != pos[0]).any())
+        return RecurrentState([b.clone() for b in self.states], int(pos[0]) if shared else self.position.clone())
 
     # -- decoding -------------------------------------------------------------------------------
     def _check_rows(self, ids: Tensor, name: str, ndim: int) -> None:
-        self.model._check_ids(ids, name, ndim)
+        check_token_ids(ids, name, ndim, self.model.config.vocab_size)
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"`{name}` must have {self.batch_size} rows (the decoder's batch_size), got {ids.shape[0]}")
 
@@ -143,64 +171,23 @@ class CudaGraphDecoder:
     @torch.no_grad()
     def step(self, token_ids: Tensor, state=None):
         """One token per row: ``token_ids`` [B] -> logits [B, V] fp32 (a fresh tensor); the buffers
-        advance by one. The state lives in the buffers: ``state`` is only for ``generate``'s
-        protocol, which passes back the marker ``start`` returned; then (logits, marker) is returned."""
-        if state is not None and not isinstance(state, BufferState):
-            raise TypeError("CudaGraphDecoder keeps its state in static buffers: load one with `reset(state)`, "
-                            f"then call step(token_ids); got a state of type {type(state).__name__}")
+        advance by one. The state lives in the buffers: ``state`` is only for the decoder protocol,
+        which passes back what ``start`` returned (``buffers``); then (logits, buffers) is returned."""
+        if state is not None and state is not self.buffers:
+            raise TypeError("CudaGraphDecoder keeps its state in static buffers: load one with `reset(state)` or "
+                            f"`load_rows(rows, state)`, then call step(token_ids); got a state of type "
+                            f"{type(state).__name__}")
         self._check_rows(token_ids, "token_ids", 1)
         self.ids.copy_(token_ids.to(self.device, non_blocking=True))
-        if self.cuda_graph:
-            self.capture()
-            self.graph.replay()
-        else:
-            self._fn()
+        self.replay()
         return self.logits.clone() if state is None else (self.logits.clone(), state)
 
-    # generate()'s decoder protocol: start(ids, mask) -> (logits, state); step(tokens, state)
+    # the decoder protocol of tnllm.generate: start(ids, mask) -> (logits, state); step(tokens, state)
     def start(self, ids: Tensor, mask: Tensor | None):
-        return self.prefill(ids, mask), BufferState()
+        return self.prefill(ids, mask), self.buffers
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Prefill then decode ``max_new_tokens`` per row; [B, T + n] int64 on the model's device
-        (greedy at temperature 0; finished rows repeat ``eos_token_id``)."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"`temperature` must be >= 0 and `top_k` None or >= 1, got {temperature}, {top_k}")
-        ids = input_ids.to(self.device)
-        if max_new_tokens == 0:
-            self._check_rows(ids, "input_ids", 2)
-            return ids
-        logits = self.prefill(ids)
-        out, done = [ids], torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_k, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                break
-            logits = self.step(nxt)
-        return torch.cat(out, dim=1)
-
-
-class BufferState:
-    """Marker passed through ``generate``: the state is in the decoder's buffers."""
-
-
-def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = logits.float() / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    p = torch.softmax(z, dim=-1)
-    if generator is not None and generator.device != p.device:
-        return torch.multinomial(p.cpu(), 1, generator=generator)[:, 0].to(p.device)
-    return torch.multinomial(p, 1, generator=generator)[:, 0]
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0, **kwargs) -> Tensor:
+        """``tnllm.generate`` through the buffers (same arguments): [B, T + n] int64 on the model's device."""
+        from tnllm.generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                        **kwargs).to(self.device)

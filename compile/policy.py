@@ -1,7 +1,7 @@
 """Compile policies: per-block ``fullgraph`` compile, never changing the math.
 
-Blocks are compiled one by one (``nn.Module.compile`` keeps the module type and the state_dict keys,
-torch-apis.md section 7); identical blocks share the compiled code, so the cost is that of one or
+Blocks are compiled one by one (``nn.Module.compile`` keeps the module type and the state_dict keys);
+identical blocks share the compiled code, so the cost is that of one or
 two blocks (the LRPE layer differs), not of the whole stack.
 """
 from __future__ import annotations
@@ -25,8 +25,10 @@ def _layers(model) -> nn.ModuleList:
     return layers
 
 
-def compile_model(model, mode: str = "default", *, dynamic: bool | None = None, fullgraph: bool = True):
-    """``layer.compile(fullgraph=True, mode=mode)`` for every decoder layer; returns ``model``.
+def compile_model(model, mode: str = "default", *, dynamic: bool | None = None, fullgraph: bool = True,
+                  backend: str = "inductor"):
+    """``layer.compile(fullgraph=True, mode=mode)`` for every decoder layer; returns ``model``. The one
+    per-block compile: ``tnllm.train.parallelize.apply_compile`` (training, after TP and AC) calls it too.
 
     ``dynamic=None`` lets dynamo mark a dim dynamic after the first recompile (sequence length in
     training; batch in decode). The head and the embedding stay eager (one matmul, one gather)."""
@@ -34,7 +36,7 @@ def compile_model(model, mode: str = "default", *, dynamic: bool | None = None, 
     if dynamic not in (None, True, False):
         raise ValueError(f"`dynamic` must be None, True or False, got {dynamic!r}")
     for layer in _layers(model):
-        layer.compile(fullgraph=fullgraph, mode=mode, dynamic=dynamic)
+        layer.compile(fullgraph=fullgraph, mode=mode, dynamic=dynamic, backend=backend)
     return model
 
 

@@ -15,7 +15,7 @@ name            shape / dtype               meaning
 
 The position is per row so that rows of one batch may sit at different positions; the caller adds
 one per step (``OnnxRecurrentDecoder`` does it in its state object). The math is the model's own
-step path (``model._embed`` -> ``model._run(..., step=True)`` -> ``model._head``), not a copy.
+public path (``model.step`` / ``model.prefill`` on a ``RecurrentState`` holding these tensors), not a copy.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from tnllm.model import RecurrentState
 
 STEP_INPUTS = ("ids", "position")     # followed by state_0 .. state_{L-1}
 STEP_OUTPUTS = ("logits",)            # followed by new_state_0 .. new_state_{L-1}
@@ -88,8 +90,8 @@ class RecurrentStep(nn.Module):
         m = self.model
         if not _exporting():
             check_step_inputs(m, ids, position, states)
-        x, new = m._run(m._embed(ids)[:, None, :], list(states), position, step=True)
-        return m._head(x)[:, 0].float(), tuple(S.float() for S in new)
+        logits, new = m.step(ids, RecurrentState(list(states), position))
+        return logits.float(), tuple(S.float() for S in new)
 
 
 def prefill_decomposition(q, k, v, s, initial_state, block_size):
@@ -101,7 +103,7 @@ def prefill_decomposition(q, k, v, s, initial_state, block_size):
 
 class RecurrentPrefill(nn.Module):
     """``forward(ids [B, T], position [B], states) -> (logits [B, T, V], new_states)``: the model's
-    parallel path continued from a state (``model._run(..., step=False)``)."""
+    parallel path continued from a state (``model.prefill``)."""
 
     def __init__(self, model):
         super().__init__()
@@ -109,8 +111,8 @@ class RecurrentPrefill(nn.Module):
 
     def forward(self, ids: Tensor, position: Tensor, states: tuple[Tensor, ...]):
         m = self.model
-        x, new = m._run(m._embed(ids), list(states), position, step=False)
-        return m._head(x).float(), tuple(S.float() for S in new)
+        logits, new = m.prefill(ids, RecurrentState(list(states), position))
+        return logits.float(), tuple(S.float() for S in new)
 
 
 def example_inputs(model, batch: int = 2, length: int | None = None, device=None):

@@ -1,7 +1,7 @@
 """torch.export of the recurrent step: an ``ExportedProgram`` with a dynamic batch, saved as ``.pt2``.
 
 The step holds no custom op (plain aten, ``export.step``), so a saved program loads in a process
-that never imported tnllm (torch-apis.md section 4; the caveat there applies to prefill graphs only).
+that never imported tnllm (a prefill graph holds the custom op and needs `import tnllm` first).
 Calling convention of the program's module: ``(ids [B] int64, position [B] int64, states tuple)``
 -> ``(logits [B, V], new_states tuple)``.
 """

@@ -105,3 +105,125 @@ def test_python_dash_m_help():
     assert r.returncode == 0
     for cmd in ("demo", "train", "generate", "compare", "convert", "export"):
         assert cmd in r.stdout
+
+
+# -- the defects a new user hit (issue 12) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_of_run(run, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path_factory.mktemp("cli_onnx") / "step.onnx"
+    assert main(["export", "onnx", "--ckpt", str(run), "--out", str(path)]) == 0
+    return path
+
+
+def test_export_onnx_progress_and_summary(run, onnx_of_run, tmp_path, capsys):
+    path = tmp_path / "again.onnx"
+    assert main(["export", "onnx", "--ckpt", str(run), "--out", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "[export] loading" in out.err and "[export] tracing" in out.err
+    assert f"wrote {path} (" in out.out and "MiB" in out.out and "M params" in out.out
+
+
+def test_onnx_generate_matches_torch_and_checks_the_checkpoint(run, onnx_of_run, tmp_path, corpus, capsys):
+    args = ["--prompt", "def f", "--max-new-tokens", "6", "--temperature", "0", "--no-stream"]
+    assert main(["generate", "--ckpt", str(run), *args]) == 0
+    want = capsys.readouterr().out
+    assert main(["generate", "--backend", "onnxruntime", "--onnx", str(onnx_of_run), "--ckpt", str(run), *args]) == 0
+    assert capsys.readouterr().out == want
+    # another checkpoint (another config) with this graph: a clear error, not the other model's text
+    cfg = tmp_path / "model.json"
+    cfg.write_text(json.dumps({"vocab_size": 259, "decoder_embed_dim": 32, "decoder_layers": 1,
+                               "decoder_attention_heads": 2, "glu_dim": 48}))
+    other = tmp_path / "other"
+    assert main(["train", *TINY, "--steps", "1", "--config", str(cfg), "--data", str(corpus), "--out", str(other),
+                 "--no-plot"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--backend", "onnxruntime", "--onnx", str(onnx_of_run), "--ckpt", str(other),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tnllm generate: error:") and "exported from another model" in err and "decoder_layers" in err
+
+
+def test_corrupt_onnx_is_a_clear_error(run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a protobuf at all" * 3)
+    assert main(["generate", "--backend", "onnxruntime", "--onnx", str(bad), "--ckpt", str(run),
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tnllm generate: error:") and str(bad) in err and "not a readable ONNX graph" in err
+
+
+def test_onnx_without_backend_is_an_error(run, capsys):
+    assert main(["generate", "--onnx", "x.onnx", "--ckpt", str(run), "--prompt", "x"]) == 2
+    assert "--backend onnxruntime" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(run, tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tnllm generate: error: --device cuda:") and "--device cpu" in err
+    assert main(["train", *TINY, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "tnllm train: error: --device cuda:" in capsys.readouterr().err
+
+
+def test_broken_config_names_the_file(run, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(run / (run / "latest").read_text().strip(), folder)
+    (folder / "config.json").write_text('{"vocab_size": 259,')
+    assert main(["generate", "--ckpt", str(folder), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "config.json") in err and "not valid JSON" in err
+
+
+def test_latest_naming_a_missing_step(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("step-0000099\n")
+    assert main(["generate", "--ckpt", str(tmp_path / "run"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "latest names the checkpoint 'step-0000099'" in err and "does not exist" in err
+
+
+def test_convert_accepts_a_run_folder(run, tmp_path, capsys):
+    dst = tmp_path / "released"
+    assert main(["convert", str(run), str(dst)]) == 0
+    assert "tnllm->released" in capsys.readouterr().out
+    assert (dst / "config.json").exists() and (dst / "model.safetensors").exists()
+    assert "arch" not in json.loads((dst / "config.json").read_text())
+
+
+def test_every_option_has_help_and_default():
+    import argparse
+    from tnllm.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    yield from parsers(sp)
+
+    seen = 0
+    for p in parsers(build_parser()):
+        assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter), p.prog
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"{p.prog} {a.option_strings or a.dest}: no help"
+            seen += 1
+        text = p.format_help()
+        if "--temperature" in text:
+            assert "greedy (default: 0.8)" in " ".join(text.split())
+    assert seen > 50
+
+
+def test_resume_with_no_steps_left_says_so(tmp_path, corpus, capsys):
+    out = tmp_path / "r"
+    args = ["train", *TINY, "--steps", "2", "--eval-every", "0", "--data", str(corpus), "--out", str(out), "--no-plot"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    text = "".join(capsys.readouterr())
+    assert "no steps left to train" in text and "raise --steps" in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tnllm import RecurrentState, TransNormerConfig, TransNormerLLM
-from tnllm.compile import BufferState, CudaGraphDecoder, compile_model, is_compiled
+from tnllm.compile import CudaGraphDecoder, compile_model, is_compiled
 
 V = 259
 
@@ -88,8 +88,10 @@ def test_reset_with_per_row_positions(model):
         with torch.no_grad():
             want, _ = model.step(ids[r:r + 1], RecurrentState([s[r:r + 1] for s in states], int(pos[r])))
         torch.testing.assert_close(got[r], want[0], atol=1e-5, rtol=1e-5)
+    snap = dec.state()
+    assert snap.position.tolist() == [1, 18, 5001] and snap.shared_offset is None
     with pytest.raises(ValueError, match="different positions"):
-        dec.state()
+        snap.offset
     dec.reset()
     assert dec.position.tolist() == [0, 0, 0] and all(not b.any() for b in dec.states)
 
@@ -118,7 +120,7 @@ def test_decoder_bad_inputs(model):
         dec.reset(position=-1)
     with pytest.raises(ValueError, match="position"):
         dec.reset(position=torch.tensor([1, 2, 3]))
-    assert isinstance(dec.start(torch.tensor([[1, 2], [3, 4]]), None)[1], BufferState)
+    assert dec.start(torch.tensor([[1, 2], [3, 4]]), None)[1] is dec.buffers
 
 
 def test_compile_model_rejects_bad_arguments(model):

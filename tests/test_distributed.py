@@ -168,7 +168,7 @@ def test_memory_estimate_matches_saved_activations():
                             glu_dim=160, linear_use_lrpe_list=[0, 0])
     model = TransNormerLLM(cfg).to(torch.bfloat16)
     T = 128
-    x = model._embed(torch.randint(0, 67, (1, T))).detach().requires_grad_()
+    x = model.model.embed_tokens(torch.randint(0, 67, (1, T))).detach().requires_grad_()
     seen = {}
 
     def pack(t):
@@ -176,7 +176,8 @@ def test_memory_estimate_matches_saved_activations():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model._run(x, None, 0)
+        for layer in model.model.layers:
+            x, _ = layer(x)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(v for k, v in seen.items() if k not in params)
     est = memory_per_rank(cfg, seq_len=T, ac="none")["activations"]
@@ -241,7 +242,7 @@ def test_torchrun_tnllm_train_equals_one_process_and_resumes_on_other_world(tmp_
             if k in b:
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
     # the distributed checkpoint is an ordinary one for `generate`
-    from tnllm.train.checkpoint import load_model
+    from tnllm.checkpoints import load_model
     model, _ = load_model(par)
     ref, _ = load_model(one)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):

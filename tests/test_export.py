@@ -116,8 +116,10 @@ def test_onnx_generate_matches_torch_generate(dec, model):
     got = dec.generate(prompt.numpy(), max_new_tokens=12)
     assert got.shape == (2, 16) and np.array_equal(got, want.numpy())
     eos = int(got[0, 6])
+    first = 4 + list(got[0, 4:]).index(eos)
     early = dec.generate(prompt.numpy(), max_new_tokens=12, eos_token_id=eos)
-    assert early.shape[1] <= 16 and early[0, -1] == eos
+    assert early.shape[1] <= 16 and early[0, first] == eos
+    assert (early[0, first + 1:] == model.config.pad_token_id).all()     # the one finished-row rule: pad after eos
     s1 = dec.generate(prompt.numpy(), 8, temperature=1.0, top_k=5, seed=3)
     s2 = dec.generate(prompt.numpy(), 8, temperature=1.0, top_k=5, seed=3)
     assert np.array_equal(s1, s2)

@@ -5,7 +5,7 @@ import torch
 
 from tnllm import TransNormerConfig, TransNormerLLM, generate
 from tnllm.baseline import TransformerLM, matched_config
-from tnllm.generate import OnnxDecoder, TextStreamer, sample_next
+from tnllm.generate import TextStreamer, sample_next
 from tnllm.tokenizer import ByteTokenizer
 
 PROMPTS = [[1, 50, 60, 70, 80, 90, 91], [1, 33], [1, 100, 101, 102, 7], [1, 200, 201, 202, 203, 204, 205]]
@@ -149,13 +149,8 @@ def test_numpy_step_decoder_left_padding_matches_torch():
     m = _model("transnormer")
     ids, mask, T = _left_pad(PROMPTS[:3])
     ref = generate(m, ids, 10, attention_mask=mask)
-    got = generate(_NumpyStep(m), ids, 10, attention_mask=mask)
-    # generate dispatched the step-only object to OnnxDecoder (no TorchDecoder fallback): the
-    # equality above compares the numpy step path with the torch one
-    from tnllm.generate import _as_decoder
-    step_only = _NumpyStep(m)
-    dec = _as_decoder(step_only)
-    assert type(dec) is OnnxDecoder and dec.dec is step_only
+    from tnllm.export import OnnxDecoder
+    got = generate(OnnxDecoder(_NumpyStep(m)), ids, 10, attention_mask=mask)
     assert torch.equal(ref, got)
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tnllm import TransNormerConfig, TransNormerLLM
-from tnllm.hub import convert, load_pretrained, save_pretrained
+from tnllm.checkpoints import convert, load_pretrained
+from tnllm.hub import save_pretrained
 
 from tnllm.testing import rel_err as rel_rms
 
@@ -565,7 +566,7 @@ def test_error_corrupt_safetensors(tmp_path, no_model_touched):
 
 def test_error_transformer_arch_points_to_trainer(tmp_path):
     folder = _folder(tmp_path, c=released_config(arch="transformer"))
-    with pytest.raises(ValueError, match=r"tnllm\.train\.checkpoint\.load_model"):
+    with pytest.raises(ValueError, match=r"tnllm\.checkpoints\.load_model"):
         load_pretrained(folder)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.cli import main
-from tnllm.train.checkpoint import load_model
+from tnllm.checkpoints import load_model
 
 CODE = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class Point:\n    pass\n"] * 40
 

@@ -1,4 +1,4 @@
-"""Trainer, loss, schedule and checkpoints (tnllm/train/loop.py, tnllm/train/checkpoint.py)."""
+"""Trainer, loss, schedule and checkpoints (tnllm/train/loop.py, tnllm/checkpoints.py)."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.baseline import TransformerLM
-from tnllm.train import checkpoint as ckpt
+from tnllm import checkpoints as ckpt
 from tnllm.train.loop import TrainConfig, Trainer, compare, lm_loss, lr_at, param_groups
 
 

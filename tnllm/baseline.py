@@ -153,7 +153,8 @@ class TransformerLM(nn.Module):
     def _check_ids(self, ids, name: str, ndim: int) -> None:
         check_token_ids(ids, name, ndim, self.config.vocab_size)
 
-    def _run(self, ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None):
+    def _decode(self, ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None) -> tuple[Tensor, KVCache]:
+        """ids [B, T] (continuing ``cache``) -> (final-norm input [B, T, d], the cache T longer)."""
         B, T = ids.shape
         t0 = 0 if cache is None else cache.offset
         e = self.config.head_dim
@@ -182,29 +183,31 @@ class TransformerLM(nn.Module):
             kvs.append(kv)
         return x, KVCache(kvs, key_mask, t0 + T)
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.lm_head(self.model.norm(x))
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(norm(hidden))``."""
+        return self.lm_head(self.model.norm(hidden))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         self._check_ids(input_ids, "input_ids", 2)
-        return self._head(self._run(input_ids, None, attention_mask)[0])
+        return self.head(self._decode(input_ids, None, attention_mask)[0])
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final-norm input [B, T, d] (``_head`` applies the norm and the tied head)."""
+        """Final-norm input [B, T, d] (``head`` applies the norm and the tied head)."""
         self._check_ids(input_ids, "input_ids", 2)
-        return self._run(input_ids, None, attention_mask)[0]
+        return self._decode(input_ids, None, attention_mask)[0]
 
     def prefill(self, input_ids: Tensor, state: KVCache | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+                attention_mask: Tensor | None = None, *, last_only: bool = False) -> tuple[Tensor, KVCache]:
+        """(logits [B, T, V], or [B, 1, V] with ``last_only``; the KV cache), continuing ``state`` if given."""
         self._check_ids(input_ids, "input_ids", 2)
-        x, cache = self._run(input_ids, state, attention_mask)
-        return self._head(x), cache
+        x, cache = self._decode(input_ids, state, attention_mask)
+        return self.head(x[:, -1:] if last_only else x), cache
 
     def step(self, token_ids: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
         """One token per row: token_ids [B] -> (logits [B, V], cache one longer). The cache grows with T."""
         self._check_ids(token_ids, "token_ids", 1)
-        x, cache = self._run(token_ids[:, None], state, None)
-        return self._head(x)[:, 0], cache
+        x, cache = self._decode(token_ids[:, None], state, None)
+        return self.head(x)[:, 0], cache
 
     def compile(self, *args, fullgraph: bool = True, dynamic: bool | None = True, **kwargs):
         return super().compile(*args, fullgraph=fullgraph, dynamic=dynamic, **kwargs)

@@ -13,6 +13,15 @@ from pathlib import Path
 DEMO_PROMPT = "def fibonacci(n):\n"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (required options and flags have none to show)."""
+
+    def _get_help_string(self, action):
+        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # -- argument groups ------------------------------------------------------------------------------
 def _positive_int(s: str) -> int:
     v = int(s)
@@ -33,8 +42,8 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     d = TrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=d.arch,
-                   help="transnormer (default) or the parameter-matched Llama-style transformer baseline")
-    g.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset}); see `tnllm train --list-presets`")
+                   help="transnormer or the parameter-matched Llama-style transformer baseline")
+    g.add_argument("--preset", default=d.preset, help="model preset; see `tnllm train --list-presets`")
     g.add_argument("--config", dest="model_config", default=None, help="a model config.json (overrides --preset)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -43,26 +52,32 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     g.add_argument("--tokenizer", default=d.tokenizer,
                    help="byte (default, 259 ids), bpe (train a byte-level BPE on the train split), or a saved "
                         "tokenizer path (folder, tokenizer.json or tokenizer.model)")
-    g.add_argument("--bpe-vocab-size", type=_positive_int, default=d.bpe_vocab_size)
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    g.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--bpe-vocab-size", type=_positive_int, default=d.bpe_vocab_size,
+                   help="vocabulary size of the BPE trained with --tokenizer bpe")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="fraction of the documents held out for validation")
+    g.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="tokens per training sequence")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=steps_default)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--min-lr", type=float, default=d.min_lr)
-    g.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    g.add_argument("--steps", type=_positive_int, default=steps_default, help="optimizer steps in all")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (Linear and Embedding weights only)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of init, data order and sampling")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile())")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=out_default, help=f"run directory (default {out_default})")
-    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every, help="0: only at the end")
-    g.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches)
-    g.add_argument("--save-every", type=_nonneg_int, default=d.save_every, help="0: only at the end")
-    g.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints)
+    g.add_argument("--out", default=out_default, help="run directory")
+    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
+                   help="validate every N steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches, help="validation batches")
+    g.add_argument("--save-every", type=_nonneg_int, default=d.save_every,
+                   help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints,
+                   help="newest step-* folders kept in the run directory")
     g.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no loss.png at the end")
@@ -81,11 +96,13 @@ def _train_config(a: argparse.Namespace):
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 200, seed: bool = True) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=_nonneg_int, default=max_new_default)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=_nonneg_int, default=max_new_default,
+                   help="tokens to generate per prompt (fewer when it stops at end-of-text)")
+    g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (None: all)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of mass p")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the row (1: off)")
     if seed:     # `demo` samples with its training --seed
         g.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible output)")
     g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
@@ -137,11 +154,11 @@ def cmd_train(a) -> int:
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel (under torchrun; docs/distributed.md)")
     g.add_argument("--fsdp", type=int, default=None, help="FSDP2 (data parallel) degree; -1 or unset: world / tp")
-    g.add_argument("--tp", type=int, default=None, help="tensor parallel degree (divides the heads); default 1")
+    g.add_argument("--tp", type=int, default=None, help="tensor parallel degree (divides the heads); unset: 1")
     g.add_argument("--ac", choices=("none", "full", "selective"), default="none",
                    help="activation checkpointing per block (selective keeps the attention op's outputs)")
     g.add_argument("--mp", choices=("fp32", "bf16"), default="fp32",
-                   help="FSDP mixed precision: bf16 params/compute, fp32 gradient reduction (default fp32)")
+                   help="FSDP mixed precision: bf16 params/compute, fp32 gradient reduction")
 
 
 def _prompts(a) -> list[str]:
@@ -209,9 +226,11 @@ def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=Non
 
 
 def cmd_generate(a) -> int:
-    from .train.checkpoint import load_model
+    from .checkpoints import load_model
     from .tokenizer import load_tokenizer
     prompts = _prompts(a)
+    if a.onnx and a.backend != "onnxruntime":
+        raise ValueError("--onnx runs the graph in onnxruntime: add --backend onnxruntime")
     if a.backend == "onnxruntime":
         if not a.onnx:
             raise ValueError("--backend onnxruntime needs --onnx FILE (from `tnllm export onnx`)")
@@ -220,18 +239,19 @@ def cmd_generate(a) -> int:
         src = a.tokenizer or a.ckpt
         if src is None:
             raise ValueError("--backend onnxruntime needs --tokenizer PATH or --ckpt DIR for the tokenizer")
-        if a.tokenizer:
-            tokenizer = load_tokenizer(a.tokenizer)
-        else:
-            from .train.checkpoint import resolve_checkpoint
-            tokenizer = load_tokenizer(resolve_checkpoint(a.ckpt))
+        if a.ckpt:
+            from .checkpoints import read_model_config, resolve_checkpoint
+            folder = resolve_checkpoint(a.ckpt)
+            dec.check_config(read_model_config(folder), where=f"--ckpt {folder}")
+        tokenizer = load_tokenizer(a.tokenizer if a.tokenizer else resolve_checkpoint(a.ckpt))
         run_generation(dec, tokenizer, prompts, a, stream=not a.no_stream)
         return 0
     if a.ckpt is None:
         raise ValueError("give --ckpt DIR (a run directory or checkpoint folder from `tnllm train`)")
     import torch
+    from .train.loop import resolve_device
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device)
     model, tokenizer = load_model(a.ckpt, device=device, dtype=dtype)
     if a.tokenizer:
         tokenizer = load_tokenizer(a.tokenizer)
@@ -255,7 +275,7 @@ def cmd_compare(a) -> int:
 
 def cmd_demo(a) -> int:
     """Train the demo model on the embedded corpus, then generate from a prompt."""
-    from .train.checkpoint import load_model
+    from .checkpoints import load_model
     from .train.loop import Trainer
     t0 = time.perf_counter()
     summary = Trainer(_train_config(a)).fit()
@@ -269,28 +289,45 @@ def cmd_demo(a) -> int:
 
 
 def cmd_convert(a) -> int:
-    from .hub import convert
-    print(convert(a.src, a.dst))
+    from .checkpoints import convert, resolve_checkpoint
+    src = resolve_checkpoint(a.src)          # a run directory converts its latest checkpoint
+    direction = convert(src, a.dst)
+    print(f"converted {src} -> {a.dst} ({direction})")
     return 0
 
 
 def cmd_export(a) -> int:
     from .export import export_checkpoint_onnx
-    kwargs = {"quantize": a.quantize}
-    if a.opset is not None:
-        kwargs["opset"] = a.opset
-    print(export_checkpoint_onnx(a.ckpt, a.out, **kwargs))
+
+    def progress(msg: str) -> None:
+        print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+    r = export_checkpoint_onnx(a.ckpt, a.out, opset=a.opset, quantize=a.quantize, progress=progress)
+    mb = 1 << 20
+    print(f"wrote {r['path']} ({r['bytes'] / mb:.1f} MiB, {r['num_params'] / 1e6:.2f}M params, opset {r['opset']}, "
+          f"checked against PyTorch in onnxruntime) in {r['export_seconds']:.1f}s")
+    if "int8_path" in r:
+        acc = r["int8_accuracy"]
+        print(f"wrote {r['int8_path']} ({r['int8_bytes'] / mb:.1f} MiB int8): max |dlogit| "
+              f"{acc['max_abs_logit_err']:.3g}, top-1 agreement {acc['top1_agreement']:.1%}, greedy tokens "
+              f"identical {acc['greedy_tokens_identical']:.1%}")
+    print(f"report: {Path(r['path']).with_suffix('.export.json')}; run it: tnllm generate --backend onnxruntime "
+          f"--onnx {r['path']} --ckpt {a.ckpt} --prompt '...'")
     return 0
 
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tnllm", description="TransNormerLLM + Lightning Attention in pure PyTorch")
+    fmt = _HelpFormatter      # every option's help ends with its default
+    p = argparse.ArgumentParser(prog="tnllm", description="TransNormerLLM + Lightning Attention in pure PyTorch",
+                                formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *args, **kw: _add_parser(*args, formatter_class=fmt, **kw)
 
     d = sub.add_parser("demo", help="train a small TNL on the embedded corpus (~2-3 min on 2 CPU cores), then sample")
     _add_train_args(d, out_default="runs/demo", steps_default=400)
-    d.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt for the sample (default {DEMO_PROMPT!r})")
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt for the sample")
     _add_sampling_args(d, max_new_default=200, seed=False)
     d.set_defaults(fn=cmd_demo, no_stream=False)
 
@@ -305,9 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="prompt text ('\\n' for newlines); repeat for a batch")
     g.add_argument("--prompt-file", default=None, help="one prompt per line")
     g.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="parameter dtype (auto: fp32, as loaded)")
+    g.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch (the model) or onnxruntime (an exported step graph, with --onnx)")
     g.add_argument("--onnx", default=None, help="step.onnx from `tnllm export onnx` (with --backend onnxruntime)")
     g.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     _add_sampling_args(g)
@@ -318,17 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare)
 
     v = sub.add_parser("convert", help="convert between the released HF layout and a tnllm checkpoint folder")
-    v.add_argument("src")
-    v.add_argument("dst")
+    v.add_argument("src", help="a released folder, a tnllm checkpoint folder or a run directory (its latest)")
+    v.add_argument("dst", help="the folder to write (must not exist or be empty)")
     v.set_defaults(fn=cmd_convert)
 
     e = sub.add_parser("export", help="export a checkpoint")
     esub = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    _add_esub = esub.add_parser
+    esub.add_parser = lambda *args, **kw: _add_esub(*args, formatter_class=fmt, **kw)
     o = esub.add_parser("onnx", help="the recurrent step as ONNX (runs in onnxruntime)")
-    o.add_argument("--ckpt", required=True)
-    o.add_argument("--out", required=True)
-    o.add_argument("--opset", type=int, default=None)
-    o.add_argument("--quantize", choices=("int8",), default=None)
+    o.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or released folder")
+    o.add_argument("--out", required=True, help="the .onnx file to write")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23)")
+    o.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write <out>.int8.onnx (int8 weights) and measure it against fp32")
     o.set_defaults(fn=cmd_export)
     from tnllm.testing._check import add_parser as add_check_parser
     add_check_parser(sub)                              # tnllm check: the tnllm.testing property suite
@@ -340,7 +382,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"tnllm {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

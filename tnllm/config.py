@@ -1,4 +1,4 @@
-"""TransNormerConfig: the released ``config.json`` field names (SPEC section 1), presets, JSON round trip."""
+"""TransNormerConfig: the released ``config.json`` field names, presets, JSON round trip."""
 from __future__ import annotations
 
 import dataclasses
@@ -140,7 +140,7 @@ def _p(d, L, H, g, scale=True, V=64000):
 
 
 PRESETS: dict[str, dict] = {
-    # released shapes (SPEC section 1)
+    # released shapes
     "385M": _p(1024, 24, 8, 2816),
     "1B": _p(2048, 16, 16, 5632),
     "3B": _p(2560, 32, 20, 6912, scale=False),
@@ -161,7 +161,7 @@ def list_presets() -> list[str]:
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """ALiBi head rates (SPEC section 1); non-power-of-two H use the nearest lower power c, then
+    """ALiBi head rates; non-power-of-two H use the nearest lower power c, then
     every other slope of 2c."""
     def pow2(n):
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
@@ -170,3 +170,86 @@ def alibi_slopes(n_heads: int) -> list[float]:
         return pow2(n_heads)
     c = 2 ** math.floor(math.log2(n_heads))
     return pow2(c) + alibi_slopes(2 * c)[0::2][: n_heads - c]
+
+
+# -- config.json: the type table and the released conventions ---------------------------------
+CONFIG_NAME = "config.json"
+
+# config.json field -> (accepted JSON types, description); checked before TransNormerConfig sees the dict
+_INT, _BOOL, _STR = "an integer", "a boolean (true/false)", "a string"
+_FIELD_TYPES = {
+    "vocab_size": _INT, "decoder_embed_dim": _INT, "decoder_layers": _INT, "decoder_attention_heads": _INT,
+    "glu_dim": _INT, "hidden_dim": _INT, "pad_token_id": _INT, "bos_token_id": _INT, "eos_token_id": _INT,
+    "block_size": _INT, "max_position_embeddings": _INT,
+    "no_scale_embedding": _BOOL, "bias": _BOOL, "tie_word_embeddings": _BOOL,
+    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR,
+    "init_std": "a number", "linear_use_lrpe_list": "a list of 0/1 flags",
+}
+_NULLABLE = ("hidden_dim", "max_position_embeddings", "linear_use_lrpe_list")
+
+
+def is_int(v) -> bool:
+    """An int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_field_types(d: dict, where: str) -> None:
+    for name, want in _FIELD_TYPES.items():
+        if name not in d or (d[name] is None and name in _NULLABLE):
+            continue
+        v = d[name]
+        ok = {_INT: is_int(v), _BOOL: isinstance(v, bool), _STR: isinstance(v, str),
+              "a number": isinstance(v, (int, float)) and not isinstance(v, bool),
+              "a list of 0/1 flags": isinstance(v, list) and all(is_int(x) or isinstance(x, bool) for x in v)}[want]
+        if not ok:
+            raise TypeError(f"{where}: field {name!r} must be {want}, got {type(v).__name__} {v!r}")
+
+
+def read_json(path: Path, what: str):
+    """The JSON in ``path``; a ValueError naming the file (and ``what`` it should hold) when it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({what}): {e}") from e
+
+
+def _released_to_tnllm_fields(d: dict, where: str) -> dict:
+    """Apply the released code's conventions that tnllm's config spells differently."""
+    d = dict(d)
+    if d.get("glu_dim") == -1:                       # released: -1 means "same as decoder_embed_dim"
+        d["glu_dim"] = d.get("decoder_embed_dim", TransNormerConfig.decoder_embed_dim)
+    if d.get("linear_use_lrpe_list") == []:          # released: empty list -> per-layer `linear_use_lrpe`
+        flag = d.get("linear_use_lrpe")
+        if not (is_int(flag) or isinstance(flag, bool)):
+            raise ValueError(f"{where}: 'linear_use_lrpe_list' is empty and there is no 'linear_use_lrpe' flag; "
+                             f"give one 0/1 flag per layer (decoder_layers)")
+        d["linear_use_lrpe_list"] = [int(flag)] * d.get("decoder_layers", TransNormerConfig.decoder_layers)
+    return d
+
+
+def read_config(path) -> TransNormerConfig:
+    """The ``TransNormerConfig`` of a checkpoint folder (or of a config.json file), with clear errors.
+
+    Unknown fields (``architectures``, ``auto_map``, ``torch_dtype``, ...) are kept in ``config.extra``.
+    """
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: a checkpoint folder needs config.json "
+                                f"(the released field names)")
+    d = read_json(cfg_path, "the model config")
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: must hold a JSON object, got {type(d).__name__}")
+    arch = d.get("arch")
+    if arch is not None and arch != "transnormer":
+        hint = (" It is a baseline Transformer checkpoint of tnllm's trainer: load it with "
+                "tnllm.checkpoints.load_model(path).") if arch == "transformer" else ""
+        raise ValueError(f"{cfg_path}: 'arch' is {arch!r}, not 'transnormer'; from_pretrained loads "
+                         f"TransNormerLLM checkpoints only.{hint}")
+    _check_field_types(d, str(cfg_path))
+    d = _released_to_tnllm_fields(d, str(cfg_path))
+    try:
+        return TransNormerConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{cfg_path}: {e}") from e

@@ -1,11 +1,16 @@
-"""Sampling: ``generate()`` on ``prefill`` (parallel blocked form) then ``step`` (recurrent form), so a
-TransNormerLLM's memory stays flat in the generated length.
+"""One sampler (``sample_next``) and one generation loop (``generate``) for every decoder.
 
-The loop drives a *decoder*: ``start(ids [B, T], mask [B, T]) -> (logits [B, V], state)`` and
-``step(tokens [B], state) -> (logits [B, V], state)``. ``TorchDecoder`` wraps any model with the
-``prefill``/``step`` interface (TransNormerLLM, the Transformer baseline); ``OnnxDecoder`` wraps
-``tnllm.export.OnnxRecurrentDecoder`` (numpy step only: the prompt is fed token by token, and a padded
-row keeps its previous state, which for left padding is the zero start state).
+The loop drives a *decoder*, a small protocol:
+
+* ``start(ids [B, T] int64, mask [B, T] | None) -> (logits [B, V], state)``: the prompt (left-padded where
+  ``mask`` is 0), the logits of its last position;
+* ``step(tokens [B], state) -> (logits [B, V], state)``: one token per row.
+
+Logits are torch tensors (any device, any float dtype). ``TorchDecoder`` implements it for any model with
+``prefill``/``step`` (TransNormerLLM, whose prefill is the parallel blocked form and step the recurrence, so
+memory stays flat in the generated length; the Transformer baseline). ``tnllm.compile.CudaGraphDecoder``
+and ``tnllm.export.OnnxRecurrentDecoder`` (through ``as_decoder()``) implement it too. A finished row
+(it produced ``eos_token_id``) gets ``pad_token_id`` from then on, whichever decoder runs.
 
 Left padding is exact for TransNormerLLM: padded tokens' k, v are zeroed and decay and LRPE are relative,
 so a left-padded row generates what the same prompt alone generates.
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,10 +65,11 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
 
 # -- decoders -------------------------------------------------------------------------------------
 class TorchDecoder:
-    """A torch model with ``prefill(ids, attention_mask=...)`` and ``step(ids, state)``."""
+    """The decoder protocol over a torch model with ``prefill(ids, attention_mask=...)`` and ``step(ids, state)``."""
 
     def __init__(self, model):
         self.model = model
+        self.config = getattr(model, "config", None)
         p = next(iter(model.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
 
@@ -78,54 +83,18 @@ class TorchDecoder:
         return logits.float(), state
 
 
-class OnnxDecoder:
-    """``tnllm.export.OnnxRecurrentDecoder``-like object: ``.step(ids np[B], state|None) -> (logits np, state)``."""
-
-    def __init__(self, dec):
-        self.dec = dec
-        self.device = torch.device("cpu")
-
-    def start(self, ids: Tensor, mask: Tensor | None):
-        ids_np = ids.cpu().numpy().astype(np.int64)
-        if mask is None and hasattr(self.dec, "prefill"):
-            logits, state = self.dec.prefill(ids_np)
-            return torch.from_numpy(np.asarray(logits[:, -1], dtype=np.float32)), state
-        keep = None if mask is None else mask.cpu().numpy().astype(bool)
-        state, logits = None, None
-        for t in range(ids_np.shape[1]):
-            out, new = self.dec.step(ids_np[:, t], state)
-            if keep is not None and not keep[:, t].all():
-                new = _keep_rows(keep[:, t], new, state)
-            logits, state = out, new
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), state
-
-    def step(self, tokens: Tensor, state):
-        out, state = self.dec.step(tokens.cpu().numpy().astype(np.int64), state)
-        return torch.from_numpy(np.asarray(out, dtype=np.float32)), state
-
-
-def _keep_rows(keep: np.ndarray, new, old):
-    """Rows where ``keep`` is False take ``old`` (the zero state when old is None): per-layer arrays and the
-    per-row ``position``. Left padding leaves those rows at the zero start state; a row's later positions are
-    then shifted, which decay and LRPE (both relative) do not see."""
-    arrays = [np.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, 0.0 if old is None else o).astype(n.dtype)
-              for n, o in zip(new, old if old is not None else new)]
-    pos = getattr(new, "position", None)
-    if pos is None:
-        return type(new)(arrays)
-    old_pos = np.zeros_like(pos) if old is None else old.position
-    return type(new)(arrays, np.where(keep, pos, old_pos))
-
-
-def _as_decoder(model):
+def as_decoder(model):
+    """``model`` as a decoder (see the module docstring): a model with ``prefill``/``step`` is wrapped in
+    ``TorchDecoder``; an object with ``as_decoder()`` (``OnnxRecurrentDecoder``) gives its own; an object that
+    already has ``start``/``step`` (``CudaGraphDecoder``) is used as it is."""
     if hasattr(model, "prefill") and hasattr(model, "parameters"):
         return TorchDecoder(model)
+    if hasattr(model, "as_decoder"):
+        return model.as_decoder()
     if hasattr(model, "start") and hasattr(model, "step"):
         return model
-    if hasattr(model, "step"):
-        return OnnxDecoder(model)
-    raise TypeError(f"generate() needs a model with prefill/step (TransNormerLLM, TransformerLM) or an "
-                    f"OnnxRecurrentDecoder, got {type(model).__name__}")
+    raise TypeError(f"generate() needs a model with prefill/step (TransNormerLLM, TransformerLM), a decoder with "
+                    f"start/step (CudaGraphDecoder) or an OnnxRecurrentDecoder, got {type(model).__name__}")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -175,7 +144,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     out = [ids]
     if max_new_tokens == 0:
         return ids
-    dec = _as_decoder(model)
+    dec = as_decoder(model)
     seen = None
     finished = torch.zeros(B, dtype=torch.bool)
     logits, state = dec.start(ids, None if attention_mask is None else attention_mask.cpu())

@@ -1,15 +1,19 @@
 """Released-checkpoint compatibility: the Hugging Face folder layout of the published TransNormerLLM weights.
 
-A folder holds ``config.json`` (released field names, SPEC section 1) and weights as ``model.safetensors``,
+A folder holds ``config.json`` (the released field names) and weights as ``model.safetensors``,
 ``pytorch_model.bin``, or shards listed in ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``
 (``{"metadata": {...}, "weight_map": {key: file}}``). tnllm's own training checkpoints use the same layout plus
 ``"arch": "transnormer"`` in config.json and extra files (``trainer_state.pt``, metrics) that loading ignores.
 
-* ``load_pretrained(path, dtype=None, device=None)``: every key, shape and dtype is checked (and a tied
-  ``lm_head`` compared with the embedding) before a model exists; the model is built on the meta device and
-  the checked tensors are assigned to it, so an error never leaves a half-loaded model behind.
+The file-format layer (it imports the config, never the model):
+
+* ``read_pretrained(path, skeleton, dtype=None, device=None)``: every key, shape and dtype is checked (and a
+  tied ``lm_head`` compared with the embedding) against a meta-device skeleton before any model receives a
+  tensor; ``TransNormerLLM.from_pretrained`` assigns the checked tensors, so an error never leaves a
+  half-loaded model behind.
 * ``save_pretrained(model, path)``: writes the same layout back; save -> load is bit-exact.
-* ``convert(src, dst)``: released folder <-> tnllm checkpoint folder (``tnllm convert SRC DST``).
+
+``tnllm.checkpoints`` builds on it (run folders, ``convert``). Config parsing is ``tnllm.config.read_config``.
 
 Pickles are read with ``torch.load(weights_only=True)`` only. See docs/checkpoints.md.
 """
@@ -19,18 +23,19 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
-from .config import TransNormerConfig
-from .model import TransNormerLLM, decay_rates
+from .config import CONFIG_NAME, TransNormerConfig, is_int as _is_int, read_config, read_json as _read_json
+
+if TYPE_CHECKING:
+    from .model import TransNormerLLM
 
 logger = logging.getLogger("tnllm")
 
-CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
@@ -43,8 +48,8 @@ _SHARD_RE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}
 # files copied by ``convert`` besides config and weights
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-_COPIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
-_TNLLM_ONLY_FILES = ("trainer_state.pt",)
+COPIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
+TNLLM_ONLY_FILES = ("trainer_state.pt",)
 
 # keys the released code (or fairseq, its ancestor) may leave in a file that carry no weights
 _HARMLESS_KEYS = (
@@ -61,84 +66,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float64": torch.float64, "fp64": torch.float64}
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# config.json field -> (accepted JSON types, description); checked before TransNormerConfig sees the dict
-_INT, _BOOL, _STR = "an integer", "a boolean (true/false)", "a string"
-_FIELD_TYPES = {
-    "vocab_size": _INT, "decoder_embed_dim": _INT, "decoder_layers": _INT, "decoder_attention_heads": _INT,
-    "glu_dim": _INT, "hidden_dim": _INT, "pad_token_id": _INT, "bos_token_id": _INT, "eos_token_id": _INT,
-    "block_size": _INT, "max_position_embeddings": _INT,
-    "no_scale_embedding": _BOOL, "bias": _BOOL, "tie_word_embeddings": _BOOL,
-    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR,
-    "init_std": "a number", "linear_use_lrpe_list": "a list of 0/1 flags",
-}
-_NULLABLE = ("hidden_dim", "max_position_embeddings", "linear_use_lrpe_list")
-
-
-# ------------------------------------------------------------------------------------------------
-# config
-# ------------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_field_types(d: dict, where: str) -> None:
-    for name, want in _FIELD_TYPES.items():
-        if name not in d or (d[name] is None and name in _NULLABLE):
-            continue
-        v = d[name]
-        ok = {_INT: _is_int(v), _BOOL: isinstance(v, bool), _STR: isinstance(v, str),
-              "a number": isinstance(v, (int, float)) and not isinstance(v, bool),
-              "a list of 0/1 flags": isinstance(v, list) and all(_is_int(x) or isinstance(x, bool) for x in v)}[want]
-        if not ok:
-            raise TypeError(f"{where}: field {name!r} must be {want}, got {type(v).__name__} {v!r}")
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({what}): {e}") from e
-
-
-def _released_to_tnllm_fields(d: dict, where: str) -> dict:
-    """Apply the released code's conventions that tnllm's config spells differently."""
-    d = dict(d)
-    if d.get("glu_dim") == -1:                       # released: -1 means "same as decoder_embed_dim"
-        d["glu_dim"] = d.get("decoder_embed_dim", TransNormerConfig.decoder_embed_dim)
-    if d.get("linear_use_lrpe_list") == []:          # released: empty list -> per-layer `linear_use_lrpe`
-        flag = d.get("linear_use_lrpe")
-        if not (_is_int(flag) or isinstance(flag, bool)):
-            raise ValueError(f"{where}: 'linear_use_lrpe_list' is empty and there is no 'linear_use_lrpe' flag; "
-                             f"give one 0/1 flag per layer (decoder_layers)")
-        d["linear_use_lrpe_list"] = [int(flag)] * d.get("decoder_layers", TransNormerConfig.decoder_layers)
-    return d
-
-
-def read_config(path) -> TransNormerConfig:
-    """The ``TransNormerConfig`` of a checkpoint folder (or of a config.json file), with clear errors.
-
-    Unknown fields (``architectures``, ``auto_map``, ``torch_dtype``, ...) are kept in ``config.extra``.
-    """
-    path = Path(path)
-    cfg_path = path / CONFIG_NAME if path.is_dir() else path
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: a checkpoint folder needs config.json "
-                                f"(the released field names, SPEC section 1)")
-    d = _read_json(cfg_path, "the model config")
-    if not isinstance(d, dict):
-        raise ValueError(f"{cfg_path}: must hold a JSON object, got {type(d).__name__}")
-    arch = d.get("arch")
-    if arch is not None and arch != "transnormer":
-        hint = (" It is a baseline Transformer checkpoint of tnllm's trainer: load it with "
-                "tnllm.train.checkpoint.load_model(path).") if arch == "transformer" else ""
-        raise ValueError(f"{cfg_path}: 'arch' is {arch!r}, not 'transnormer'; from_pretrained loads "
-                         f"TransNormerLLM checkpoints only.{hint}")
-    _check_field_types(d, str(cfg_path))
-    d = _released_to_tnllm_fields(d, str(cfg_path))
-    try:
-        return TransNormerConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{cfg_path}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,8 +260,10 @@ def _resolve_dtype(dtype):
 # ------------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------------
-def load_pretrained(path, dtype=None, device=None) -> TransNormerLLM:
-    """Load a released Hugging Face-layout folder (or a tnllm checkpoint folder) into a ``TransNormerLLM``.
+def read_pretrained(path, skeleton: Callable[[TransNormerConfig], "TransNormerLLM"], dtype=None, device=None):
+    """Read and check a released Hugging Face-layout folder (or a tnllm checkpoint folder) for
+    ``TransNormerLLM.from_pretrained``: returns (config, state dict on ``device``, skeleton) where ``skeleton``
+    (``skeleton(config)``, a model on the meta device) gives the expected keys and shapes.
 
     Args:
         path: folder with ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin`` / shards + index.
@@ -342,10 +271,10 @@ def load_pretrained(path, dtype=None, device=None) -> TransNormerLLM:
             casts every tensor; ``"auto"`` keeps each tensor's dtype as stored in the file (lossless).
         device: where the parameters go (default CPU).
 
-    Returns the model in eval mode. Raises ``FileNotFoundError`` for a missing folder/config/weights,
+    Raises ``FileNotFoundError`` for a missing folder/config/weights,
     ``TypeError`` for a config field of the wrong type or a non-float tensor, ``ValueError`` for unknown or
     missing keys, a shape the config does not imply, an untrusted pickle, or a tied ``lm_head`` that differs
-    from the embedding. Every check runs before the model (a meta-device skeleton) receives any tensor.
+    from the embedding. Every check runs before the model (the meta-device skeleton) receives any tensor.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a folder path (str or os.PathLike), got {type(path).__name__}")
@@ -361,8 +290,7 @@ def load_pretrained(path, dtype=None, device=None) -> TransNormerLLM:
     meta, where = _collect(folder)
     # a skeleton on the meta device (no memory, no init cost) gives the expected keys and shapes; it only
     # receives tensors once every check below has passed, and is dropped on any error
-    with torch.device("meta"):
-        model = TransNormerLLM(cfg)
+    model = skeleton(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ignored = _check_keys(meta, expected, cfg, folder)
     if ignored:
@@ -393,15 +321,7 @@ def load_pretrained(path, dtype=None, device=None) -> TransNormerLLM:
     if cfg.tie_word_embeddings:
         sd[head_key] = sd[emb_key]
 
-    # all checks passed: hand the tensors over
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_word_embeddings:                      # assign=True replaced both Parameters: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for i, layer in enumerate(model.model.layers):   # the decay is a fixed, non-persistent buffer
-        layer.token_mixer.s = decay_rates(cfg, i).to(device)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    assert not left, f"left on the meta device after loading: {left}"
-    return model.eval()
+    return cfg, sd, model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +352,7 @@ def _remove_stale_weights(folder: Path) -> None:
             f.unlink()
 
 
-def _config_dict(model: TransNormerLLM) -> dict:
+def _config_dict(model: "TransNormerLLM") -> dict:
     d = model.config.to_dict()
     d["architectures"] = ["TransnormerForCausalLM"]
     d["model_type"] = "transnormer"
@@ -440,7 +360,7 @@ def _config_dict(model: TransNormerLLM) -> dict:
     return d
 
 
-def save_pretrained(model: TransNormerLLM, path, safe_serialization: bool = True, max_shard_size=None) -> None:
+def save_pretrained(model: "TransNormerLLM", path, safe_serialization: bool = True, max_shard_size=None) -> None:
     """Write ``model`` in the released layout: ``config.json`` + ``model.safetensors`` (or
     ``pytorch_model.bin`` when ``safe_serialization=False``), sharded with an index when
     ``max_shard_size`` (bytes or e.g. ``"5GB"``) is given and exceeded.
@@ -449,7 +369,7 @@ def save_pretrained(model: TransNormerLLM, path, safe_serialization: bool = True
     a copy of the embedding (safetensors refuses shared storage), as the released checkpoints carry it;
     the loader checks that the two are equal. Weight files of an earlier save in ``path`` are removed.
     """
-    if not isinstance(model, TransNormerLLM):
+    if type(model).__name__ != "TransNormerLLM" or not hasattr(model, "config"):
         raise TypeError(f"save_pretrained expects a TransNormerLLM, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a folder path (str or os.PathLike), got {type(path).__name__}")
@@ -505,56 +425,3 @@ def save_pretrained(model: TransNormerLLM, path, safe_serialization: bool = True
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-# ------------------------------------------------------------------------------------------------
-# convert
-# ------------------------------------------------------------------------------------------------
-def _is_tnllm_folder(folder: Path, cfg_dict: dict) -> bool:
-    return "arch" in cfg_dict or any((folder / n).exists() for n in _TNLLM_ONLY_FILES)
-
-
-def convert(src, dst, overwrite: bool = False) -> str:
-    """Convert between the released Hugging Face layout and tnllm's own checkpoint folder.
-
-    * tnllm -> released (``src`` has ``"arch"`` in config.json or a ``trainer_state.pt``): weights and config
-      are rewritten as ``config.json`` + ``model.safetensors``, without ``"arch"``; tokenizer files are
-      copied; trainer state and metrics are dropped.
-    * released -> tnllm (anything else: ``.bin``, sharded, bf16...): weights are loaded, checked and saved as
-      one ``model.safetensors``; config.json gains ``"arch": "transnormer"``; tokenizer files are copied.
-
-    Tensors keep their stored dtype in both directions (lossless). ``dst`` must not exist or be empty unless
-    ``overwrite=True``. Returns the direction, ``"tnllm->released"`` or ``"released->tnllm"``.
-    """
-    for name, p in (("src", src), ("dst", dst)):
-        if not isinstance(p, (str, os.PathLike)):
-            raise TypeError(f"`{name}` must be a folder path (str or os.PathLike), got {type(p).__name__}")
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise FileNotFoundError(f"convert: source folder {src} does not exist" if not src.exists()
-                                else f"convert: source {src} is not a folder")
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"convert: destination {dst} exists and is a file")
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise ValueError(f"convert: source and destination are the same folder ({src})")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"convert: destination {dst} exists and is not empty (pass overwrite=True to "
-                              f"write into it)")
-    cfg_path = src / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"convert: no {CONFIG_NAME} in {src}")
-    raw_cfg = _read_json(cfg_path, "the model config")
-    if not isinstance(raw_cfg, dict):
-        raise ValueError(f"{cfg_path}: must hold a JSON object, got {type(raw_cfg).__name__}")
-    to_released = _is_tnllm_folder(src, raw_cfg)
-    model = load_pretrained(src, dtype="auto")       # checks everything before dst is touched
-
-    if to_released:
-        model.config.extra.pop("arch", None)
-    else:
-        model.config.extra["arch"] = "transnormer"
-    save_pretrained(model, dst)
-    for name in _COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    direction = "tnllm->released" if to_released else "released->tnllm"
-    logger.info("converted %s (%s) to %s", src, direction, dst)
-    return direction

@@ -1,4 +1,4 @@
-"""TransNormerLLM v1 as released (SPEC section 1): GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
+"""TransNormerLLM v1 as released: GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
 
 Legend: B batch, T length, d model width, H heads, e head dim, L layers, S per-layer state [B, H, Dk, Dv].
 Module attribute names equal the released checkpoint keys (``model.layers.{i}.token_mixer.qkvu_proj``...),
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,11 +20,49 @@ from torch import Tensor
 
 from tnllm.ops import lightning_attn, lightning_attn_step, srms_norm
 from tnllm.ops.lightning_attn._common import _is_fake
+from tnllm.ops.norm import EPS
 from tnllm.ops.norm_triton import srms_norm_gate
 
 from .config import TransNormerConfig, alibi_slopes
 
 _ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "none": lambda x: x}
+
+
+def _can_read(t: Tensor) -> bool:
+    """True where a check may read ``t``'s values: eager, a real tensor, no CUDA graph being captured."""
+    if torch.compiler.is_compiling() or _is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group; the gradient of a sum that every rank consumes is the sum of the gradients.
+
+    Written on the functional collectives so it traces under torch.compile, and as an autograd.Function
+    because not every torch release (2.11) registers autograd for ``_c10d_functional.all_reduce``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        from torch.distributed import _functional_collectives as funcol
+        ctx.group = group
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        from torch.distributed import _functional_collectives as funcol
+        return funcol.wait_tensor(funcol.all_reduce(g.contiguous(), "sum", ctx.group)), None
+
+
+def tp_srms_norm(x: Tensor, group, width: int, eps: float = EPS) -> Tensor:
+    """SRMSNorm over a last dim that is split across the process ``group``: x [..., width/tp] local -> same shape.
+
+    ``y = x * rsqrt(sum_all_ranks(x^2) / width + eps)`` in fp32, cast back to x's dtype. On one process
+    (``group`` of size 1) this equals ``tnllm.ops.srms_norm``.
+    """
+    xf = x.float() if x.dtype != torch.float64 else x
+    ss = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), group)
+    return (xf * torch.rsqrt(ss / width + eps)).to(x.dtype)
 
 
 def decay_rates(cfg: TransNormerConfig, layer_idx: int) -> Tensor:
@@ -37,17 +76,127 @@ def decay_rates(cfg: TransNormerConfig, layer_idx: int) -> Tensor:
 
 
 class RecurrentState(list):
-    """Per-layer states [B, H, Dk, Dv] (fp32), plus ``offset``: the number of positions consumed.
+    """The decoding state: per-layer tensors [B, H, Dk, Dv] (fp32; fp64 for an fp64 model) and each row's
+    position (the number of tokens that row has consumed: it places the LRPE angles of its next token).
 
-    A list, so ``state[i]`` is layer i's tensor; the offset places the LRPE angles of the next token.
+    A list, so ``state[i]`` is layer i's tensor. ``position`` is an int64 tensor [B]; rows may sit at
+    different positions (continuous batching puts a new sequence into one row with ``reset_rows`` or
+    ``load_rows`` while the others keep going). ``offset`` is the one position all rows share (ValueError
+    when they differ). Built with an int (all rows there) the state keeps that int, so the model never reads
+    the position back from the device to find it.
+
+    ``RecurrentState(tensors, position=0)``: ``position`` is an int or an integer tensor [B].
     """
 
-    def __init__(self, tensors: Sequence[Tensor] = (), offset: int = 0):
+    def __init__(self, tensors: Sequence[Tensor] = (), position: int | Tensor = 0):
         super().__init__(tensors)
-        self.offset = int(offset)
+        self._pending = None                # (base positions [B], n): position = base + n, made when read
+        if isinstance(position, Tensor):
+            if position.is_floating_point() or position.is_complex() or position.dtype == torch.bool \
+                    or position.dim() != 1 or (len(self) and position.shape[0] != self[0].shape[0]):
+                raise ValueError(f"RecurrentState: `position` must be an int or an integer tensor [B] (B = "
+                                 f"{self[0].shape[0] if len(self) else '?'}), got {position.dtype} "
+                                 f"{tuple(position.shape)}")
+            self._position, self._offset = position.to(torch.int64), None
+        elif isinstance(position, (int, np.integer)) and not isinstance(position, bool) and position >= 0:
+            self._position, self._offset = None, int(position)
+        else:
+            raise ValueError(f"RecurrentState: `position` must be an int >= 0 or an integer tensor [B], got "
+                             f"{position!r}")
+
+    @property
+    def batch_size(self) -> int:
+        return self[0].shape[0] if len(self) else 0
+
+    @property
+    def position(self) -> Tensor:
+        """Each row's position, int64 [B], on the states' device."""
+        if self._pending is not None:
+            base, n = self._pending
+            self._position, self._pending = base + n, None
+        if self._position is None:
+            dev = self[0].device if len(self) else None
+            self._position = torch.full((self.batch_size,), self._offset, dtype=torch.int64, device=dev)
+        return self._position
+
+    @property
+    def shared_offset(self) -> int | None:
+        """The position all rows share when it is known without reading the device, else None."""
+        return self._offset
+
+    @property
+    def offset(self) -> int:
+        """The position all rows share; ValueError when rows sit at different positions."""
+        if self._offset is not None:
+            return self._offset
+        pos = self.position.cpu()
+        if pos.numel() and bool((pos != pos[0]).any()):
+            raise ValueError(f"the rows sit at different positions {pos.tolist()}: there is no single offset "
+                             "(read `state.position`)")
+        return int(pos[0]) if pos.numel() else 0
+
+    def advanced(self, tensors: Sequence[Tensor], n: int) -> "RecurrentState":
+        """The state after ``n`` more tokens per row: ``tensors`` at position + n."""
+        if self._offset is not None:
+            return RecurrentState(tensors, self._offset + n)
+        new = RecurrentState(tensors, self.position)
+        new._pending = (self.position, n)           # computed only when read (a static-buffer decoder
+        return new                                  # advances its own position tensor instead)
+
+    def _rows(self, rows) -> Tensor:
+        B = self.batch_size
+        dev = self[0].device if len(self) else None
+        idx = torch.as_tensor(rows, device=dev)
+        if idx.dtype == torch.bool:
+            if tuple(idx.shape) != (B,):
+                raise ValueError(f"`rows` as a mask must have shape [B] = [{B}], got {tuple(idx.shape)}")
+            return idx.nonzero()[:, 0]
+        if idx.is_floating_point() or idx.dim() > 1:
+            raise ValueError(f"`rows` must be row indices (an int, a list or an int tensor) or a bool mask [B], "
+                             f"got {idx.dtype} {tuple(idx.shape)}")
+        idx = idx.reshape(-1).to(torch.int64)
+        if idx.numel() and _can_read(idx) and (int(idx.min()) < -B or int(idx.max()) >= B):
+            raise ValueError(f"`rows` {idx.tolist()} out of range for a batch of {B}")
+        return idx % max(B, 1)
+
+    @torch.no_grad()
+    def reset_rows(self, rows) -> "RecurrentState":
+        """In place: the given rows (indices, or a bool mask [B]) back to the start of a sequence (zero
+        states, position 0); the other rows are untouched. Returns ``self``."""
+        idx = self._rows(rows)
+        for S in self:
+            S.index_fill_(0, idx, 0)
+        if self._offset != 0:
+            self.position.index_fill_(0, idx, 0)
+            self._offset = None
+        return self
+
+    @torch.no_grad()
+    def load_rows(self, rows, src: "RecurrentState") -> "RecurrentState":
+        """In place: copy ``src``'s rows (its batch = the number of ``rows``) and positions into the given rows,
+        e.g. a new sequence prefilled alone into one row of a running batch. Returns ``self``."""
+        idx = self._rows(rows)
+        if not isinstance(src, RecurrentState) or len(src) != len(self) or src.batch_size != idx.numel():
+            raise ValueError(f"`src` must be a RecurrentState of {len(self)} layers and {idx.numel()} rows, got "
+                             f"{type(src).__name__} of {len(src) if hasattr(src, '__len__') else '?'} layers and "
+                             f"{getattr(src, 'batch_size', '?')} rows")
+        for S, X in zip(self, src):
+            if X.shape[1:] != S.shape[1:]:
+                raise ValueError(f"`src` layer shape {tuple(X.shape[1:])} differs from {tuple(S.shape[1:])}")
+            S.index_copy_(0, idx, X.to(S.device, S.dtype))
+        if src.shared_offset is None or src.shared_offset != self._offset:
+            self.position.index_copy_(0, idx, src.position.to(self.position.device))
+            self._offset = None
+        return self
+
+    def clone(self) -> "RecurrentState":
+        return RecurrentState([S.clone() for S in self],
+                              self._offset if self._offset is not None else self.position.clone())
 
     def __repr__(self) -> str:
-        return f"RecurrentState(layers={len(self)}, offset={self.offset}, shape={tuple(self[0].shape) if self else None})"
+        pos = self._offset if self._offset is not None else self.position.tolist()
+        return (f"RecurrentState(layers={len(self)}, position={pos}, "
+                f"shape={tuple(self[0].shape) if self else None})")
 
 
 class Lrpe(nn.Module):
@@ -57,10 +206,13 @@ class Lrpe(nn.Module):
         super().__init__()
         n = num_heads * head_dim
         self.theta = nn.Parameter((10000 ** (-2 / n * torch.arange(n, dtype=torch.float32))).reshape(num_heads, 1, head_dim))
+        # tensor parallel (tnllm.train.parallelize.HeadShard) makes theta a DTensor sharded by heads and sets
+        # this: the forward then uses the local shard (the heads this process computes)
+        self.theta_sharded = False
 
     def local_theta(self) -> Tensor:
-        """theta of the heads this process computes (tensor parallel overrides it: tnllm.train.parallelize)."""
-        return self.theta
+        """theta [H_local, 1, e] of the heads this process computes (all heads without tensor parallel)."""
+        return self.theta.to_local() if self.theta_sharded else self.theta
 
     def forward(self, x: Tensor, offset) -> Tensor:
         """x [B, H, T, e]; ``offset``: the first position, an int or 0-d tensor, or an int tensor [B] of
@@ -82,10 +234,6 @@ class NormLinearAttention(nn.Module):
     """Gated linear attention token mixer: qkvu -> act(q), act(k) -> LRPE -> decayed linear attention
     -> SRMSNorm over the width -> * u -> out_proj."""
 
-    # SRMSNorm of the attention output over the full width; tensor parallel (tnllm.train.parallelize)
-    # sets a per-instance cross-rank version, because there each rank holds only its heads' slice.
-    o_norm = staticmethod(srms_norm)
-
     def __init__(self, cfg: TransNormerConfig, layer_idx: int):
         super().__init__()
         d, h = cfg.decoder_embed_dim, cfg.hidden_dim
@@ -95,6 +243,10 @@ class NormLinearAttention(nn.Module):
         self.act = _ACT[cfg.linear_act_fun]
         self.lrpe = Lrpe(self.num_heads, self.head_dim) if cfg.lrpe(layer_idx) else None
         self.block_size = cfg.block_size
+        # tensor parallel (tnllm.train.parallelize.apply_tp) sets the process group over which the heads are
+        # split: the SRMSNorm of the attention output then sums the squares across it (full width h)
+        self.norm_group = None
+        self.norm_width = cfg.hidden_dim
         # fixed decay: no gradient, not in the state dict
         self.register_buffer("s", decay_rates(cfg, layer_idx), persistent=False)
 
@@ -120,6 +272,12 @@ class NormLinearAttention(nn.Module):
             q, k = self.lrpe(q, offset), self.lrpe(k, offset)
         return q, k, v, u
 
+    def o_norm(self, o: Tensor) -> Tensor:
+        """SRMSNorm of the attention output [B, T, h_local] over the full width (across ``norm_group``)."""
+        if self.norm_group is None:
+            return srms_norm(o)
+        return tp_srms_norm(o, self.norm_group, self.norm_width)
+
     def _mix(self, x: Tensor, S: Tensor | None, offset, attend: Callable, mask: Tensor | None = None):
         """The layer math, once. ``attend(q, k, v, s, S) -> (o, S)``; ``mask`` [B, T] zeroes padded tokens' k, v."""
         q, k, v, u = self._heads(x, offset)
@@ -129,7 +287,7 @@ class NormLinearAttention(nn.Module):
         o, S = attend(q, k, v, self.s, S)
         # fused Triton norm * u on CUDA (reads o in [B, H, T, e]); a decode step (T = 1) keeps the plain
         # expression, which inductor fuses with its neighbours instead of launching one more kernel
-        if o.is_cuda and o.shape[2] > 1 and self.o_norm is srms_norm:
+        if o.is_cuda and o.shape[2] > 1 and self.norm_group is None:
             return self.out_proj(srms_norm_gate(o, u)), S
         B, T, _ = x.shape
         o = o.transpose(1, 2).reshape(B, T, o.shape[1] * o.shape[3])    # explicit width: T = 0 or B = 0 is valid
@@ -185,11 +343,15 @@ class TransnormerModel(nn.Module):
 
 
 class TransNormerLLM(nn.Module):
-    """TransNormerLLM for causal LM. See SPEC section 3 for the API.
+    """TransNormerLLM for causal LM (docs/architecture.md walks one token through it).
 
-    * ``model(ids)`` -> logits [B, T, V] (parallel blocked form, no state).
-    * ``model.prefill(ids, state=None)`` -> (logits [B, T, V], RecurrentState).
+    * ``model(ids)`` -> logits [B, T, V] (parallel blocked form, no state); ``hidden_states`` + ``head``.
+    * ``model.prefill(ids, state=None, attention_mask=None)`` -> (logits [B, T, V], RecurrentState).
     * ``model.step(ids [B], state)`` -> (logits [B, V], RecurrentState): the recurrent form.
+    * ``zero_state(B)``, ``state_shapes()``, ``validate_state(state, B)``.
+
+    The state's positions (``RecurrentState.position``, [B]) let rows sit at different places, so a new
+    sequence can go into one row of a running batch (``RecurrentState.reset_rows`` / ``load_rows``).
     """
 
     def __init__(self, cfg: TransNormerConfig):
@@ -230,11 +392,13 @@ class TransNormerLLM(nn.Module):
     def _check_ids(self, ids, name: str, ndim: int) -> None:
         check_token_ids(ids, name, ndim, self.config.vocab_size)
 
-    def _check_state(self, state, B: int) -> RecurrentState:
+    def validate_state(self, state, B: int) -> RecurrentState:
+        """``state`` checked against this model and batch ``B`` (per-layer shapes, dtype, device) as a
+        ``RecurrentState``; a plain sequence of tensors is accepted only at the start (all zero, position 0)."""
         L = self.config.decoder_layers
         if not isinstance(state, (list, tuple)) or len(state) != L:
-            raise ValueError(f"`state` must be a sequence of {L} per-layer tensors [B, H, Dk, Dv], got "
-                             f"{type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")
+            raise ValueError(f"`state` must be a RecurrentState or a sequence of {L} per-layer tensors [B, H, Dk, Dv], "
+                             f"got {type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")
         for i, (S, hkv) in enumerate(zip(state, self.state_shapes())):
             want = (B, *hkv)
             if not isinstance(S, Tensor) or tuple(S.shape) != want:
@@ -245,14 +409,17 @@ class TransNormerLLM(nn.Module):
             if S.device != self.lm_head.weight.device:
                 raise ValueError(f"`state[{i}]` is on {S.device}, the model on {self.lm_head.weight.device}")
         if isinstance(state, RecurrentState):
+            if state.shared_offset is None and state.position.device != self.lm_head.weight.device:
+                raise ValueError(f"`state.position` is on {state.position.device}, the model on "
+                                 f"{self.lm_head.weight.device}")
             return state
         # a plain sequence has no position; the LRPE layers need it. All-zero states are the start
         # of a sequence (position 0); anything else would silently rotate q against the wrong frame.
-        if (any(self.config.linear_use_lrpe_list) and not torch.compiler.is_compiling()
-                and not any(_is_fake(S) for S in state) and any(bool(S.any()) for S in state)):
+        if (any(self.config.linear_use_lrpe_list) and all(_can_read(S) for S in state)
+                and any(bool(S.any()) for S in state)):
             raise ValueError("`state` is a plain sequence of non-zero states, so its position is unknown (the LRPE "
                              "layers need it): pass the RecurrentState that prefill/step returned, or wrap the "
-                             "tensors as RecurrentState(tensors, offset=<positions consumed>)")
+                             "tensors as RecurrentState(tensors, position=<tokens consumed, an int or [B]>)")
         return RecurrentState(state, 0)
 
     def _check_mask(self, mask, ids: Tensor) -> None:
@@ -266,11 +433,14 @@ class TransNormerLLM(nn.Module):
                              f"{tuple(mask.shape)}")
 
     # -- forward paths ------------------------------------------------------------------------
+    # One private runner; the public paths below pick the attention form (parallel blocked for
+    # forward/hidden_states/prefill, the one-token recurrence for step) and carry the position.
     def _embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_tokens(ids) * self.model.embed_scale
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.lm_head(srms_norm(x))
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(srms_norm(hidden))``."""
+        return self.lm_head(srms_norm(hidden))
 
     def _run(self, x, states, offset, mask=None, step=False):
         new = []
@@ -279,46 +449,56 @@ class TransNormerLLM(nn.Module):
             new.append(S)
         return x, new
 
+    @staticmethod
+    def _position(state: RecurrentState):
+        """The LRPE offset of the state's next token: the shared int when known, else the [B] positions."""
+        return state.shared_offset if state.shared_offset is not None else state.position
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] of the parallel form. ``attention_mask`` [B, T] (1 keep, 0 pad) zeroes the
         contribution of padded tokens (left padding keeps later tokens exact: decay and LRPE are relative)."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
         x, _ = self._run(self._embed(input_ids), None, 0, attention_mask)
-        return self._head(x)
+        return self.head(x)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final-norm input [B, T, d] (for chunked losses that never materialize [B, T, V])."""
+        """Final-norm input [B, T, d] (for chunked losses that never materialize [B, T, V]; ``head`` maps
+        it to logits)."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
         return self._run(self._embed(input_ids), None, 0, attention_mask)[0]
 
     def prefill(self, input_ids: Tensor, state: Sequence[Tensor] | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, RecurrentState]:
-        """Blocked prefill: (logits [B, T, V], RecurrentState); continue from ``state`` if given.
+                attention_mask: Tensor | None = None, *, last_only: bool = False) -> tuple[Tensor, RecurrentState]:
+        """Blocked prefill: (logits [B, T, V], RecurrentState at position + T); continue from ``state`` if given
+        (its rows may sit at different positions). ``last_only`` returns only the last position's logits
+        [B, 1, V] (what decoding needs; skips the head on the other T - 1 positions).
 
         ``attention_mask`` (left padding) is exact from the zero state, where decay and LRPE are relative. A padded
         chunk continuing a non-zero ``state`` is refused: its pads would decay that state and shift the row's LRPE
-        frame (``OnnxRecurrentDecoder.prefill``, with per-row positions, handles that case by stepping)."""
+        frame (prefill the new sequence alone and put it into its row with ``RecurrentState.load_rows``)."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
         B, T = input_ids.shape
-        state = None if state is None else self._check_state(state, B)
-        if (state is not None and attention_mask is not None and not torch.compiler.is_compiling()
+        state = None if state is None else self.validate_state(state, B)
+        if (state is not None and attention_mask is not None and _can_read(attention_mask)
                 and not bool(attention_mask.bool().all()) and any(bool(S.any()) for S in state)):
             raise ValueError("`attention_mask` pads a chunk that continues a non-zero `state`: padding is exact only "
                              "at the start of a sequence; prefill the padded prompts first, then continue unpadded")
-        offset = 0 if state is None else state.offset
+        offset = 0 if state is None else self._position(state)
         x, new = self._run(self._embed(input_ids), state, offset, attention_mask)
-        return self._head(x), RecurrentState(new, offset + T)
+        logits = self.head(x[:, -1:] if last_only else x)
+        return logits, (RecurrentState(new, T) if state is None else state.advanced(new, T))
 
     def step(self, token_ids: Tensor, state: Sequence[Tensor] | None = None) -> tuple[Tensor, RecurrentState]:
-        """One recurrent step: token_ids [B] -> (logits [B, V], new state); constant time and memory."""
+        """One recurrent step: token_ids [B] -> (logits [B, V], state at position + 1); constant time and memory.
+        ``state=None`` starts from the zero state at position 0."""
         self._check_ids(token_ids, "token_ids", 1)
         B = token_ids.shape[0]
-        state = self.zero_state(B, token_ids.device) if state is None else self._check_state(state, B)
-        x, new = self._run(self._embed(token_ids)[:, None, :], state, state.offset, step=True)
-        return self._head(x)[:, 0], RecurrentState(new, state.offset + 1)
+        state = self.zero_state(B, token_ids.device) if state is None else self.validate_state(state, B)
+        x, new = self._run(self._embed(token_ids)[:, None, :], state, self._position(state), step=True)
+        return self.head(x)[:, 0], state.advanced(new, 1)
 
     def zero_state(self, batch_size: int, device=None, dtype=None) -> RecurrentState:
         """All-zero per-layer states (the start of every sequence): fp32, fp64 for an fp64 model."""
@@ -340,9 +520,26 @@ class TransNormerLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "TransNormerLLM":
-        """Load a released Hugging Face-layout folder (config.json + safetensors/bin, sharded too)."""
-        from .hub import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a released Hugging Face-layout folder (config.json + safetensors/bin, sharded too), or a tnllm
+        checkpoint folder. ``dtype`` None: float32; a dtype (or its name) casts; ``"auto"`` keeps the file's.
+        Every key, shape and dtype is checked (``tnllm.hub``) before the model receives a tensor; returns it
+        in eval mode."""
+        from .hub import read_pretrained
+
+        def skeleton(cfg):
+            with torch.device("meta"):          # no memory, no init cost; dropped on any error
+                return cls(cfg)
+
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cfg, sd, model = read_pretrained(path, skeleton, dtype=dtype, device=device)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:             # assign=True replaced both Parameters: tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for i, layer in enumerate(model.model.layers):   # the decay is a fixed, non-persistent buffer
+            layer.token_mixer.s = decay_rates(cfg, i).to(device)
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        assert not left, f"left on the meta device after loading: {left}"
+        return model.eval()
 
     def save_pretrained(self, path) -> None:
         """Write the released layout back (config.json + model.safetensors)."""
@@ -362,7 +559,7 @@ def check_token_ids(ids, name: str, ndim: int, vocab_size: int) -> None:
     if ids.dim() != ndim:
         want = "[B, T]" if ndim == 2 else "[B]"
         raise ValueError(f"`{name}` must have shape {want}, got {tuple(ids.shape)}")
-    if not torch.compiler.is_compiling() and ids.numel() and not _is_fake(ids):
+    if ids.numel() and _can_read(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"`{name}` has token ids outside [0, vocab_size={vocab_size}): min {lo}, max {hi}")

@@ -211,7 +211,7 @@ class DistributedTrainer(Trainer):
     def setup(self) -> None:
         super().setup()
         if self.cfg.resume:
-            from . import checkpoint as ckpt
+            from .. import checkpoints as ckpt
             from . import dcp as tdcp
             tdcp.load(ckpt.resolve_checkpoint(self.out) / self.DCP_DIR, self.raw_model, self.optimizer)
         self.log(f"parallel: dp={self.dims.dp} x tp={self.dims.tp} = {self.dims.world} ranks "
@@ -222,7 +222,7 @@ class DistributedTrainer(Trainer):
 
     def save(self):
         import os
-        from . import checkpoint as ckpt
+        from .. import checkpoints as ckpt
         from . import dcp as tdcp
         from ..model import TransNormerLLM
         staging = self.out / f".dcp-step-{self.step:07d}"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import TransNormerConfig
 from ..data import PackedLoader, corpus_texts, load_corpus, split_corpus
-from . import checkpoint as ckpt
+from .. import checkpoints as ckpt
 
 ARCHS = ("transnormer", "transformer")
 
@@ -106,6 +106,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (cuda when available, else cpu), or a device name; ValueError for a device this torch
+    cannot use (``cuda`` on a CPU-only build, ``cuda:3`` on a machine with two GPUs, a typo)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
 def lm_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """Mean next-token cross entropy of ``batch`` [B, T + 1]. Above ``chunk_tokens`` tokens the head and the
     loss run per chunk under activation checkpointing, so [B, T, V] logits never exist at once."""
@@ -119,7 +137,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> torch.T
     y = y.reshape(n)
 
     def piece(hc, yc):
-        return F.cross_entropy(model._head(hc).float(), yc, reduction="sum")
+        return F.cross_entropy(model.head(hc).float(), yc, reduction="sum")
 
     total = sum(checkpoint(piece, h[i:i + chunk_tokens], y[i:i + chunk_tokens], use_reentrant=False)
                 for i in range(0, n, chunk_tokens))
@@ -184,9 +202,7 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def device(self) -> torch.device:
-        if self.cfg.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.cfg.device)
+        return resolve_device(self.cfg.device)
 
     def model_config(self, vocab_size: int) -> TransNormerConfig:
         c = self.cfg
@@ -267,6 +283,9 @@ class Trainer:
                 self.metrics_file.write_text(src.read_text() if src.exists() else "")
             self.history = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
             self.log(f"resumed from {ckpt.resolve_checkpoint(self.out)} at step {self.step}")
+            if self.step >= c.steps:
+                self.log(f"--resume: the checkpoint is at step {self.step} and --steps is {c.steps}: no steps left "
+                         f"to train (raise --steps to continue); evaluating the checkpoint only")
         elif self.is_main:
             self.metrics_file.write_text("")
         self.num_params = sum(p.numel() for p in model.parameters())

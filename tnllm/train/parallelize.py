@@ -17,7 +17,8 @@ Tensor parallel (Megatron split on DTensor, ``torch.distributed.tensor.parallel`
   slice is used in the forward. ``num_heads`` becomes the local head count (reshapes use it).
 * SRMSNorm of the attention output runs over the full width h, which TP splits: :func:`tp_srms_norm` sums the
   local squares in fp32, all-reduces the sum over the TP group (differentiable, backward is the same
-  all-reduce), and divides by the full width, so each rank normalises exactly as one process does.
+  all-reduce), and divides by the full width, so each rank normalises exactly as one process does. The model
+  has it built in: ``apply_tp`` sets the token mixer's ``norm_group`` (and LRPE's ``theta_sharded``).
 * SGLU: ``l1``, ``l2`` column-wise, ``l3`` row-wise.
 * Embedding and the tied ``lm_head`` stay whole on every tp rank, as Replicate DTensors
   (:class:`ReplicateParallel`), so that all parameters live on one mesh; their gradients come out identical on
@@ -35,8 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from tnllm.model import Lrpe, NormLinearAttention, TransNormerLLM
-from tnllm.ops.norm import EPS
+from tnllm.model import Lrpe, NormLinearAttention, TransNormerLLM, tp_srms_norm
 
 __all__ = ["parallelize", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp", "tp_srms_norm", "mixed_precision",
            "memory_per_rank", "FusedColwiseParallel", "ReplicateParallel", "HeadShard", "unpermute_rows",
@@ -44,37 +44,6 @@ __all__ = ["parallelize", "apply_tp", "apply_ac", "apply_compile", "apply_fsdp",
 
 QKVU_CHUNKS = 4          # q | k | v | u
 AC_MODES = ("none", "full", "selective")
-
-
-# -- the cross-rank SRMSNorm -------------------------------------------------------------------------------
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over a process group; the gradient of a sum that every rank consumes is the sum of the gradients.
-
-    Written on the functional collectives so it traces under torch.compile, and as an autograd.Function
-    because not every torch release (2.11) registers autograd for ``_c10d_functional.all_reduce``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        from torch.distributed import _functional_collectives as funcol
-        ctx.group = group
-        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        from torch.distributed import _functional_collectives as funcol
-        return funcol.wait_tensor(funcol.all_reduce(g.contiguous(), "sum", ctx.group)), None
-
-
-def tp_srms_norm(x: Tensor, group, width: int, eps: float = EPS) -> Tensor:
-    """SRMSNorm over a last dim that is split across ``group``: x [..., width/tp] local -> same shape.
-
-    ``y = x * rsqrt(sum_all_ranks(x^2) / width + eps)`` in fp32, cast back to x's dtype. On one process
-    (``group`` of size 1) this equals ``tnllm.ops.srms_norm``.
-    """
-    xf = x.float() if x.dtype != torch.float64 else x
-    ss = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), group)
-    return (xf * torch.rsqrt(ss / width + eps)).to(x.dtype)
 
 
 # -- parallel styles ---------------------------------------------------------------------------------------
@@ -121,16 +90,10 @@ class FusedColwiseParallel(ColwiseParallel):
         return super()._apply(module, device_mesh)
 
 
-class _TPLrpe(Lrpe):
-    """Lrpe whose ``theta`` is a DTensor sharded by heads; its forward uses the local shard."""
-
-    def local_theta(self) -> Tensor:
-        return self.theta.to_local() if isinstance(self.theta, DTensor) else self.theta
-
-
 class HeadShard(ParallelStyle):
-    """Shard LRPE's ``theta`` [H, 1, e] on dim 0 (heads) as a DTensor; ``Lrpe.forward`` uses its local slice
-    (``to_local`` is differentiable: the gradient comes back as a DTensor with the same placement)."""
+    """Shard LRPE's ``theta`` [H, 1, e] on dim 0 (heads) as a DTensor and set ``theta_sharded``: ``Lrpe.forward``
+    then uses its local slice (``to_local`` is differentiable: the gradient comes back as a DTensor with the same
+    placement)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, Lrpe):
@@ -140,7 +103,7 @@ class HeadShard(ParallelStyle):
                              f"tp={device_mesh.size()}")
         module.theta = nn.Parameter(distribute_tensor(module.theta.detach(), device_mesh, [Shard(0)]),
                                     requires_grad=module.theta.requires_grad)
-        module.__class__ = _TPLrpe
+        module.theta_sharded = True
         return module
 
 
@@ -217,7 +180,7 @@ def apply_tp(model: TransNormerLLM, tp_mesh: DeviceMesh) -> TransNormerLLM:
         # the decay is a fixed, non-persistent buffer: the local heads' rates, by global head index
         tm.s = tm.s[r * Hl:(r + 1) * Hl].contiguous()
         tm.num_heads = Hl
-        tm.o_norm = functools.partial(tp_srms_norm, group=group, width=tm.num_heads * tp * tm.head_dim)
+        tm.norm_group, tm.norm_width = group, Hl * tp * tm.head_dim     # SRMSNorm across the tp ranks
         tm.tnllm_tp = (tp, r)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(model, tp_mesh, {"model.embed_tokens": ReplicateParallel(),
@@ -276,11 +239,11 @@ def apply_ac(model: TransNormerLLM, mode: str = "full") -> TransNormerLLM:
 
 # -- compile ----------------------------------------------------------------------------------------------
 def apply_compile(model: TransNormerLLM, fullgraph: bool = True, **kwargs) -> TransNormerLLM:
-    """torch.compile each decoder block in place (blocks repeat: one compiled graph serves all of them)."""
+    """torch.compile each decoder block in place (blocks repeat: one compiled graph serves all of them):
+    ``tnllm.compile.compile_model``, the one per-block compile."""
+    from tnllm.compile import compile_model
     _check_model(model)
-    for layer in model.model.layers:
-        layer.compile(fullgraph=fullgraph, **kwargs)
-    return model
+    return compile_model(model, fullgraph=fullgraph, **kwargs)
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------------------

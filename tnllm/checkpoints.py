@@ -1,4 +1,12 @@
-"""Local checkpoint folders, written atomically.
+"""Checkpoint I/O, all of it: run directories, ``latest``, checkpoint folders of either arch, released
+Hugging Face folders (through ``tnllm.hub``, the file format layer) and their tokenizers.
+
+* ``load_model(path)``: (model, tokenizer) from a run directory (its ``latest``), a checkpoint folder or a
+  released folder; ``resolve_checkpoint(path)`` finds the folder; ``load_pretrained`` / ``convert`` for
+  released folders (``tnllm convert``).
+* ``save_checkpoint`` / ``load_trainer_state``: what the trainer writes and ``--resume`` reads.
+
+Local checkpoint folders are written atomically.
 
 A run directory holds ``step-0000100/`` folders and a ``latest`` file naming the newest complete one.
 Each folder is the released Hugging Face layout plus tnllm extras:
@@ -16,13 +24,18 @@ complete checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..config import TransNormerConfig
+from .config import CONFIG_NAME, TransNormerConfig, read_json
+from .hub import COPIED_FILES, TNLLM_ONLY_FILES, save_pretrained
+from .model import TransNormerLLM
+
+logger = logging.getLogger("tnllm")
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
@@ -70,10 +83,23 @@ def save_model(model, directory) -> None:
 
 
 def _read_config(directory: Path) -> dict:
-    p = directory / "config.json"
+    p = directory / CONFIG_NAME
     if not p.exists():
         raise FileNotFoundError(f"{str(directory)!r} is not a checkpoint folder: no config.json")
-    return json.loads(p.read_text())
+    d = read_json(p, "the model config")
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: must hold a JSON object (the model config), got {type(d).__name__}")
+    return d
+
+
+def read_model_config(ckpt) -> TransNormerConfig:
+    """The model config of a checkpoint folder or run directory (its latest), as loading would build it."""
+    from .config import read_config
+    path = resolve_checkpoint(ckpt)
+    cfg = _read_config(path)
+    if cfg.get("arch", "transnormer") == "transnormer":
+        return read_config(path)
+    return TransNormerConfig.from_dict(cfg)
 
 
 def load_model(ckpt_dir, device=None, dtype=None):
@@ -81,16 +107,15 @@ def load_model(ckpt_dir, device=None, dtype=None):
 
     A released HF folder (no ``arch`` field) loads as TransNormerLLM with its tokenizer.model/tokenizer.json.
     """
-    from ..tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     path = resolve_checkpoint(ckpt_dir)
     cfg = _read_config(path)
     arch = cfg.get("arch", "transnormer")
     if arch == "transnormer":
-        from ..model import TransNormerLLM
         model = TransNormerLLM.from_pretrained(path, dtype=dtype, device=device)
     elif arch == "transformer":
         from safetensors.torch import load_file
-        from ..baseline import TransformerLM
+        from .baseline import TransformerLM
         model = TransformerLM(TransNormerConfig.from_dict(cfg))
         sd = load_file(str(path / WEIGHTS))
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -122,9 +147,13 @@ def resolve_checkpoint(path) -> Path:
         return p
     latest = p / LATEST
     if latest.exists():
-        q = p / latest.read_text().strip()
+        name = latest.read_text().strip()
+        q = p / name
         if (q / "config.json").exists():
             return q
+        raise FileNotFoundError(f"{latest} names the checkpoint {name!r}, but {q} "
+                                f"{'has no config.json' if q.is_dir() else 'does not exist'} (deleted or moved?); "
+                                f"point {LATEST} at an existing step-* folder or pass that folder itself")
     steps = sorted(q for q in p.glob("step-*") if (q / TRAINER_STATE).exists() and (q / "config.json").exists())
     if steps:
         return steps[-1]
@@ -181,3 +210,60 @@ def load_trainer_state(ckpt) -> dict:
         raise FileNotFoundError(f"{str(path)!r} has no {TRAINER_STATE}: not a tnllm training checkpoint, "
                                 f"cannot --resume from it")
     return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def load_pretrained(path, dtype=None, device=None):
+    """``TransNormerLLM.from_pretrained(path, dtype, device)``: a released (or tnllm) folder, checked."""
+    return TransNormerLLM.from_pretrained(path, dtype=dtype, device=device)
+
+
+def _is_tnllm_folder(folder: Path, cfg_dict: dict) -> bool:
+    return "arch" in cfg_dict or any((folder / n).exists() for n in TNLLM_ONLY_FILES)
+
+
+def convert(src, dst, overwrite: bool = False) -> str:
+    """Convert between the released Hugging Face layout and tnllm's own checkpoint folder.
+
+    * tnllm -> released (``src`` has ``"arch"`` in config.json or a ``trainer_state.pt``): weights and config
+      are rewritten as ``config.json`` + ``model.safetensors``, without ``"arch"``; tokenizer files are
+      copied; trainer state and metrics are dropped.
+    * released -> tnllm (anything else: ``.bin``, sharded, bf16...): weights are loaded, checked and saved as
+      one ``model.safetensors``; config.json gains ``"arch": "transnormer"``; tokenizer files are copied.
+
+    Tensors keep their stored dtype in both directions (lossless). ``dst`` must not exist or be empty unless
+    ``overwrite=True``. Returns the direction, ``"tnllm->released"`` or ``"released->tnllm"``.
+    """
+    for name, p in (("src", src), ("dst", dst)):
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(f"`{name}` must be a folder path (str or os.PathLike), got {type(p).__name__}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"convert: source folder {src} does not exist" if not src.exists()
+                                else f"convert: source {src} is not a folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"convert: destination {dst} exists and is a file")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError(f"convert: source and destination are the same folder ({src})")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"convert: destination {dst} exists and is not empty (pass overwrite=True to "
+                              f"write into it)")
+    cfg_path = src / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"convert: no {CONFIG_NAME} in {src}")
+    raw_cfg = read_json(cfg_path, "the model config")
+    if not isinstance(raw_cfg, dict):
+        raise ValueError(f"{cfg_path}: must hold a JSON object, got {type(raw_cfg).__name__}")
+    to_released = _is_tnllm_folder(src, raw_cfg)
+    model = TransNormerLLM.from_pretrained(src, dtype="auto")       # checks everything before dst is touched
+
+    if to_released:
+        model.config.extra.pop("arch", None)
+    else:
+        model.config.extra["arch"] = "transnormer"
+    save_pretrained(model, dst)
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    direction = "tnllm->released" if to_released else "released->tnllm"
+    logger.info("converted %s (%s) to %s", src, direction, dst)
+    return direction
