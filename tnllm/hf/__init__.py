@@ -26,7 +26,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"tnllm.hf needs transformers >= 5, found {transformers.__version__}: "
                       f'pip install -U "tnllm[hf]"')
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .configuration import TransNormerHFConfig  # noqa: E402
 from .modeling import TransNormerCache, TransNormerForCausalLM, TransNormerPreTrainedModel, select_state_rows  # noqa: E402,E501
@@ -34,8 +34,9 @@ from .tokenization import TransNormerSPTokenizer, to_hf_tokenizer  # noqa: E402
 
 AutoConfig.register(TransNormerHFConfig.model_type, TransNormerHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(TransNormerHFConfig, TransNormerForCausalLM, exist_ok=True)
-AutoTokenizer.register(TransNormerHFConfig, slow_tokenizer_class=TransNormerSPTokenizer,
-                       fast_tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+# the released folders ship a SentencePiece tokenizer.model: read it with sentencepiece itself (exact), not through
+# transformers' conversion to a `tokenizers` model
+AutoTokenizer.register(TransNormerHFConfig, tokenizer_class=TransNormerSPTokenizer, exist_ok=True)
 
 __all__ = ["TransNormerHFConfig", "TransNormerForCausalLM", "TransNormerPreTrainedModel", "TransNormerCache",
            "TransNormerSPTokenizer", "to_hf_tokenizer", "select_state_rows"]
