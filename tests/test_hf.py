@@ -4,6 +4,7 @@ Every comparison is against tnllm itself: logits bit-equal to ``TransNormerLLM``
 ``tnllm.generate``, lm-eval's loglikelihoods equal to the same computation done on the tnllm model."""
 import io
 import json
+import math
 import shutil
 from contextlib import redirect_stdout
 
@@ -327,38 +328,71 @@ def _loglik(model, context: list[int], cont: list[int]) -> float:
     return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
 
 
-@pytest.mark.parametrize("lm_model", ["hf", "tnllm"])
-def test_lm_eval_cli_loglikelihoods_equal_tnllm(tmp_path, monkeypatch, lm_model):
+def _check_samples(samples, m):
+    bt = ByteTokenizer()
+    for s in sorted(samples.get("tnllm_tiny_mc", []), key=lambda s: s["doc_id"]):
+        q, choices, _ = MC[s["doc_id"]]
+        got = [float(r[0][0]) for r in s["resps"]]
+        assert got == [_loglik(m, bt.encode(q), bt.encode(" " + c)) for c in choices]
+    for s in sorted(samples.get("tnllm_tiny_ppl", []), key=lambda s: s["doc_id"]):
+        text = PPL[s["doc_id"]]                      # one window: the bos token, then the whole text
+        assert float(s["resps"][0][0]) == _loglik(m, [bt.bos_id], bt.encode(text))
+
+
+@pytest.fixture
+def lm_eval_env(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
-    from tnllm.hf.lm_eval import main
     for var, val in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf_home"))):
         monkeypatch.setenv(var, val)
-    m = tiny(2)
-    ckpt = tmp_path / "ckpt"
-    if lm_model == "hf":       # transformers files: config, weights, tokenizer
-        th.TransNormerForCausalLM.from_tnllm(m).save_pretrained(ckpt)
-        th.to_hf_tokenizer("byte").save_pretrained(ckpt)
-    else:                      # a plain tnllm folder with tnllm's own tokenizer file
-        m.save_pretrained(ckpt)
-        ByteTokenizer().save(ckpt)
     _write_tasks(tmp_path)
-    main(["run", "--model", lm_model, "--model_args", f"pretrained={ckpt},dtype=float32", "--tasks",
-          "tnllm_tiny_mc,tnllm_tiny_ppl", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
-          "--batch_size", "1", "--output_path", str(tmp_path / "out"), "--log_samples"])
-    bt = ByteTokenizer()
+    return tmp_path
+
+
+def test_lm_eval_cli_loglikelihoods_equal_tnllm(lm_eval_env, monkeypatch):
+    """``tnllm-lm-eval --model hf`` (lm_eval's own command line) on a local multiple-choice and a rolling
+    perplexity task: every loglikelihood equals the tnllm model's, bit for bit."""
+    import lm_eval.tasks.manager as manager
+    from tnllm.hf.lm_eval import main
+    # speed only: lm_eval's command line indexes its ~14k built-in task files on every run; these tasks are local
+    init = manager.TaskManager.__init__
+    monkeypatch.setattr(manager.TaskManager, "__init__",
+                        lambda self, *a, include_defaults=False, **k: init(self, *a, include_defaults=False, **k))
+    d = lm_eval_env
+    m = tiny(2)
+    th.TransNormerForCausalLM.from_tnllm(m).save_pretrained(d / "ckpt")
+    th.to_hf_tokenizer("byte").save_pretrained(d / "ckpt")
+    main(["run", "--model", "hf", "--model_args", f"pretrained={d / 'ckpt'},dtype=float32", "--tasks",
+          "tnllm_tiny_mc,tnllm_tiny_ppl", "--include_path", str(d / "tasks"), "--device", "cpu",
+          "--batch_size", "1", "--output_path", str(d / "out"), "--log_samples"])
     samples = {}
-    for f in (tmp_path / "out").rglob("samples_*.jsonl"):
-        samples[f.name.split("_2")[0]] = [json.loads(line) for line in f.read_text().splitlines()]
-    mc = sorted(samples["samples_tnllm_tiny_mc"], key=lambda s: s["doc_id"])
-    for s, (q, choices, _) in zip(mc, MC):
-        got = [float(r[0][0]) for r in s["resps"]]
-        want = [_loglik(m, bt.encode(q), bt.encode(" " + c)) for c in choices]
-        assert got == want
-    ppl = sorted(samples["samples_tnllm_tiny_ppl"], key=lambda s: s["doc_id"])
-    for s, text in zip(ppl, PPL):                         # one window: the bos token, then the whole text
-        assert float(s["resps"][0][0]) == _loglik(m, [bt.bos_id], bt.encode(text))
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    for f in (d / "out").rglob("samples_*.jsonl"):
+        task = "tnllm_tiny_mc" if "tnllm_tiny_mc" in f.name else "tnllm_tiny_ppl"
+        samples[task] = [json.loads(line) for line in f.read_text().splitlines()]
+    assert len(samples["tnllm_tiny_mc"]) == len(MC) and len(samples["tnllm_tiny_ppl"]) == len(PPL)
+    _check_samples(samples, m)
+    results = json.loads(next((d / "out").rglob("results_*.json")).read_text())["results"]
     n_bytes = sum(len(t.encode()) for t in PPL)
-    total = sum(_loglik(m, [bt.bos_id], bt.encode(t)) for t in PPL)
-    assert results["tnllm_tiny_ppl"]["byte_perplexity,none"] == pytest.approx(2.718281828459045 ** (-total / n_bytes))
+    total = sum(_loglik(m, [ByteTokenizer().bos_id], ByteTokenizer().encode(t)) for t in PPL)
+    assert results["tnllm_tiny_ppl"]["byte_perplexity,none"] == pytest.approx(math.exp(-total / n_bytes))
+    assert results["tnllm_tiny_mc"]["acc,none"] == pytest.approx(
+        sum(max(range(len(c)), key=lambda i: _loglik(m, ByteTokenizer().encode(q), ByteTokenizer().encode(" " + c[i])))
+            == label for q, c, label in MC) / len(MC))
+
+
+def test_lm_eval_tnllm_model_reads_a_plain_tnllm_folder(lm_eval_env):
+    """The lm-eval model ``tnllm``: a tnllm checkpoint folder with tnllm's own tokenizer file, no transformers
+    tokenizer files."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from tnllm.hf.lm_eval import register_lm_eval_model
+    register_lm_eval_model()
+    d = lm_eval_env
+    m = tiny(4)
+    m.save_pretrained(d / "run")
+    ByteTokenizer().save(d / "run")
+    out = lm_eval.simple_evaluate(model="tnllm", model_args=f"pretrained={d / 'run'},dtype=float32",
+                                  tasks=["tnllm_tiny_mc"], device="cpu", batch_size=1, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(d / "tasks"), include_defaults=False))
+    assert len(out["samples"]["tnllm_tiny_mc"]) == len(MC)
+    _check_samples(out["samples"], m)
