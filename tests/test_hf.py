@@ -121,6 +121,10 @@ def test_save_pretrained_round_trips_with_auto_classes_and_tnllm(tmp_path):
     assert torch.equal(TransNormerLLM.from_pretrained(tmp_path / "hf")(ids), m(ids))      # tnllm reads it too
     m.save_pretrained(tmp_path / "tn")                                                      # and the other way
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "tn")(ids).logits, m(ids))
+    from tnllm.hub import save_pretrained
+    save_pretrained(m, tmp_path / "bin", safe_serialization=False, max_shard_size=30000)   # sharded .bin
+    assert len(list((tmp_path / "bin").glob("pytorch_model-*.bin"))) > 1
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "bin")(ids).logits, m(ids))
 
 
 def test_released_folder_loads_without_remote_code(released):
