@@ -88,6 +88,8 @@ def test_wrapper_shares_tensors_uses_released_keys_and_gives_bit_equal_logits():
     out = hf(ids, labels=ids)
     ref = torch.nn.functional.cross_entropy(m(ids)[:, :-1].reshape(-1, 259), ids[:, 1:].reshape(-1))
     assert out.loss is not None and torch.equal(out.loss, ref)
+    out.loss.backward()                                             # trainable through the wrapper
+    assert m.model.layers[0].token_mixer.qkvu_proj.weight.grad is not None
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf(inputs_embeds=torch.zeros(1, 2, 64))
 
@@ -385,16 +387,17 @@ def test_lm_eval_cli_loglikelihoods_equal_tnllm(lm_eval_env, monkeypatch):
 
 
 def test_lm_eval_tnllm_model_reads_a_plain_tnllm_folder(lm_eval_env):
-    """The lm-eval model ``tnllm``: a tnllm checkpoint folder with tnllm's own tokenizer file, no transformers
-    tokenizer files."""
+    """The lm-eval model ``tnllm``: a tnllm run directory (``latest`` -> step folder) with tnllm's own tokenizer
+    file, no transformers tokenizer files."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from tnllm.hf.lm_eval import register_lm_eval_model
     register_lm_eval_model()
     d = lm_eval_env
     m = tiny(4)
-    m.save_pretrained(d / "run")
-    ByteTokenizer().save(d / "run")
+    m.save_pretrained(d / "run" / "step-0000001")                     # a run directory, as `tnllm train` writes
+    ByteTokenizer().save(d / "run" / "step-0000001")
+    (d / "run" / "latest").write_text("step-0000001\n")
     out = lm_eval.simple_evaluate(model="tnllm", model_args=f"pretrained={d / 'run'},dtype=float32",
                                   tasks=["tnllm_tiny_mc"], device="cpu", batch_size=1, log_samples=True,
                                   task_manager=TaskManager(include_path=str(d / "tasks"), include_defaults=False))

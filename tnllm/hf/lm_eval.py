@@ -13,11 +13,14 @@ folder without transformers tokenizer files evaluates too::
 
     tnllm-lm-eval --model tnllm --model_args pretrained=runs/demo --tasks ...
 
+(a ``tnllm train`` run directory stands for the step folder its ``latest`` file names).
+
 From Python, ``import tnllm.hf`` before ``lm_eval.simple_evaluate(model="hf", ...)`` is enough; call
 ``register_lm_eval_model()`` first to use ``model="tnllm"``.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import tnllm.hf  # noqa: F401  (registers model_type "transnormer" with transformers)
@@ -49,9 +52,15 @@ def register_lm_eval_model():
         tokenizer unless ``tokenizer=`` is given."""
 
         def __init__(self, pretrained, backend: str = "causal", tokenizer=None, **kwargs):
-            if tokenizer is None and isinstance(pretrained, str):
-                from .tokenization import to_hf_tokenizer
-                tokenizer = to_hf_tokenizer(pretrained)
+            if isinstance(pretrained, str) and os.path.isdir(pretrained):
+                latest = os.path.join(pretrained, "latest")
+                if not os.path.isfile(os.path.join(pretrained, "config.json")) and os.path.isfile(latest):
+                    # a `tnllm train` run directory: its `latest` file names the newest complete step folder
+                    with open(latest) as f:
+                        pretrained = os.path.join(pretrained, f.read().strip())
+                if tokenizer is None:
+                    from .tokenization import to_hf_tokenizer
+                    tokenizer = to_hf_tokenizer(pretrained)
             super().__init__(pretrained=pretrained, backend=backend, tokenizer=tokenizer, **kwargs)
 
     from lm_eval.api.registry import model_registry
