@@ -328,10 +328,10 @@ def _write_tasks(d):
 
 def _loglik(model, context: list[int], cont: list[int]) -> float:
     """log p(cont | context) from the tnllm model, the way a causal LM scores a continuation."""
-    torch.set_grad_enabled(False)
     ids = torch.tensor([context + cont[:-1]])
-    logp = torch.log_softmax(model(ids), dim=-1)[0, len(context) - 1:]
-    return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids), dim=-1)[0, len(context) - 1:]
+        return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
 
 
 def _check_samples(samples, m):
