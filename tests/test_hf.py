@@ -111,6 +111,12 @@ def test_cache_is_fixed_size_and_continues_the_sequence():
     assert torch.equal(more.logits, ref2) and torch.equal(step.logits[:, 0], ref3)
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.crop(-3)
+    # generate continues from a returned cache: 4 + 4 new tokens equal 8 in one call
+    full = hf.generate(ids[:, :9], max_new_tokens=8, do_sample=False, eos_token_id=None)
+    first = hf.generate(ids[:, :9], max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    again = hf.generate(first.sequences, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                        **{th.modeling.CACHE_NAME: first[th.modeling.CACHE_NAME]})
+    assert again.tolist() == full.tolist()
 
 
 def test_save_pretrained_round_trips_with_auto_classes_and_tnllm(tmp_path):
@@ -289,6 +295,21 @@ def test_sentencepiece_tokenizer_encodes_and_decodes_as_tnllm(tmp_path):
     hf_tok.save_pretrained(tmp_path / "sp_hf")
     back = AutoTokenizer.from_pretrained(tmp_path / "sp_hf")
     assert isinstance(back, th.TransNormerSPTokenizer) and back(TEXTS[0])["input_ids"] == tn.encode(TEXTS[0])
+    # a released folder: its tokenizer_config.json names the remote class BaiChuanTokenizer
+    rel = tmp_path / "released"
+    rel.mkdir()
+    shutil.copy(tmp_path / "sp.model", rel / "tokenizer.model")
+    (rel / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_baichuan.BaiChuanTokenizer", None]}, "add_bos_token": False,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>",
+        "tokenizer_class": "BaiChuanTokenizer"}))
+    th.TransNormerHFConfig(vocab_size=320, decoder_embed_dim=32, decoder_layers=1, decoder_attention_heads=2,
+                           glu_dim=48).save_pretrained(rel)
+    exact = th.TransNormerSPTokenizer.from_pretrained(rel)
+    auto = AutoTokenizer.from_pretrained(rel)                # transformers' conversion to a `tokenizers` model
+    for text in TEXTS + ["日本語"]:
+        assert exact(text)["input_ids"] == tn.encode(text) == auto(text)["input_ids"]
+        assert exact.decode(tn.encode(text)) == tn.decode(tn.encode(text)) == auto.decode(tn.encode(text))
 
 
 def test_text_generation_pipeline():
