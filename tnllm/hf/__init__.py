@@ -29,7 +29,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .configuration import TransNormerHFConfig  # noqa: E402
-from .modeling import TransNormerCache, TransNormerForCausalLM, TransNormerPreTrainedModel, select_state_rows  # noqa: E402,E501
+from .modeling import (TransNormerCache, TransNormerForCausalLM, TransNormerPreTrainedModel,  # noqa: E402
+                       select_state_rows)
 from .tokenization import TransNormerSPTokenizer, to_hf_tokenizer  # noqa: E402
 
 AutoConfig.register(TransNormerHFConfig.model_type, TransNormerHFConfig, exist_ok=True)

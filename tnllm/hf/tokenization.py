@@ -25,7 +25,7 @@ from tnllm.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the alphabet of the ``tokenizers`` ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
