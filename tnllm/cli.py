@@ -1,4 +1,4 @@
-"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export.
+"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export, serve.
 
 The only module that reads argv. Run ``tnllm <command> --help`` for the options; docs/cli.md has examples.
 """
@@ -283,6 +283,11 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+    return serve(a)
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tnllm", description="TransNormerLLM + Lightning Attention in pure PyTorch")
@@ -330,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--quantize", choices=("int8",), default=None)
     o.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")
+    from .serve import add_serve_args
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
