@@ -32,6 +32,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16", "fp64"), default="auto",
                    help="weights dtype (auto: the checkpoint's; --preset: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's own choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (per slot-count bucket)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
     p.add_argument("--model-name", default=None,
@@ -95,6 +97,10 @@ def serve(a) -> int:
         import uvicorn
     except ImportError:
         raise ValueError('tnllm serve needs the web stack: pip install "tnllm[serve]" (starlette, uvicorn)') from None
+    if a.threads is not None:
+        _positive("threads", a.threads)
+        import torch
+        torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tokenizer, name = load_for_serving(a)
     server = build_server(model, tokenizer, name, a)

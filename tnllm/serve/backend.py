@@ -113,6 +113,16 @@ class SlotBatch:
                 t.copy_(s)
             self._graphs[b] = g
 
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """One prefill and one step (the first calls pay for lazy imports and kernel selection), then every
+        CUDA graph captured; leaves all rows free."""
+        self.prefill_into(0, [self.pad_id])
+        if not self.cuda_graph:
+            self.step(torch.full((1,), self.pad_id, dtype=torch.int64, device=self.device))
+        self.capture()
+        self.free(0)
+
     # -- the public face -------------------------------------------------------------------------
     def _check_row(self, row) -> None:
         if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < self.n_slots:

@@ -141,7 +141,8 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> "Engine":
-        """Start the engine thread (capturing the CUDA graphs first when ``warmup``)."""
+        """Start the engine thread; with ``warmup``, a first prefill and step run (and the CUDA graphs are
+        captured) before this returns, so the first request does not pay for them."""
         if self._thread is not None:
             return self
         self._running = True
@@ -151,7 +152,7 @@ class Engine:
         def main():
             try:
                 if warmup:
-                    self.slots.capture()
+                    self.slots.warmup()
             except BaseException as e:       # reported to start()'s caller
                 failure.append(e)
                 self._running = False
