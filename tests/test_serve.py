@@ -449,3 +449,19 @@ def test_bench_serve_smoke(tmp_path):
         assert x["failures"] == 0 and x["requests"] == 8 and x["tokens_per_s"] > 0
         assert all(x[k]["p50"] <= x[k]["p90"] <= x[k]["p99"] for k in ("ttft_s", "itl_s", "e2e_s"))
     assert "tok/s" in r.stdout and "TTFT" in r.stdout
+
+
+def test_text_stream_holds_partial_characters_and_stop_prefixes():
+    from tnllm.serve.text import TextStream
+    ts = TextStream(TOK, encode("p"), stop=["END", "\n\n"])
+    out = [ts.push(t) for t in TOK.encode("é EXIT EN")]
+    assert out[0] == ("", False) and out[1] == ("é", False)          # the 2-byte character comes out whole
+    assert "".join(t for t, _ in out) == "é EXIT "                     # "EN" may start "END": held back
+    assert ts.push(TOK.encode("D")[0]) == ("", True) and ts.push(65) == ("", True)
+    ts = TextStream(TOK, encode("p"), stop=["END"])
+    assert "".join(ts.push(t)[0] for t in TOK.encode("xEN")) == "x"
+    assert ts.finish() == "EN"                                         # no stop came: the held text is text
+    ts = TextStream(TOK, [], stop=())
+    assert [ts.push(t)[0] for t in TOK.encode("☃")] == ["", "", "☃"]
+    ts.push(0xE2 + 3)                                                  # a lone lead byte at the end
+    assert ts.finish() == "\ufffd"

@@ -253,12 +253,18 @@ class Engine:
                     admit.append(r)
                     if budget is not None:
                         budget -= len(r.prompt_ids)
-            try:
-                events = []
-                for r in admit:
+            events = []
+            for r in admit:
+                try:
                     self._prefill(r, events)
-                if events:
-                    self.deliver(events)
+                except Exception as e:     # this prompt failed (out of memory, say): only its request ends
+                    self.error = traceback.format_exc(limit=3)
+                    with self._cv:
+                        self._release(r)
+                    events.append((r.tag, Event("", [], "error", f"internal error: {type(e).__name__}: {e}")))
+            if events:
+                self.deliver(events)
+            try:
                 events = []
                 if self._active:
                     self._step(events)
@@ -324,7 +330,8 @@ class Engine:
             for i, t in zip(greedy, g.argmax(-1).tolist()):
                 nxt[i] = t
         if len(greedy) < len(reqs):
-            rest = [i for i in range(len(reqs)) if i not in set(greedy)]
+            g = set(greedy)
+            rest = [i for i in range(len(reqs)) if i not in g]
             cpu = logits[rest].float().cpu()
             for j, i in enumerate(rest):
                 r, p = reqs[i], reqs[i].params
