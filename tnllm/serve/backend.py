@@ -12,7 +12,7 @@ generated length): per-layer states [n_slots, H, Dk, Dv] fp32 (fp64 for an fp64 
   Rows past the busy ones inside that prefix are idle: they are stepped too and their logits ignored.
   On CUDA the step is captured in a CUDA graph once per slot count: counts are rounded up to a bucket
   (1, 2, 4, ... up to ``n_slots``) so at most log2(n_slots) + 1 graphs exist, sharing one memory pool.
-  Elsewhere the step runs eagerly over exactly ``rows`` rows.
+  Elsewhere the step runs eagerly over exactly ``rows`` rows (compiled: over the bucket, like on CUDA).
 * ``free(row)``: zeroes the row's state and position (an idle row then steps a pad token from a zero
   state, which keeps it finite whatever the weights).
 
@@ -42,7 +42,8 @@ class SlotBatch:
         model: a ``TransNormerLLM`` in eval mode (any dtype; the state stays fp32, fp64 for fp64).
         n_slots: the number of rows (concurrent streams), fixed.
         cuda_graph: capture the step in CUDA graphs; default True on CUDA, False elsewhere.
-        compile: ``torch.compile`` the step first (``fullgraph``, static shapes: once per bucket).
+        compile: ``torch.compile`` the step (``fullgraph``, static shapes: one graph per bucket); on CUDA
+            the compiled step is what the CUDA graphs capture.
     """
 
     def __init__(self, model, n_slots: int, *, cuda_graph: bool | None = None, compile: bool = False):
@@ -65,8 +66,19 @@ class SlotBatch:
         self.position = torch.zeros(n_slots, dtype=torch.int64, device=dev)
         self.ids = torch.full((n_slots,), self.pad_id, dtype=torch.int64, device=dev)
         self.logits = torch.zeros(n_slots, self.vocab_size, dtype=torch.float32, device=dev)
-        self.buckets = _buckets(n_slots) if self.cuda_graph else None
-        self._fn = torch.compile(self._step_rows, fullgraph=True, dynamic=False) if compile else self._step_rows
+        # compiled or captured steps exist once per bucket of row counts; an eager step takes any count
+        self.buckets = _buckets(n_slots) if (self.cuda_graph or compile) else None
+        self._fn = self._step_rows
+        if compile:
+            import torch._dynamo.config as dynamo_config
+            step = torch.compile(self._step_rows, fullgraph=True, dynamic=False)
+            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            limit = {name: max(getattr(dynamo_config, name), len(self.buckets) + 1)}
+
+            def compiled(rows: int) -> None:       # one static-shape graph per bucket, past the default limit
+                with dynamo_config.patch(**limit):
+                    step(rows)
+            self._fn = compiled
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
 
@@ -115,13 +127,19 @@ class SlotBatch:
 
     @torch.no_grad()
     def warmup(self) -> None:
-        """One prefill and one step (the first calls pay for lazy imports and kernel selection), then every
-        CUDA graph captured; leaves all rows free."""
+        """One prefill and a step of every bucket (the first calls pay for lazy imports, compilation and
+        kernel selection; on CUDA every graph is captured). Call it while no row is busy: it leaves every
+        row free, at the zero state."""
         self.prefill_into(0, [self.pad_id])
-        if not self.cuda_graph:
-            self.step(torch.full((1,), self.pad_id, dtype=torch.int64, device=self.device))
-        self.capture()
-        self.free(0)
+        if self.cuda_graph:
+            self.capture()
+        else:
+            for b in self.buckets or [1]:
+                self._fn(b)
+        for S in self.states:
+            S.zero_()
+        self.position.zero_()
+        self.ids.fill_(self.pad_id)
 
     # -- the public face -------------------------------------------------------------------------
     def _check_row(self, row) -> None:
@@ -151,7 +169,7 @@ class SlotBatch:
         if tokens.dim() != 1 or not 1 <= rows <= self.n_slots:
             raise ValueError(f"`tokens` must be an int tensor [rows] with 1 <= rows <= {self.n_slots}, got "
                              f"{tuple(tokens.shape)}")
-        if not self.cuda_graph:
+        if self.buckets is None:
             self.ids[:rows].copy_(tokens)
             self._fn(rows)
             return self.logits[:rows]
@@ -159,6 +177,9 @@ class SlotBatch:
         self.ids[:rows].copy_(tokens, non_blocking=True)
         if b > rows:
             self.ids[rows:b].fill_(self.pad_id)
+        if not self.cuda_graph:
+            self._fn(b)
+            return self.logits[:rows]
         self.capture(b)
         self._graphs[b].replay()
         return self.logits[:rows]

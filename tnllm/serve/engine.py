@@ -313,11 +313,11 @@ class Engine:
 
     def _step(self, events: list) -> None:
         rows = max(self._active) + 1
-        tokens = torch.full((rows,), self.pad_id, dtype=torch.int64)
+        tokens = [self.pad_id] * rows
         live = [self._active[i] for i in sorted(self._active)]
         for r in live:
             tokens[r.row] = r.generated[-1]
-        logits = self.slots.step(tokens.to(self.slots.device))
+        logits = self.slots.step(torch.tensor(tokens, dtype=torch.int64).to(self.slots.device, non_blocking=True))
         self.stats["steps"] += 1
         self._advance(live, logits[[r.row for r in live]] if len(live) < rows else logits, events)
 
