@@ -465,3 +465,16 @@ def test_text_stream_holds_partial_characters_and_stop_prefixes():
     assert [ts.push(t)[0] for t in TOK.encode("☃")] == ["", "", "☃"]
     ts.push(0xE2 + 3)                                                  # a lone lead byte at the end
     assert ts.finish() == "\ufffd"
+
+
+def test_cli_errors(tmp_path, capsys):
+    from tnllm.baseline import TransformerLM
+    from tnllm.cli import main
+    assert main(["serve", "--ckpt", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    save_model(TransformerLM(TransNormerConfig.from_preset("tiny")), tmp_path / "tf")
+    TOK.save(tmp_path / "tf")
+    assert main(["serve", "--ckpt", str(tmp_path / "tf"), "--device", "cpu"]) == 2
+    assert "TransNormerLLM" in capsys.readouterr().err
+    assert main(["serve", "--preset", "tiny", "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
