@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import random
 import socket
 import subprocess
@@ -164,7 +163,8 @@ def main(argv=None):
            a.dtype, "--max-batch", str(batch), "--max-queue", str(max(a.concurrency) * 2), "--log-level",
            "warning", "--max-prompt-tokens", str(max(a.prompt_len)), *[x for s in a.server_arg for x in s.split()]]
     if a.ckpt:
-        vocab = json.loads((Path(a.ckpt) / "config.json").read_text())["vocab_size"] if (Path(a.ckpt) / "config.json").exists() else 259
+        from tnllm.train.checkpoint import resolve_checkpoint
+        vocab = json.loads((resolve_checkpoint(a.ckpt) / "config.json").read_text())["vocab_size"]
     else:
         vocab = TransNormerConfig.from_preset(a.preset).vocab_size
     log = open(out / "serve_server.log", "w")

@@ -243,7 +243,8 @@ def test_stop_strings(server, model):
         kw = dict(model=NAME, prompt="def fibonacci(n):\n", max_tokens=60, temperature=0.7, seed=11,
                   extra_body={"ignore_eos": True})
         if stream:
-            chunks = [ch.choices[0] for ch in server.client.completions.create(stop=[stop, "\x00never"], stream=True, **kw)]
+            chunks = [ch.choices[0]
+                      for ch in server.client.completions.create(stop=[stop, "\x00never"], stream=True, **kw)]
             text, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
         else:
             c = server.client.completions.create(stop=stop, **kw).choices[0]

@@ -119,7 +119,7 @@ class SlotBatch:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):   # other threads may use CUDA
                 self._fn(b)
             for t, s in zip(bufs, saved):
                 t.copy_(s)

@@ -117,7 +117,8 @@ def parse_completion(body, *, max_tokens_limit: int) -> CompletionRequest:
         if not isinstance(flags[k], bool):
             raise _bad(k, flags[k])
     opts = get("stream_options", {})
-    if not isinstance(opts, dict) or set(opts) - {"include_usage"} or not isinstance(opts.get("include_usage", False), bool):
+    if (not isinstance(opts, dict) or set(opts) - {"include_usage"}
+            or not isinstance(opts.get("include_usage", False), bool)):
         raise _bad("stream_options", opts)
     if opts and not flags["stream"]:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
