@@ -13,6 +13,12 @@ from tnllm.tokenizer import ByteTokenizer
 pytestmark = pytest.mark.gpu
 
 
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -28,7 +34,7 @@ def test_graph_step_equals_eager(dtype):
     g.warmup()
     assert sorted(g._graphs) == [1, 2, 4, 8]
     gen = torch.Generator().manual_seed(0)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2       # relative RMS error
     busy = 0
     for rows in (8, 3, 5, 1, 8, 6):       # as in the engine: rows past the stepped count are free
         for row in range(rows, busy):
@@ -36,15 +42,15 @@ def test_graph_step_equals_eager(dtype):
             e.free(row)
         for row in range(busy, rows):
             ids = torch.randint(3, 259, (3 + 5 * row,), generator=gen)
-            torch.testing.assert_close(g.prefill_into(row, ids), e.prefill_into(row, ids), **tol)
+            assert rel(g.prefill_into(row, ids), e.prefill_into(row, ids)) <= tol
         busy = rows
         tok = torch.randint(3, 259, (rows,), generator=gen).cuda()
         lg, le = g.step(tok).clone(), e.step(tok).clone()
-        torch.testing.assert_close(lg, le, **tol)
+        assert rel(lg, le) <= tol, rows
         # rows past `rows` inside the bucket stepped a pad token; the busy ones agree
         torch.testing.assert_close(g.position[:rows], e.position[:rows])
         for Sg, Se in zip(g.states, e.states):
-            torch.testing.assert_close(Sg[:rows], Se[:rows], **tol)
+            assert rel(Sg[:rows], Se[:rows]) <= tol, rows
     g.free(2)
     assert int(g.position[2]) == 0 and all(float(S[2].abs().max()) == 0 for S in g.states)
 
