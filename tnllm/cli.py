@@ -1,4 +1,4 @@
-"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export.
+"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export, serve.
 
 The only module that reads argv. Run ``tnllm <command> --help`` for the options; docs/cli.md has examples.
 """
@@ -316,6 +316,11 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+    return serve(a)
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter      # every option's help ends with its default
@@ -374,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(fn=cmd_export)
     from tnllm.testing._check import add_parser as add_check_parser
     add_check_parser(sub)                              # tnllm check: the tnllm.testing property suite
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")
+    from .serve import add_serve_args
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
