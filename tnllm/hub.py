@@ -68,7 +68,7 @@ _FIELD_TYPES = {
     "glu_dim": _INT, "hidden_dim": _INT, "pad_token_id": _INT, "bos_token_id": _INT, "eos_token_id": _INT,
     "block_size": _INT, "max_position_embeddings": _INT,
     "no_scale_embedding": _BOOL, "bias": _BOOL, "tie_word_embeddings": _BOOL,
-    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR,
+    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR, "decay_type": _STR,
     "init_std": "a number", "linear_use_lrpe_list": "a list of 0/1 flags",
 }
 _NULLABLE = ("hidden_dim", "max_position_embeddings", "linear_use_lrpe_list")

@@ -1,4 +1,4 @@
-"""TransNormerLLM v1 as released (SPEC section 1): GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
+"""TransNormerLLM v1 as released: GLA token mixer with LRPE-d and a fixed decay, SGLU, SRMSNorm.
 
 Legend: B batch, T length, d model width, H heads, e head dim, L layers, S per-layer state [B, H, Dk, Dv].
 Module attribute names equal the released checkpoint keys (``model.layers.{i}.token_mixer.qkvu_proj``...),
@@ -27,13 +27,37 @@ _ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "none": lambda x: x}
 
 
 def decay_rates(cfg: TransNormerConfig, layer_idx: int) -> Tensor:
-    """s [H] fp32 for layer ``layer_idx``: ALiBi slope times (1 - l/(L-1) + 1e-5); lam = exp(-s).
+    """s [H] fp32 for layer ``layer_idx``; lam = exp(-s). By ``cfg.decay_type``: "layer" (released): ALiBi slope
+    times (1 - l/(L-1) + 1e-5); "uniform": the ALiBi slope on every layer; "none": 0 (lam = 1).
 
     With a single layer the released formula divides by zero; we take l/(L-1) = 0 there.
     """
+    slopes = torch.tensor(alibi_slopes(cfg.decoder_attention_heads), dtype=torch.float32)
+    if cfg.decay_type == "none":
+        return torch.zeros_like(slopes)
+    if cfg.decay_type == "uniform":
+        return slopes
     L = cfg.decoder_layers
     frac = layer_idx / (L - 1) if L > 1 else 0.0
-    return torch.tensor(alibi_slopes(cfg.decoder_attention_heads), dtype=torch.float32) * (1 - frac + 1e-5)
+    return slopes * (1 - frac + 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (``norm_type="rmsnorm"``): y = x * rsqrt(mean(x^2, -1) + eps) * weight,
+    the normalisation in fp32 (fp64 for fp64), cast back, then the weight (init 1)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return srms_norm(x, self.eps) * self.weight
+
+
+def _norm(cfg: TransNormerConfig, width: int) -> Callable[[Tensor], Tensor]:
+    """The norm ``cfg.norm_type`` names: RMSNorm (a module with a weight) or the parameter-free SRMSNorm."""
+    return RMSNorm(width) if cfg.norm_type == "rmsnorm" else srms_norm
 
 
 class RecurrentState(list):
@@ -95,6 +119,9 @@ class NormLinearAttention(nn.Module):
         self.act = _ACT[cfg.linear_act_fun]
         self.lrpe = Lrpe(self.num_heads, self.head_dim) if cfg.lrpe(layer_idx) else None
         self.block_size = cfg.block_size
+        if cfg.norm_type == "rmsnorm":          # a weighted norm replaces the class-level SRMSNorm
+            self.norm = RMSNorm(h)
+            self.o_norm = self.norm.forward
         # fixed decay: no gradient, not in the state dict
         self.register_buffer("s", decay_rates(cfg, layer_idx), persistent=False)
 
@@ -166,12 +193,13 @@ class TransNormerDecoderLayer(nn.Module):
         super().__init__()
         self.token_mixer = NormLinearAttention(cfg, layer_idx)
         self.channel_mixer = GLU(cfg)
+        self.token_norm, self.channel_norm = _norm(cfg, cfg.decoder_embed_dim), _norm(cfg, cfg.decoder_embed_dim)
 
     def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None, step: bool = False):
-        tm = self.token_mixer
-        a, S = tm.step(srms_norm(x), S, offset) if step else tm(srms_norm(x), S, offset, mask)
+        tm, h = self.token_mixer, self.token_norm(x)
+        a, S = tm.step(h, S, offset) if step else tm(h, S, offset, mask)
         x = x + a
-        return x + self.channel_mixer(srms_norm(x)), S
+        return x + self.channel_mixer(self.channel_norm(x)), S
 
 
 class TransnormerModel(nn.Module):
@@ -182,10 +210,11 @@ class TransnormerModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.decoder_embed_dim, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(TransNormerDecoderLayer(cfg, i) for i in range(cfg.decoder_layers))
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.decoder_embed_dim)
+        self.final_norm = _norm(cfg, cfg.decoder_embed_dim)
 
 
 class TransNormerLLM(nn.Module):
-    """TransNormerLLM for causal LM. See SPEC section 3 for the API.
+    """TransNormerLLM for causal LM.
 
     * ``model(ids)`` -> logits [B, T, V] (parallel blocked form, no state).
     * ``model.prefill(ids, state=None)`` -> (logits [B, T, V], RecurrentState).
@@ -205,14 +234,16 @@ class TransNormerLLM(nn.Module):
 
     # -- init ---------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """normal(0, init_std) for every Linear and the Embedding, zero biases, padding row zeroed;
-        LRPE theta back to its closed-form init. Safe to call after building on the meta device."""
+        """normal(0, init_std) for every Linear and the Embedding, zero biases, padding row zeroed, RMSNorm
+        weights 1; LRPE theta back to its closed-form init. Safe to call after building on the meta device."""
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
             if isinstance(m, Lrpe):
                 n = m.theta.numel()
                 with torch.no_grad():
@@ -270,7 +301,7 @@ class TransNormerLLM(nn.Module):
         return self.model.embed_tokens(ids) * self.model.embed_scale
 
     def _head(self, x: Tensor) -> Tensor:
-        return self.lm_head(srms_norm(x))
+        return self.lm_head(self.model.final_norm(x))
 
     def _run(self, x, states, offset, mask=None, step=False):
         new = []
