@@ -44,7 +44,7 @@ def decay_rates(cfg: TransNormerConfig, layer_idx: int) -> Tensor:
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned weight (``norm_type="rmsnorm"``): y = x * rsqrt(mean(x^2, -1) + eps) * weight,
-    the normalisation in fp32 (fp64 for fp64), cast back, then the weight (init 1)."""
+    the normalisation in fp32 (fp64 for fp64), cast back, then the weight (init 1); the output has x's dtype."""
 
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -52,7 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        return srms_norm(x, self.eps) * self.weight
+        return srms_norm(x, self.eps) * self.weight.to(x.dtype)
 
 
 def _norm(cfg: TransNormerConfig, width: int) -> Callable[[Tensor], Tensor]:
