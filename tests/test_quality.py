@@ -264,3 +264,17 @@ def test_cli_ablate(tmp_path, corpus, capsys):
 def test_cli_bad_experiment_args(tmp_path, corpus, args, message, capsys):
     assert main([*args, *TINY, "--data", str(corpus), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_one_arch_and_replot(tmp_path, corpus, capsys):
+    assert main(["compare", *TINY, "--data", str(corpus), "--out", str(tmp_path / "c"), "--archs", "transformer",
+                 "--no-plot"]) == 0
+    res = json.loads((tmp_path / "c/compare.json").read_text())
+    assert res["archs"] == ["transformer"] and res["complete"] and list(res["summary"]) == ["transformer"]
+    png = tmp_path / "c/compare.png"
+    assert not png.exists()                  # --no-plot
+    assert main(["compare", "--replot", str(tmp_path / "c/compare.json")]) == 0
+    assert png.stat().st_size > 0
+    assert main(["compare", "--replot", str(tmp_path / "nothing.json")]) == 2
+    assert main(["compare", "--archs", "rnn", *TINY, "--data", str(corpus), "--out", str(tmp_path / "o")]) == 2
+    assert "--archs" in capsys.readouterr().err

@@ -5,7 +5,6 @@ The only module that reads argv. Run ``tnllm <command> --help`` for the options;
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -250,26 +249,39 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
                                                 "(default 1); results are mean +- std over them")
     g.add_argument("--checkpoint", action="store_true", help="also save each run's final checkpoint (default: "
                                                              "metrics only)")
+    g.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of a compare.json / "
+                                                                  "ablate.json written earlier, next to it")
 
 
 def cmd_compare(a) -> int:
-    from .train.quality import compare_grid, compare_table, parse_lrs, parse_seeds
+    from .train.loop import ARCHS
+    from .train.quality import compare_grid, compare_table, parse_lrs, parse_seeds, replot
+    if a.replot:
+        print(replot(a.replot))
+        return 0
     if a.time_budget is not None and not a.time_budget > 0:
         raise ValueError(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    archs = [x.strip() for x in a.archs.split(",") if x.strip()]
+    if not archs or any(x not in ARCHS for x in archs) or len(set(archs)) != len(archs):
+        raise ValueError(f"--archs must be a comma list of distinct names from {ARCHS}, got {a.archs!r}")
     cfg = _grid_config(a)
     lrs = parse_lrs(a.lr_sweep) if a.lr_sweep else None
-    res = compare_grid(cfg, parse_seeds(a.seeds, a.seed), lrs, time_budget=a.time_budget)
+    res = compare_grid(cfg, parse_seeds(a.seeds, a.seed), lrs, time_budget=a.time_budget, archs=archs)
     print(f"\nsame data, tokenizer, batches and steps for every run ({res['steps']} x {cfg.batch_size} x "
           f"{cfg.seq_len} = {res['tokens_per_run']:,} tokens); seeds {res['seeds']}"
           + (f"; lr sweep {', '.join(f'{x:g}' for x in res['lr_sweep'])} on seed {res['seeds'][0]}"
              if len(res["lr_sweep"]) > 1 else ""))
     print(compare_table(res))
-    print(f"wrote {Path(cfg.out_dir) / 'compare.json'} and {res['plot']} ({res['total_time_s']:.0f}s)")
+    print(f"wrote {Path(cfg.out_dir) / 'compare.json'}" + (f" and {res['plot']}" if res["plot"] else "")
+          + f" ({res['total_time_s']:.0f}s)")
     return 0
 
 
 def cmd_ablate(a) -> int:
-    from .train.quality import ABLATIONS, ablate, parse_seeds
+    from .train.quality import ABLATIONS, ablate, parse_seeds, replot
+    if a.replot:
+        print(replot(a.replot))
+        return 0
     if a.list_variants:
         for k, v in ABLATIONS.items():
             print(f"{k:>14}: {v}")
@@ -280,7 +292,8 @@ def cmd_ablate(a) -> int:
     print(f"\nsame data, tokenizer, batches, steps and lr {cfg.lr:g} for every run ({cfg.steps} x {cfg.batch_size} "
           f"x {cfg.seq_len} = {res['tokens_per_run']:,} tokens); seeds {res['seeds']}")
     print(res["table"])
-    print(f"wrote {Path(cfg.out_dir) / 'ablate.json'}, ablate.md and {res['plot']} ({res['total_time_s']:.0f}s)")
+    print(f"wrote {Path(cfg.out_dir) / 'ablate.json'}, ablate.md" + (f" and {res['plot']}" if res["plot"] else "")
+          + f" ({res['total_time_s']:.0f}s)")
     return 0
 
 
@@ -354,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training per run: both models' step times are measured and --steps becomes "
                         "budget / the slower step time (same tokens for both)")
+    c.add_argument("--archs", default="transnormer,transformer",
+                   help="comma list of the models to train (default both); one of them, with a fixed --steps, "
+                        "runs the two in separate processes on the same tokens")
     c.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("ablate", help="TNL ablations (no LRPE, no decay, uniform decay, RMSNorm, SwiGLU) over seeds")

@@ -121,19 +121,53 @@ def _calibrated_steps(trainers: dict[str, Trainer], time_budget: float, log) -> 
     return steps, times
 
 
+def _write_json(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _plot_result(result: dict, path: Path, log) -> str | None:
+    """The result's plot; a missing matplotlib is reported, not fatal (``replot`` draws it later)."""
+    key = "archs" if result["kind"] == "compare" else "variants"
+    groups = {g: [r for r in result["runs"] if r["name"] == g and
+                  (result["kind"] != "compare" or r["lr"] == result["best_lr"][g])] for g in result[key]}
+    try:
+        return str(plot_runs(groups, path, title=_title(result)))
+    except ImportError as e:
+        log(f"no plot ({e}); draw it later with --replot {path.with_suffix('.json')}")
+        return None
+
+
+def replot(json_path, log: Callable[[str], None] = print) -> str:
+    """Draw the PNG of a ``compare.json`` / ``ablate.json`` written earlier (e.g. on a machine without
+    matplotlib) next to it; returns its path."""
+    p = Path(json_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--replot {str(p)!r} does not exist (a compare.json or ablate.json)")
+    result = json.loads(p.read_text())
+    if result.get("kind") not in ("compare", "ablate") or "runs" not in result:
+        raise ValueError(f"{p} is not a compare.json or ablate.json written by tnllm compare / ablate")
+    out = _plot_result(result, p.with_suffix(".png"), log)
+    if out is None:
+        raise ValueError("matplotlib is needed to draw the plot")
+    return out
+
+
 def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] | None = None,
                  time_budget: float | None = None, archs: Sequence[str] = ARCHS,
                  log: Callable[[str], None] = print) -> dict:
     """TNL and the parameter-matched Transformer on the same tokens: an lr sweep on the first seed per arch,
-    the other seeds at each arch's best rate. Writes ``compare.json`` and ``compare.png`` under
-    ``base.out_dir`` and returns the same dict (see the module docstring)."""
+    the other seeds at each arch's best rate. Writes ``compare.json`` (after every run, ``"complete": false``
+    until the end) and ``compare.png`` under ``base.out_dir`` and returns the dict (see the module docstring).
+    ``archs`` may name one architecture, e.g. to run the two in separate processes with the same ``steps``."""
     base.validate()
     seeds, lrs = list(seeds), list(lrs) if lrs else [base.lr]
     if not seeds:
         raise ValueError("compare needs at least one seed")
-    for a in archs:
-        if a not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {a!r}")
+    archs = list(archs)
+    if not archs or len(set(archs)) != len(archs) or any(a not in ARCHS for a in archs):
+        raise ValueError(f"archs must be distinct names from {ARCHS}, got {archs}")
     out = Path(base.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -146,6 +180,12 @@ def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] |
             raise ValueError(f"--time-budget must be > 0 seconds, got {time_budget}")
         steps, step_times = _calibrated_steps(first, time_budget, log)
     params = {a: t.num_params for a, t in first.items()}
+    head = {"kind": "compare", "archs": archs, "seeds": seeds, "lr_sweep": lrs, "steps": steps,
+            "batch_size": base.batch_size, "seq_len": base.seq_len,
+            "tokens_per_run": steps * base.batch_size * base.seq_len, "time_budget_s": time_budget,
+            "step_time_s": step_times, "params": params,
+            "data": base.data or "embedded (Python standard library)", "tokenizer": base.tokenizer,
+            "preset": base.preset, "model_config": base.model_config, "device": base.device, "compile": base.compile}
     if len(archs) == 2:
         ratio = params[archs[1]] / params[archs[0]]
         log(f"parameters: " + ", ".join(f"{a} {p:,}" for a, p in params.items()) + f" (ratio {ratio:.4f})")
@@ -159,25 +199,22 @@ def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] |
             r = _fit(t, a, log)
             rows.append(r)
             sweep[a].append({"lr": lr, "seed": seeds[0], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"]})
+            _write_json(out / "compare.json", dict(head, complete=False, sweep=sweep, runs=rows))
         best[a] = min(sweep[a], key=lambda x: x["val_loss"])["lr"]
         if len(lrs) > 1:
             log(f"[{a}] best lr {best[a]:g} of {', '.join(f'{x:g}' for x in lrs)}")
         for s in seeds[1:]:
             rows.append(_fit(Trainer(_run_config(base, out, a, a, best[a], s, steps)), a, log))
+            _write_json(out / "compare.json", dict(head, complete=False, sweep=sweep, runs=rows))
     summary = {}
     for a in archs:
         sel = [r for r in rows if r["arch"] == a and r["lr"] == best[a]]
         summary[a] = dict(_summary(sel), lr=best[a], params=params[a])
-    result = {"kind": "compare", "archs": list(archs), "seeds": seeds, "lr_sweep": lrs, "best_lr": best,
-              "steps": steps, "batch_size": base.batch_size, "seq_len": base.seq_len,
-              "tokens_per_run": steps * base.batch_size * base.seq_len, "time_budget_s": time_budget,
-              "step_time_s": step_times, "params": params, "summary": summary, "sweep": sweep,
-              "data": base.data or "embedded (Python standard library)", "tokenizer": base.tokenizer,
-              "preset": base.preset, "model_config": base.model_config, "device": base.device,
-              "compile": base.compile, "total_time_s": time.perf_counter() - t_start, "runs": rows}
-    result["plot"] = str(plot_runs({a: [r for r in rows if r["arch"] == a and r["lr"] == best[a]] for a in archs},
-                                   out / "compare.png", title=_title(result)))
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = dict(head, complete=True, best_lr=best, summary=summary, sweep=sweep,
+                  total_time_s=time.perf_counter() - t_start, runs=rows)
+    _write_json(out / "compare.json", result)
+    result["plot"] = _plot_result(result, out / "compare.png", log) if base.plot else None
+    _write_json(out / "compare.json", result)
     return result
 
 
@@ -233,22 +270,24 @@ def ablate(base: TrainConfig, seeds: Sequence[int], variants: Sequence[str] | No
         for s in seeds:
             rows.append(dict(_fit(Trainer(_run_config(base, out, "transnormer", v, base.lr, s, base.steps, ov)), v,
                                   log), overrides=ov))
+            _write_json(out / "ablate.json", {"kind": "ablate", "complete": False, "variants": variants,
+                                              "seeds": seeds, "runs": rows})
     summary = {v: dict(_summary([r for r in rows if r["name"] == v]), params=rows[[r["name"] for r in rows].index(v)]
                        ["params"], what=ABLATIONS[v]) for v in variants}
     ref = summary.get("released")
     for v, s in summary.items():
         s["delta_val_loss"] = s["val_loss_mean"] - ref["val_loss_mean"] if ref else None
-    result = {"kind": "ablate", "variants": variants, "seeds": seeds, "lr": base.lr, "steps": base.steps,
+    result = {"kind": "ablate", "complete": True, "variants": variants, "seeds": seeds, "lr": base.lr, "steps": base.steps,
               "batch_size": base.batch_size, "seq_len": base.seq_len,
               "tokens_per_run": base.steps * base.batch_size * base.seq_len,
               "data": base.data or "embedded (Python standard library)", "tokenizer": base.tokenizer,
               "preset": base.preset, "model_config": base.model_config, "summary": summary,
               "total_time_s": time.perf_counter() - t_start, "runs": rows}
     result["table"] = ablation_table(result)
-    result["plot"] = str(plot_runs({v: [r for r in rows if r["name"] == v] for v in variants}, out / "ablate.png",
-                                   title=_title(result)))
-    (out / "ablate.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "ablate.md").write_text(result["table"] + "\n")
+    _write_json(out / "ablate.json", result)
+    result["plot"] = _plot_result(result, out / "ablate.png", log) if base.plot else None
+    _write_json(out / "ablate.json", result)
     return result
 
 
