@@ -182,7 +182,7 @@ def test_measure_step_time_leaves_the_run_unchanged(tmp_path, corpus):
 
 
 def test_compare_grid_sweep_and_seeds(tmp_path, corpus):
-    cfg = tiny_cfg(tmp_path / "cmp", corpus, steps=3, eval_every=0, checkpoint=False)
+    cfg = tiny_cfg(tmp_path / "cmp", corpus, steps=3, eval_every=0, checkpoint=False, plot=True)
     res = compare_grid(cfg, seeds=[0, 1], lrs=[1e-3, 3e-3], log=quiet)
     runs = res["runs"]
     assert len(runs) == 2 * (2 + 1)                    # per arch: the sweep on seed 0, then seed 1 at the best lr
