@@ -209,6 +209,8 @@ def test_compare_grid_time_budget(tmp_path, corpus):
     assert all(r["steps"] == res["steps"] for r in res["runs"])
     with pytest.raises(ValueError, match="time-budget"):
         compare_grid(cfg, seeds=[0], time_budget=1e-6, log=quiet)
+    with pytest.raises(ValueError, match="time-budget"):
+        compare_grid(cfg, seeds=[0], time_budget=0, log=quiet)
 
 
 def test_ablate_variants(tmp_path, corpus):

@@ -168,6 +168,8 @@ def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] |
     archs = list(archs)
     if not archs or len(set(archs)) != len(archs) or any(a not in ARCHS for a in archs):
         raise ValueError(f"archs must be distinct names from {ARCHS}, got {archs}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"--time-budget must be > 0 seconds, got {time_budget}")
     out = Path(base.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -176,8 +178,6 @@ def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] |
     for t in first.values():
         t.setup()
     if time_budget is not None:
-        if not time_budget > 0:
-            raise ValueError(f"--time-budget must be > 0 seconds, got {time_budget}")
         steps, step_times = _calibrated_steps(first, time_budget, log)
     params = {a: t.num_params for a, t in first.items()}
     head = {"kind": "compare", "archs": archs, "seeds": seeds, "lr_sweep": lrs, "steps": steps,
