@@ -262,6 +262,7 @@ def test_cli_ablate(tmp_path, corpus, capsys):
     (["compare", "--lr-sweep", "fast"], "--lr-sweep"),
     (["compare", "--time-budget", "-5"], "--time-budget"),
     (["ablate", "--variants", "no_ffn"], "unknown ablation"),
+    (["ablate", "--resume"], "--resume"),
 ])
 def test_cli_bad_experiment_args(tmp_path, corpus, args, message, capsys):
     assert main([*args, *TINY, "--data", str(corpus), "--out", str(tmp_path / "o")]) == 2

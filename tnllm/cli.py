@@ -240,6 +240,8 @@ def cmd_generate(a) -> int:
 
 def _grid_config(a):
     import dataclasses
+    if a.resume:
+        raise ValueError(f"--resume is for `tnllm train`: every run of `tnllm {a.command}` starts fresh")
     return dataclasses.replace(_train_config(a), checkpoint=a.checkpoint)
 
 
