@@ -166,7 +166,7 @@ PRESETS: dict[str, dict] = {
     "tiny": _p(64, 2, 4, 96, V=259),
     "small": _p(256, 4, 4, 704, V=259),
     "demo": _p(192, 4, 4, 512, V=259),
-    "mini": _p(96, 4, 2, 256, V=259),      # 0.49M: the CPU quality experiments (docs/quality.md)
+    "mini": _p(96, 4, 2, 256, V=259),      # 0.50M: the CPU quality experiments (docs/quality.md)
     # ~100M with the byte vocabulary (99.3M; e = 128), for `tnllm compare` on a GPU
     "100M": _p(768, 12, 6, 2304, V=259),
 }
