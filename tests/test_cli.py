@@ -57,7 +57,7 @@ def test_compare(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "transnormer" in out and "transformer" in out and "val loss" in out
     res = json.loads((tmp_path / "cmp/compare.json").read_text())
-    assert [r["arch"] for r in res] == ["transnormer", "transformer"]
+    assert res["archs"] == ["transnormer", "transformer"] and [r["arch"] for r in res["runs"]] == res["archs"]
 
 
 def test_list_presets(capsys):
@@ -103,7 +103,7 @@ def test_prompt_longer_than_allowed(tmp_path, corpus, capsys):
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "tnllm", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for cmd in ("demo", "train", "generate", "compare", "convert", "export"):
+    for cmd in ("demo", "train", "generate", "compare", "ablate", "convert", "export"):
         assert cmd in r.stdout
 
 

@@ -20,10 +20,26 @@ from .config import TransNormerConfig
 from .model import check_token_ids
 
 
+def transformer_num_params(cfg: TransNormerConfig) -> int:
+    """Parameter count of ``TransformerLM(cfg)`` (tied head), from the shapes alone."""
+    d, g, h, L = cfg.decoder_embed_dim, cfg.glu_dim, cfg.hidden_dim, cfg.decoder_layers
+    per_layer = 4 * h * d + 3 * d * g + 2 * d + ((3 * h + d + 2 * g + d) if cfg.bias else 0)
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.vocab_size * d + L * per_layer + d + head
+
+
 def matched_config(cfg: TransNormerConfig) -> TransNormerConfig:
-    """The config whose Transformer has the TNL's parameter count: g grows by d / 3 (one d^2 per layer over
-    the three SwiGLU matrices), rounded to a multiple of 8. Marks ``extra["arch"] = "transformer"``."""
-    g = cfg.glu_dim + int(round(cfg.hidden_dim / 3 / 8)) * 8
+    """The config whose Transformer has the TNL's parameter count: the SwiGLU width g grows by about d / 3 (TNL's
+    token mixer has one d^2 more per layer), to the multiple of 8 nearest an exact match (norm weights and LRPE's
+    theta counted), or to the nearest integer width when a multiple of 8 misses by more than 0.5%.
+    Marks ``extra["arch"] = "transformer"``."""
+    target = cfg.num_params()
+    d, L = cfg.decoder_embed_dim, cfg.decoder_layers
+    per_g = L * (3 * d + (2 if cfg.bias else 0))           # parameters per unit of g
+    exact = cfg.glu_dim + (target - transformer_num_params(cfg)) / per_g
+    g = max(8, int(round(exact / 8)) * 8)
+    if abs(transformer_num_params(replace(cfg, glu_dim=g)) - target) > 0.005 * target:
+        g = max(1, int(round(exact)))
     extra = dict(cfg.extra, arch="transformer", rope_theta=cfg.extra.get("rope_theta", 10000.0))
     return replace(cfg, glu_dim=g, extra=extra)
 

@@ -1,11 +1,11 @@
-"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, convert, export, serve.
+"""The ``tnllm`` command (also ``python -m tnllm``): demo, train, generate, compare, ablate, convert, export,
+serve, check.
 
 The only module that reads argv. Run ``tnllm <command> --help`` for the options; docs/cli.md has examples.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -259,17 +259,64 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _grid_config(a):
+    import dataclasses
+    if a.resume:
+        raise ValueError(f"--resume is for `tnllm train`: every run of `tnllm {a.command}` starts fresh")
+    return dataclasses.replace(_train_config(a), checkpoint=a.checkpoint)
+
+
+def _add_grid_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment")
+    g.add_argument("--seeds", default="1", help="a count N (seeds --seed .. --seed+N-1) or a comma list, e.g. 0,1,2 "
+                                                "(default 1); results are mean +- std over them")
+    g.add_argument("--checkpoint", action="store_true", help="also save each run's final checkpoint (default: "
+                                                             "metrics only)")
+    g.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of a compare.json / "
+                                                                  "ablate.json written earlier, next to it")
+
+
 def cmd_compare(a) -> int:
-    from .train.loop import compare
-    cfg = _train_config(a)
-    results = compare(cfg)
-    print("\nsame data, tokenizer, seed, batches and steps "
-          f"({cfg.steps} x {cfg.batch_size} x {cfg.seq_len} = {cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens):")
-    print(f"{'arch':<12} {'params':>9} {'val loss':>9} {'val ppl':>8} {'tok/s':>8} {'time s':>7}")
-    for s in results:
-        print(f"{s['arch']:<12} {s['params'] / 1e6:>8.2f}M {s['val_loss']:>9.4f} {s['val_ppl']:>8.2f} "
-              f"{s['tokens_per_s']:>8,.0f} {s['train_time_s']:>7.1f}")
-    (Path(cfg.out_dir) / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    from .train.loop import ARCHS
+    from .train.quality import compare_grid, compare_table, parse_lrs, parse_seeds, replot
+    if a.replot:
+        print(replot(a.replot))
+        return 0
+    if a.time_budget is not None and not a.time_budget > 0:
+        raise ValueError(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    archs = [x.strip() for x in a.archs.split(",") if x.strip()]
+    if not archs or any(x not in ARCHS for x in archs) or len(set(archs)) != len(archs):
+        raise ValueError(f"--archs must be a comma list of distinct names from {ARCHS}, got {a.archs!r}")
+    cfg = _grid_config(a)
+    lrs = parse_lrs(a.lr_sweep) if a.lr_sweep else None
+    res = compare_grid(cfg, parse_seeds(a.seeds, a.seed), lrs, time_budget=a.time_budget, archs=archs)
+    print(f"\nsame data, tokenizer, batches and steps for every run ({res['steps']} x {cfg.batch_size} x "
+          f"{cfg.seq_len} = {res['tokens_per_run']:,} tokens); seeds {res['seeds']}"
+          + (f"; lr sweep {', '.join(f'{x:g}' for x in res['lr_sweep'])} on seed {res['seeds'][0]}"
+             if len(res["lr_sweep"]) > 1 else ""))
+    print(compare_table(res))
+    print(f"wrote {Path(cfg.out_dir) / 'compare.json'}" + (f" and {res['plot']}" if res["plot"] else "")
+          + f" ({res['total_time_s']:.0f}s)")
+    return 0
+
+
+def cmd_ablate(a) -> int:
+    from .train.quality import ABLATIONS, ablate, parse_seeds, replot
+    if a.replot:
+        print(replot(a.replot))
+        return 0
+    if a.list_variants:
+        for k, v in ABLATIONS.items():
+            print(f"{k:>14}: {v}")
+        return 0
+    cfg = _grid_config(a)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None
+    res = ablate(cfg, parse_seeds(a.seeds, a.seed), variants)
+    print(f"\nsame data, tokenizer, batches, steps and lr {cfg.lr:g} for every run ({cfg.steps} x {cfg.batch_size} "
+          f"x {cfg.seq_len} = {res['tokens_per_run']:,} tokens); seeds {res['seeds']}")
+    print(res["table"])
+    print(f"wrote {Path(cfg.out_dir) / 'ablate.json'}, ablate.md" + (f" and {res['plot']}" if res["plot"] else "")
+          + f" ({res['total_time_s']:.0f}s)")
     return 0
 
 
@@ -357,9 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("compare", help="train TNL and the transformer baseline on the same tokens, print val losses")
+    c = sub.add_parser("compare", help="train TNL and the parameter-matched transformer on the same tokens over "
+                                       "seeds (and an lr sweep); val loss mean +- std, plot")
     _add_train_args(c, out_default="runs/compare", steps_default=200)
+    _add_grid_args(c)
+    c.add_argument("--lr-sweep", default=None, help="comma list of peak learning rates tried on the first seed for "
+                                                    "each model; each keeps its best for the other seeds "
+                                                    "(default: --lr only)")
+    c.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training per run: both models' step times are measured and --steps becomes "
+                        "budget / the slower step time (same tokens for both)")
+    c.add_argument("--archs", default="transnormer,transformer",
+                   help="comma list of the models to train (default both); one of them, with a fixed --steps, "
+                        "runs the two in separate processes on the same tokens")
     c.set_defaults(fn=cmd_compare)
+
+    b = sub.add_parser("ablate", help="TNL ablations (no LRPE, no decay, uniform decay, RMSNorm, SwiGLU) over seeds")
+    _add_train_args(b, out_default="runs/ablate", steps_default=200)
+    _add_grid_args(b)
+    b.add_argument("--variants", default=None, help="comma list of variants (default: all; see --list-variants)")
+    b.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+    b.set_defaults(fn=cmd_ablate)
 
     v = sub.add_parser("convert", help="convert between the released HF layout and a tnllm checkpoint folder")
     v.add_argument("src", help="a released folder, a tnllm checkpoint folder or a run directory (its latest)")

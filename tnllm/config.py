@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ACTS = ("silu", "swish", "none", "relu")
+NORM_TYPES = ("simplermsnorm", "srmsnorm", "rmsnorm")
+DECAY_TYPES = ("layer", "uniform", "none")
 
 
 @dataclass
@@ -16,6 +18,13 @@ class TransNormerConfig:
 
     ``hidden_dim`` defaults to ``decoder_embed_dim``; LRPE on layer 0 only (``linear_use_lrpe_list``
     defaults to [1, 0, 0, ...]); ``glu_dim`` is the SGLU width g.
+
+    Two fields exist for ablations; their defaults are the released model:
+
+    * ``norm_type``: "simplermsnorm" (alias "srmsnorm"; SRMSNorm, no weight) or "rmsnorm" (RMSNorm with a
+      learned weight, for the pre-norms, the attention-output norm and the final norm).
+    * ``decay_type``: "layer" (the released schedule: head rate s_h times 1 - l/(L-1) + 1e-5, so the last layer
+      barely decays), "uniform" (s_h on every layer) or "none" (lambda = 1: no decay).
     """
     vocab_size: int = 64000
     decoder_embed_dim: int = 1024
@@ -28,6 +37,7 @@ class TransNormerConfig:
     linear_use_lrpe_list: list[int] | None = None
     no_scale_embedding: bool = False
     norm_type: str = "simplermsnorm"
+    decay_type: str = "layer"
     bias: bool = False
     init_std: float = 0.02
     pad_token_id: int = 0
@@ -73,8 +83,10 @@ class TransNormerConfig:
             raise ValueError(f"TransNormerConfig.linear_act_fun must be one of {_ACTS}, got {self.linear_act_fun!r}")
         if self.glu_act not in _ACTS:
             raise ValueError(f"TransNormerConfig.glu_act must be one of {_ACTS}, got {self.glu_act!r}")
-        if self.norm_type not in ("simplermsnorm", "srmsnorm"):
-            raise ValueError(f"TransNormerConfig.norm_type must be 'simplermsnorm', got {self.norm_type!r}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"TransNormerConfig.norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
+        if self.decay_type not in DECAY_TYPES:
+            raise ValueError(f"TransNormerConfig.decay_type must be one of {DECAY_TYPES}, got {self.decay_type!r}")
         lst = self.linear_use_lrpe_list
         if not isinstance(lst, (list, tuple)) or len(lst) != self.decoder_layers:
             raise ValueError(f"TransNormerConfig.linear_use_lrpe_list must be a list of decoder_layers "
@@ -96,7 +108,8 @@ class TransNormerConfig:
         bias = (4 * h + d + 2 * g + d) if self.bias else 0
         lrpe = sum(self.linear_use_lrpe_list) * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.decoder_layers * (per_layer + bias) + lrpe + head
+        norms = (self.decoder_layers * (2 * d + h) + d) if self.norm_type == "rmsnorm" else 0
+        return self.vocab_size * d + self.decoder_layers * (per_layer + bias) + lrpe + head + norms
 
     # -- presets and JSON --------------------------------------------------------------------
     @classmethod
@@ -140,7 +153,7 @@ def _p(d, L, H, g, scale=True, V=64000):
 
 
 PRESETS: dict[str, dict] = {
-    # released shapes
+    # the released shapes
     "385M": _p(1024, 24, 8, 2816),
     "1B": _p(2048, 16, 16, 5632),
     "3B": _p(2560, 32, 20, 6912, scale=False),
@@ -153,6 +166,9 @@ PRESETS: dict[str, dict] = {
     "tiny": _p(64, 2, 4, 96, V=259),
     "small": _p(256, 4, 4, 704, V=259),
     "demo": _p(192, 4, 4, 512, V=259),
+    "mini": _p(96, 4, 2, 256, V=259),      # 0.50M: the CPU quality experiments (docs/quality.md)
+    # ~100M with the byte vocabulary (99.3M; e = 128), for `tnllm compare` on a GPU
+    "100M": _p(768, 12, 6, 2304, V=259),
 }
 
 
@@ -161,7 +177,7 @@ def list_presets() -> list[str]:
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """ALiBi head rates; non-power-of-two H use the nearest lower power c, then
+    """ALiBi head rates 2 ** (-8 (h+1) / H) for H a power of two; other H use the nearest lower power c, then
     every other slope of 2c."""
     def pow2(n):
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
@@ -182,7 +198,7 @@ _FIELD_TYPES = {
     "glu_dim": _INT, "hidden_dim": _INT, "pad_token_id": _INT, "bos_token_id": _INT, "eos_token_id": _INT,
     "block_size": _INT, "max_position_embeddings": _INT,
     "no_scale_embedding": _BOOL, "bias": _BOOL, "tie_word_embeddings": _BOOL,
-    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR,
+    "linear_act_fun": _STR, "glu_act": _STR, "norm_type": _STR, "decay_type": _STR,
     "init_std": "a number", "linear_use_lrpe_list": "a list of 0/1 flags",
 }
 _NULLABLE = ("hidden_dim", "max_position_embeddings", "linear_use_lrpe_list")

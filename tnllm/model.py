@@ -66,13 +66,37 @@ def tp_srms_norm(x: Tensor, group, width: int, eps: float = EPS) -> Tensor:
 
 
 def decay_rates(cfg: TransNormerConfig, layer_idx: int) -> Tensor:
-    """s [H] fp32 for layer ``layer_idx``: ALiBi slope times (1 - l/(L-1) + 1e-5); lam = exp(-s).
+    """s [H] fp32 for layer ``layer_idx``; lam = exp(-s). By ``cfg.decay_type``: "layer" (released): ALiBi slope
+    times (1 - l/(L-1) + 1e-5); "uniform": the ALiBi slope on every layer; "none": 0 (lam = 1).
 
     With a single layer the released formula divides by zero; we take l/(L-1) = 0 there.
     """
+    slopes = torch.tensor(alibi_slopes(cfg.decoder_attention_heads), dtype=torch.float32)
+    if cfg.decay_type == "none":
+        return torch.zeros_like(slopes)
+    if cfg.decay_type == "uniform":
+        return slopes
     L = cfg.decoder_layers
     frac = layer_idx / (L - 1) if L > 1 else 0.0
-    return torch.tensor(alibi_slopes(cfg.decoder_attention_heads), dtype=torch.float32) * (1 - frac + 1e-5)
+    return slopes * (1 - frac + 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (``norm_type="rmsnorm"``): y = x * rsqrt(mean(x^2, -1) + eps) * weight,
+    the normalisation in fp32 (fp64 for fp64), cast back, then the weight (init 1); the output has x's dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return srms_norm(x, self.eps) * self.weight.to(x.dtype)
+
+
+def _norm(cfg: TransNormerConfig, width: int) -> Callable[[Tensor], Tensor]:
+    """The norm ``cfg.norm_type`` names: RMSNorm (a module with a weight) or the parameter-free SRMSNorm."""
+    return RMSNorm(width) if cfg.norm_type == "rmsnorm" else srms_norm
 
 
 class RecurrentState(list):
@@ -247,6 +271,8 @@ class NormLinearAttention(nn.Module):
         # split: the SRMSNorm of the attention output then sums the squares across it (full width h)
         self.norm_group = None
         self.norm_width = cfg.hidden_dim
+        # norm_type "rmsnorm" (an ablation): a weighted RMSNorm of the attention output instead of SRMSNorm
+        self.norm = RMSNorm(h) if cfg.norm_type == "rmsnorm" else None
         # fixed decay: no gradient, not in the state dict
         self.register_buffer("s", decay_rates(cfg, layer_idx), persistent=False)
 
@@ -274,6 +300,8 @@ class NormLinearAttention(nn.Module):
 
     def o_norm(self, o: Tensor) -> Tensor:
         """SRMSNorm of the attention output [B, T, h_local] over the full width (across ``norm_group``)."""
+        if self.norm is not None:
+            return self.norm(o)
         if self.norm_group is None:
             return srms_norm(o)
         return tp_srms_norm(o, self.norm_group, self.norm_width)
@@ -287,7 +315,7 @@ class NormLinearAttention(nn.Module):
         o, S = attend(q, k, v, self.s, S)
         # fused Triton norm * u on CUDA (reads o in [B, H, T, e]); a decode step (T = 1) keeps the plain
         # expression, which inductor fuses with its neighbours instead of launching one more kernel
-        if o.is_cuda and o.shape[2] > 1 and self.norm_group is None:
+        if o.is_cuda and o.shape[2] > 1 and self.norm_group is None and self.norm is None:
             return self.out_proj(srms_norm_gate(o, u)), S
         B, T, _ = x.shape
         o = o.transpose(1, 2).reshape(B, T, o.shape[1] * o.shape[3])    # explicit width: T = 0 or B = 0 is valid
@@ -324,12 +352,13 @@ class TransNormerDecoderLayer(nn.Module):
         super().__init__()
         self.token_mixer = NormLinearAttention(cfg, layer_idx)
         self.channel_mixer = GLU(cfg)
+        self.token_norm, self.channel_norm = _norm(cfg, cfg.decoder_embed_dim), _norm(cfg, cfg.decoder_embed_dim)
 
     def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None, step: bool = False):
-        tm = self.token_mixer
-        a, S = tm.step(srms_norm(x), S, offset) if step else tm(srms_norm(x), S, offset, mask)
+        tm, h = self.token_mixer, self.token_norm(x)
+        a, S = tm.step(h, S, offset) if step else tm(h, S, offset, mask)
         x = x + a
-        return x + self.channel_mixer(srms_norm(x)), S
+        return x + self.channel_mixer(self.channel_norm(x)), S
 
 
 class TransnormerModel(nn.Module):
@@ -340,6 +369,7 @@ class TransnormerModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.decoder_embed_dim, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(TransNormerDecoderLayer(cfg, i) for i in range(cfg.decoder_layers))
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.decoder_embed_dim)
+        self.final_norm = _norm(cfg, cfg.decoder_embed_dim)
 
 
 class TransNormerLLM(nn.Module):
@@ -367,14 +397,16 @@ class TransNormerLLM(nn.Module):
 
     # -- init ---------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """normal(0, init_std) for every Linear and the Embedding, zero biases, padding row zeroed;
-        LRPE theta back to its closed-form init. Safe to call after building on the meta device."""
+        """normal(0, init_std) for every Linear and the Embedding, zero biases, padding row zeroed, RMSNorm
+        weights 1; LRPE theta back to its closed-form init. Safe to call after building on the meta device."""
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
             if isinstance(m, Lrpe):
                 n = m.theta.numel()
                 with torch.no_grad():
@@ -439,8 +471,8 @@ class TransNormerLLM(nn.Module):
         return self.model.embed_tokens(ids) * self.model.embed_scale
 
     def head(self, hidden: Tensor) -> Tensor:
-        """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(srms_norm(hidden))``."""
-        return self.lm_head(srms_norm(hidden))
+        """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(final_norm(hidden))``."""
+        return self.lm_head(self.model.final_norm(hidden))
 
     def _run(self, x, states, offset, mask=None, step=False):
         new = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
 from tnllm import TransNormerConfig, TransNormerLLM, generate
@@ -90,8 +92,11 @@ def build():
 
 
 def load(data):
-    model, base = build()
+    model, _ = build()
     model.load_state_dict(data["model"])
+    # the baseline's SwiGLU width as recorded (matched_config's rounding may change; the weights fix it)
+    g = data["base"]["model.layers.0.mlp.w1.weight"].shape[0]
+    base = TransformerLM(dataclasses.replace(matched_config(TransNormerConfig(**CFG)), glu_dim=g)).eval()
     base.load_state_dict(data["base"])
     return model, base
 

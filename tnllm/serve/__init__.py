@@ -19,16 +19,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--ckpt", help="run directory (its latest checkpoint) or checkpoint folder")
     src.add_argument("--preset", help="serve a randomly initialised model of this preset (for benchmarks) with "
                                       "the byte tokenizer")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="slots: requests decoded together (default 16)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--max-batch", type=int, default=16, help="slots: requests decoded together")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a slot; more get HTTP 503 (default 256)")
-    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted (default 8192)")
+                   help="requests that may wait for a slot; more get HTTP 503")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted")
     p.add_argument("--max-tokens", type=int, default=4096,
-                   help="largest max_tokens a request may ask for (default 4096)")
+                   help="largest max_tokens a request may ask for")
     p.add_argument("--prefill-budget", type=int, default=4096,
-                   help="prompt tokens prefilled between two decode steps while streams run (default 4096)")
+                   help="prompt tokens prefilled between two decode steps while streams run")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16", "fp64"), default="auto",
                    help="weights dtype (auto: the checkpoint's; --preset: bf16 on CUDA, fp32 elsewhere)")
@@ -38,8 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
     p.add_argument("--model-name", default=None,
                    help="the model id of /v1/models (default: the checkpoint folder's name, or tnllm-PRESET)")
-    p.add_argument("--seed", type=int, default=0, help="weights seed for --preset (default 0)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--seed", type=int, default=0, help="weights seed for --preset")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
 
 
 def _positive(name: str, v: int, low: int = 1) -> None:

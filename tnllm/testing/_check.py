@@ -130,17 +130,18 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
 def add_parser(sub) -> None:
     """Register ``tnllm check`` on an argparse sub-parsers object."""
     c = sub.add_parser("check", help="property-test a Lightning Attention implementation on a device (a table)")
-    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    c.add_argument("--op", default=None, help=f"module:function with lightning_attn's signature (default {DEFAULT_OP})")
-    c.add_argument("--examples", type=int, default=100, help="drawn cases per dtype (default 100)")
+    c.add_argument("--device", default="cpu", help="the device the implementation runs on: cpu or cuda")
+    c.add_argument("--op", default=None, help=f"module:function with lightning_attn's signature (None: {DEFAULT_OP})")
+    c.add_argument("--examples", type=int, default=100, help="hypothesis-drawn cases per dtype")
     c.add_argument("--dtype", action="append", choices=("fp64", "fp32", "fp16", "bf16"), default=None,
-                   help="repeat for several (default: bf16, fp16, fp32 on cuda; fp32, fp64 on cpu)")
-    c.add_argument("--oracle", choices=("naive", "recurrent", "loop"), default="naive")
-    c.add_argument("--rates", default=None, help="comma list of decay kinds from zero,small,medium,large,inf (default all)")
-    c.add_argument("--max-T", type=int, default=256, help="longest drawn sequence (default 256)")
+                   help="input dtype, repeat for several (None: bf16, fp16, fp32 on cuda; fp32, fp64 on cpu)")
+    c.add_argument("--oracle", choices=("naive", "recurrent", "loop"), default="naive",
+                   help="the fp64 reference form the implementation is compared with")
+    c.add_argument("--rates", default=None, help="comma list of decay kinds from zero,small,medium,large,inf (None: all)")
+    c.add_argument("--max-T", type=int, default=256, help="longest drawn sequence")
     c.add_argument("--dims", default=None, help="comma list of head widths drawn for Dk and Dv "
-                                                "(default 16,64,128 on cuda; 1,4,8,16,24,32 on cpu)")
-    c.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
+                                                "(None: 16,64,128 on cuda; 1,4,8,16,24,32 on cpu)")
+    c.add_argument("--seed", type=int, default=None, help="hypothesis seed (None: derandomized, the same cases every run)")
     c.add_argument("--no-edges", action="store_true", help="skip the edge contract (non-finite inputs, s = inf, bad s)")
     c.set_defaults(fn=cmd_check)
 

@@ -62,6 +62,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     plot: bool = True
+    checkpoint: bool = True                # False: write no checkpoint (metrics only), e.g. for compare grids
     loss_chunk_tokens: int = 16384         # larger batches compute the head + loss in checkpointed chunks
     overrides: dict = field(default_factory=dict)   # model config fields over the preset
 
@@ -72,6 +73,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("progress", "plot", "checkpoint", "compile", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -336,6 +340,34 @@ class Trainer:
         return ckpt.save_checkpoint(self.out, self.step, self.raw_model, self.tokenizer, self.trainer_state(),
                                     self.metrics_file, keep=self.cfg.keep_checkpoints)
 
+    def measure_step_time(self, warmup: int = 3, timed: int = 5) -> float:
+        """Seconds per training step: ``warmup`` steps (compilation happens there) then the mean of ``timed``
+        steps. The model, optimizer, scheduler, data position and RNG are put back as they were, so a ``fit()``
+        afterwards trains exactly as without the measurement. Call after ``setup()`` on a fresh run."""
+        if not hasattr(self, "model"):
+            self.setup()
+        if self.step != 0:
+            raise ValueError("measure_step_time runs on a fresh run (step 0), not on a resumed or trained one")
+        c = self.cfg
+        weights = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        rng, lanes = _rng_state(), self.loader.state_dict()
+        for _ in range(warmup):
+            self.train_step(self.loader.next_batch())
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        t0 = time.perf_counter()
+        for _ in range(timed):
+            self.train_step(self.loader.next_batch())      # float(loss) synchronises each step
+        dt = (time.perf_counter() - t0) / max(1, timed)
+        with torch.no_grad():
+            self.raw_model.load_state_dict(weights)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr, betas=tuple(c.betas),
+                                           fused=self.dev.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(self.cfg, s) / self.cfg.lr)
+        self.loader.load_state_dict(lanes)
+        _set_rng_state(rng)
+        return dt
+
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to ``cfg.steps``; returns a summary (final val loss/ppl, tokens/s, time, checkpoint)."""
@@ -370,7 +402,7 @@ class Trainer:
                 val = (vl, ppl)
                 self.record({"step": self.step, "val_loss": round(vl, 6), "val_ppl": round(ppl, 4)})
                 self.log(f"step {self.step}: val loss {vl:.4f}, perplexity {ppl:.2f}")
-            if end or (c.save_every and self.step % c.save_every == 0):
+            if c.checkpoint and (end or (c.save_every and self.step % c.save_every == 0)):
                 last_path = self.save()
         bar.close()
         elapsed = time.perf_counter() - t_start

@@ -163,6 +163,9 @@ def apply_tp(model: TransNormerLLM, tp_mesh: DeviceMesh) -> TransNormerLLM:
                          f"decoder_attention_heads={H}")
     if g % tp:
         raise ValueError(f"tensor parallel degree tp={tp} must divide the SGLU width glu_dim={g}")
+    if cfg.norm_type == "rmsnorm":
+        raise ValueError("tensor parallel supports norm_type 'simplermsnorm' (the released norm, no weight); "
+                         "norm_type 'rmsnorm' has a weighted attention-output norm over the split width")
     if any(getattr(l.token_mixer, "tnllm_tp", None) for l in model.model.layers):
         raise ValueError("apply_tp was already applied to this model")
     group = tp_mesh.get_group()
