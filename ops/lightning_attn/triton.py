@@ -72,7 +72,7 @@ def _rows(r0, T, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     return t.to(tl.int64), valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "chunks_per_split"])   # one compile for every length
 def _la_local_state_kernel(
     Bp, Cp, W, s_ptr,
     T, H, n_tiles, n_prev, chunks_per_split,
@@ -110,7 +110,7 @@ def _la_local_state_kernel(
     tl.store(w + ja[:, None] * DC + jc[None, :], L, mask=ma[:, None] & mc[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "chunks_per_split"])   # one compile for every length
 def _la_sweep_kernel(
     A, Bp, Cp, O, S0, SF, W, s_ptr,
     T, H, n_tiles, n_split, chunks_per_split,

@@ -55,9 +55,11 @@ def test_noncontiguous_slow_and_fast_decay():
 
 
 def test_property_cuda():
-    """Hypothesis-drawn cases on CUDA, every kernel dtype (shapes, layouts, rates incl. 0 and inf, states)."""
-    tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                          max_examples=40, max_T=300, dims=(16, 64))
+    """Hypothesis-drawn cases on CUDA (shapes, layouts, rates incl. 0 and inf, states), bf16 and fp32."""
+    # every new (Dk, Dv, dtype, layout) is a Triton compile of several kernels (~1 s each): fp16 is covered
+    # by test_op_cuda_matches_naive, so the drawn cases stay at two dtypes to keep the GPU suite short
+    tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16, torch.float32),
+                          max_examples=25, max_T=300, dims=(16, 64))
 
 
 def test_edge_semantics_cuda():
