@@ -247,12 +247,7 @@ def convert(src, dst, overwrite: bool = False) -> str:
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"convert: destination {dst} exists and is not empty (pass overwrite=True to "
                               f"write into it)")
-    cfg_path = src / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"convert: no {CONFIG_NAME} in {src}")
-    raw_cfg = read_json(cfg_path, "the model config")
-    if not isinstance(raw_cfg, dict):
-        raise ValueError(f"{cfg_path}: must hold a JSON object, got {type(raw_cfg).__name__}")
+    raw_cfg = _read_config(src)
     to_released = _is_tnllm_folder(src, raw_cfg)
     model = TransNormerLLM.from_pretrained(src, dtype="auto")       # checks everything before dst is touched
 
