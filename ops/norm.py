@@ -1,4 +1,4 @@
-"""SRMSNorm (SPEC section 1): y = x * rsqrt(mean(x^2, -1) + eps), computed in fp32, cast back; no weight."""
+"""SRMSNorm: y = x * rsqrt(mean(x^2, -1) + eps), computed in fp32, cast back; no weight."""
 from __future__ import annotations
 
 import torch

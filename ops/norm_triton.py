@@ -1,4 +1,4 @@
-"""Fused SRMSNorm + u gate (SPEC section 1, the token mixer's tail): y = srms_norm(o_BTd) * u.
+"""Fused SRMSNorm + u gate (the token mixer's tail): y = srms_norm(o_BTd) * u.
 
 ``o`` comes straight from the attention op in [B, H, T, e] layout; the norm spans the whole width
 d = H * e, so the fused kernel reads o through its strides and never materialises the

@@ -1,7 +1,7 @@
 """Released-checkpoint compatibility (tnllm/hub.py, issue 7).
 
 Synthetic folders in the released Hugging Face layout are written here with the official key names and
-shapes (SPEC section 1), independently of tnllm's modules. They are loaded with ``from_pretrained`` and
+shapes of the released model, independently of tnllm's modules. They are loaded with ``from_pretrained`` and
 compared (a) with a ``TransNormerLLM`` whose weights are placed by hand, attribute by attribute
 (logits bit-equal) and (b) with an fp64 re-implementation of the released forward written from the raw
 tensors (quadratic masked form, ALiBi decay), which checks that the key names mean what the released code
@@ -43,7 +43,7 @@ def released_config(**kw):
 
 
 def released_weights(c, seed=0, head=True, untied=False):
-    """Official keys and shapes from SPEC section 1, random values (theta at its closed-form init)."""
+    """Official keys and shapes of the released checkpoints, random values (theta at its closed-form init)."""
     g = torch.Generator().manual_seed(seed)
     d, h, n_heads, glu, vocab = c["decoder_embed_dim"], c["hidden_dim"], c["decoder_attention_heads"], c["glu_dim"], c["vocab_size"]
     e = h // n_heads

@@ -1,4 +1,4 @@
-"""TransNormerLLM: exact to SPEC section 1; parallel == prefill == step; compile; presets; bad input."""
+"""TransNormerLLM: exact to the released model; parallel == prefill == step; compile; presets; bad input."""
 import math
 
 import pytest
@@ -22,7 +22,7 @@ def model64(seed=0, **kw):
 
 
 def reference_logits(m: TransNormerLLM, ids):
-    """SPEC section 1 written out literally with the quadratic masked form, independent of tnllm.ops."""
+    """The released model's maths written out literally with the quadratic masked form, independent of tnllm.ops."""
     cfg = m.config
     L, H, e = cfg.decoder_layers, cfg.decoder_attention_heads, cfg.head_dim
     rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -39,7 +39,7 @@ def reference_logits(m: TransNormerLLM, ids):
             ang = tm.lrpe.theta.double() * t[:, None]
             q = torch.cat([q * ang.cos(), q * ang.sin()], -1)
             k = torch.cat([k * ang.cos(), k * ang.sin()], -1)
-        s = (slopes * (1 - l / (L - 1) + 1e-5)).float().double()   # the rate is an fp32 tensor (SPEC 3)
+        s = (slopes * (1 - l / (L - 1) + 1e-5)).float().double()   # the rate is an fp32 tensor
         dist = (t[:, None] - t[None, :])
         mask = torch.exp(-s[:, None, None] * dist.clamp(min=0)) * (dist >= 0)
         o = ((q @ k.transpose(-1, -2)) * mask) @ v
