@@ -197,3 +197,17 @@ def test_bad_train_config(tmp_path, corpus):
     empty.mkdir()
     with pytest.raises(ValueError, match="empty"):
         Trainer(tiny_cfg(tmp_path / "a", empty), log=quiet).fit()
+
+
+@pytest.mark.parametrize("arch", ["transnormer", "transformer"])
+def test_compile_is_per_block_so_the_chunked_loss_path_is_compiled_too(tmp_path, corpus, arch):
+    """--compile compiles every decoder block: the chunked loss (past loss_chunk_tokens) goes through
+    `hidden_states`, which a whole-model `model.compile()` (the forward only) would leave eager."""
+    from tnllm.compile import is_compiled
+    t = Trainer(tiny_cfg(tmp_path / "run", corpus, compile=True, arch=arch), log=quiet)
+    t.setup()
+    assert is_compiled(t.model)
+    assert getattr(t.model, "_compiled_call_impl", None) is None       # not the whole forward
+    eager = Trainer(tiny_cfg(tmp_path / "run2", corpus, arch=arch), log=quiet)
+    eager.setup()
+    assert not is_compiled(eager.model)

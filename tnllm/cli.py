@@ -68,7 +68,7 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (0: off)")
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of init, data order and sampling")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile())")
+    g.add_argument("--compile", action="store_true", help="torch.compile every decoder block (fullgraph; the head and the loss stay eager)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=out_default, help="run directory")
     g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,

@@ -271,7 +271,11 @@ class Trainer:
             model = self.parallelize(model)
         self.raw_model = model
         if c.compile:
-            model.compile()
+            # per block (as the distributed trainer does): both loss paths, the full forward and the chunked
+            # `hidden_states` one past `loss_chunk_tokens`, run compiled blocks; a whole-model compile would
+            # cover the forward only
+            from tnllm.compile import compile_model
+            compile_model(model)
         self.model = model
         self.optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas),
                                            fused=self.dev.type == "cuda")
