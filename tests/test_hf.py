@@ -135,6 +135,19 @@ def test_save_pretrained_round_trips_with_auto_classes_and_tnllm(tmp_path):
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "bin")(ids).logits, m(ids))
 
 
+@pytest.mark.parametrize("kw", [dict(decay_type="none"), dict(decay_type="uniform"), dict(norm_type="rmsnorm")])
+def test_ablation_configs_round_trip(tmp_path, kw):
+    """Every TransNormerConfig field survives the transformers config: an ablation model (no decay, uniform
+    decay, weighted RMSNorm) loads back as itself, not as the released variant."""
+    m = tiny(5, **kw)
+    ids = torch.randint(3, 259, (2, 19))
+    m.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    (key, value), = kw.items()
+    assert getattr(back.config, key) == value and getattr(back.tnllm_model.config, key) == value
+    assert torch.equal(back(ids).logits, m(ids))
+
+
 def test_released_folder_loads_without_remote_code(released):
     folder, model = released
     ids = torch.randint(3, 64, (2, 21))

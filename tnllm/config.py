@@ -230,7 +230,7 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{path}: not valid JSON ({what}): {e}") from e
 
 
-def _released_to_tnllm_fields(d: dict, where: str) -> dict:
+def released_to_tnllm_fields(d: dict, where: str) -> dict:
     """Apply the released code's conventions that tnllm's config spells differently."""
     d = dict(d)
     if d.get("glu_dim") == -1:                       # released: -1 means "same as decoder_embed_dim"
@@ -264,7 +264,7 @@ def read_config(path) -> TransNormerConfig:
         raise ValueError(f"{cfg_path}: 'arch' is {arch!r}, not 'transnormer'; from_pretrained loads "
                          f"TransNormerLLM checkpoints only.{hint}")
     _check_field_types(d, str(cfg_path))
-    d = _released_to_tnllm_fields(d, str(cfg_path))
+    d = released_to_tnllm_fields(d, str(cfg_path))
     try:
         return TransNormerConfig.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from tnllm.config import TransNormerConfig
+from tnllm.config import TransNormerConfig, released_to_tnllm_fields
 
 # the fields TransNormerConfig knows, in its order (everything else a config.json holds stays a plain attribute)
 TNLLM_FIELDS = ("vocab_size", "decoder_embed_dim", "decoder_layers", "decoder_attention_heads", "glu_dim",
                 "hidden_dim", "linear_act_fun", "glu_act", "linear_use_lrpe_list", "no_scale_embedding", "norm_type",
-                "bias", "init_std", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings",
+                "decay_type", "bias", "init_std", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings",
                 "block_size", "tie_word_embeddings")
 
 
@@ -50,6 +50,7 @@ class TransNormerHFConfig(PretrainedConfig):
     linear_use_lrpe_list: list[int] | None = None
     no_scale_embedding: bool = False
     norm_type: str = "simplermsnorm"
+    decay_type: str = "layer"
     bias: bool = False
     init_std: float = 0.02
     pad_token_id: int | None = 0
@@ -72,14 +73,10 @@ class TransNormerHFConfig(PretrainedConfig):
     # -- conversion ------------------------------------------------------------------------------
     def _tnllm_fields(self) -> dict:
         d = {name: getattr(self, name) for name in TNLLM_FIELDS}
-        if d["glu_dim"] == -1:                      # released: -1 means "same as decoder_embed_dim"
-            d["glu_dim"] = d["decoder_embed_dim"]
-        if d["linear_use_lrpe_list"] == []:         # released: empty list -> the per-layer `linear_use_lrpe` flag
-            flag = getattr(self, "linear_use_lrpe", None)
-            if not isinstance(flag, (int, bool)):
-                raise ValueError("TransNormerHFConfig: 'linear_use_lrpe_list' is empty and there is no "
-                                 "'linear_use_lrpe' flag; give one 0/1 flag per layer (decoder_layers)")
-            d["linear_use_lrpe_list"] = [int(flag)] * d["decoder_layers"]
+        if hasattr(self, "linear_use_lrpe"):        # the released per-layer flag behind an empty list
+            d["linear_use_lrpe"] = self.linear_use_lrpe
+        d = released_to_tnllm_fields(d, type(self).__name__)     # the released conventions (glu_dim -1, ...)
+        d.pop("linear_use_lrpe", None)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if d[name] is None:
                 d[name] = getattr(TransNormerConfig, name)
