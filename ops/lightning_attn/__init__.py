@@ -2,12 +2,14 @@
 
 Forms side by side (one signature: ``(q, k, v, s, initial_state=None, output_final_state=False)``):
 ``naive`` (quadratic oracle), ``recurrent`` (token loop), ``blocked`` (Lightning Attention-2 in
-PyTorch) and ``op`` (the ``tnllm::lightning_attn_*`` custom ops: blocked on CPU, Triton on CUDA).
+PyTorch) and ``op`` (the ``tnllm::lightning_attn_*`` custom ops: blocked on CPU, Triton on CUDA), and ``varlen``
+(packed variable-length sequences over the op).
 """
 from .blocked import DEFAULT_BLOCK, lightning_attn_blocked
 from .naive import lightning_attn_naive
 from .op import lightning_attn
 from .recurrent import lightning_attn_recurrent, lightning_attn_step
+from .varlen import lightning_attn_varlen
 
 __all__ = ["lightning_attn", "lightning_attn_naive", "lightning_attn_recurrent", "lightning_attn_blocked",
-           "lightning_attn_step", "DEFAULT_BLOCK"]
+           "lightning_attn_step", "lightning_attn_varlen", "DEFAULT_BLOCK"]
