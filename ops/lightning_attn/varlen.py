@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import check_inputs
 from .blocked import DEFAULT_BLOCK
 from .op import lightning_attn
 
@@ -48,10 +49,9 @@ def lightning_attn_varlen(q: Tensor, k: Tensor, v: Tensor, s: Tensor, cu_seqlens
 
     Returns o [1, H, T, Dv] in q's dtype, or (o, S) with ``output_final_state``.
     """
-    if isinstance(q, Tensor) and q.dim() == 4 and q.shape[0] != 1:
+    check_inputs(q, k, v, s, None, check_decay=False)      # shapes and dtypes, the op's own errors
+    if q.shape[0] != 1:
         raise ValueError(f"lightning_attn_varlen: packed inputs have batch 1 ([1, H, T, D]), got q {tuple(q.shape)}")
-    if not isinstance(q, Tensor) or q.dim() != 4:
-        lightning_attn(q, k, v, s)          # the op's own error for a malformed q
     cu = check_cu_seqlens(cu_seqlens, q.shape[2])
     N = len(cu) - 1
     if initial_state is not None and (not isinstance(initial_state, Tensor) or initial_state.dim() != 4

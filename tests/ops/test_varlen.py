@@ -93,7 +93,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="`cu_seqlens` must be a 1-D integer tensor"):
         lightning_attn_varlen(q, q, q, torch.ones(2), torch.tensor([0.0, 10.0]))
     with pytest.raises(ValueError, match="batch 1"):
-        lightning_attn_varlen(torch.randn(2, 2, 10, 4), q, q, torch.ones(2), torch.tensor([0, 10]))
+        q2 = torch.randn(2, 2, 10, 4)
+        lightning_attn_varlen(q2, q2, q2, torch.ones(2), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="`initial_state` must have shape \\[N, H, Dk, Dv\\] with N = 2"):
         lightning_attn_varlen(q, q, q, torch.ones(2), torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="decay rate"):
