@@ -299,7 +299,8 @@ class NormLinearAttention(nn.Module):
         return q, k, v, u
 
     def o_norm(self, o: Tensor) -> Tensor:
-        """SRMSNorm of the attention output [B, T, h_local] over the full width (across ``norm_group``)."""
+        """SRMSNorm of the attention output [B, T, h_local] over the full width (across ``norm_group``); the weighted
+        RMSNorm instead for ``norm_type="rmsnorm"``."""
         if self.norm is not None:
             return self.norm(o)
         if self.norm_group is None:
