@@ -83,6 +83,11 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
     if name == "tnllm_api":   # the public wrapper: adds input checks (one host sync on the sign of s)
         from tnllm.ops import lightning_attn
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name.startswith("tnllm_nf"):   # the public op with the sweep's non-finite masking mode NF forced
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        tri.NONFINITE_MODE = int(name[len("tnllm_nf"):])   # read at each launch (forward and backward)
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -152,7 +157,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         step()
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
-    if name == "tnllm":   # the benchmarked kernels vs the blocked form in fp32 on the same inputs
+    if name == "tnllm" or name.startswith("tnllm_nf"):   # the benchmarked kernels vs the blocked form in fp32 on the same inputs
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
@@ -301,6 +306,8 @@ def main(argv=None):
     ap.add_argument("--fla-max-configs", type=int, default=6)
     ap.add_argument("--fla-shapes", default="main", help="shapes at which fla runs (each new K/V autotunes)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--nonfinite-modes", default="", help="comma list of the sweep kernel's NF modes to time as "
+                    "tnllm_nf<m> (0: unsafe, no masking; 1: prefix-count dot; 2: running sum; 3: branch + running sum)")
     ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
     ap.add_argument("--png", default="docs/attention.png")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -338,10 +345,13 @@ def main(argv=None):
             log("fla unavailable:", e)
     path = os.path.join(a.out, "attention.json")
     recs = []
+    from tnllm.ops.lightning_attn import triton as tri
+    nf_default = tri.NONFINITE_MODE
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
-            names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers
+            names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers \
+                + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m]
             for name in names:
                 if name == "fla_chunk" and shape_name not in a.fla_shapes.split(","):
                     continue
@@ -354,6 +364,9 @@ def main(argv=None):
                         rec = dict(impl=name, shape=shape_name, error=f"{type(e).__name__}: {str(e)[:300]}")
                         traceback.print_exc(limit=1)
                         _empty_cache()
+                if name.startswith("tnllm_nf"):
+                    from tnllm.ops.lightning_attn import triton as tri
+                    tri.NONFINITE_MODE = nf_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_D = 256          # widest Dk / Dv handled by the Triton path
+NONFINITE_MODE = 1   # default NF of the sweep kernel (bench/attention_nonfinite.py measures the modes)
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
 
 
@@ -72,7 +73,7 @@ def _rows(r0, T, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     return t.to(tl.int64), valid
 
 
-@triton.jit(do_not_specialize=["T", "chunks_per_split"])   # one compile for every length
+@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_prev", "chunks_per_split"])   # one compile per widths/dtype
 def _la_local_state_kernel(
     Bp, Cp, W, s_ptr,
     T, H, n_tiles, n_prev, chunks_per_split,
@@ -110,7 +111,7 @@ def _la_local_state_kernel(
     tl.store(w + ja[:, None] * DC + jc[None, :], L, mask=ma[:, None] & mc[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "chunks_per_split"])   # one compile for every length
+@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split"])   # one compile per widths/dtype
 def _la_sweep_kernel(
     A, Bp, Cp, O, S0, SF, W, s_ptr,
     T, H, n_tiles, n_split, chunks_per_split,
@@ -118,7 +119,7 @@ def _la_sweep_kernel(
     s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
-    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr,
+    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -170,11 +171,20 @@ def _la_sweep_kernel(
         # or column of the scores, and C's non-finite entries are zeroed for the intra product and
         # added back as a running sum (frame rows >= theirs), so none reaches an earlier row
         sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
-        cfin = tl.abs(c.to(tl.float32)) < float("inf")
-        cz = tl.where(cfin, c, tl.zeros_like(c))
-        o = _mm(sc.to(c.dtype), cz, IEEE) + _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
-        if tl.sum((~cfin).to(tl.int32)) > 0:
-            o = o + tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
+        o = _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
+        if NF == 0:      # unsafe (benchmarks only): a non-finite C row reaches earlier rows through 0 * inf
+            o += _mm(sc.to(c.dtype), c, IEEE)
+        else:
+            cfin = tl.abs(c.to(tl.float32)) < float("inf")
+            o += _mm(sc.to(c.dtype), tl.where(cfin, c, tl.zeros_like(c)), IEEE)
+            if NF == 1:  # rows >= a non-finite C row get NaN: a prefix count by one small dot (exact in fp16)
+                cnt = tl.dot(causal.to(tl.float16), (~cfin).to(tl.float16))
+                o = tl.where(cnt > 0, float("nan"), o)
+            elif NF == 2:  # the non-finite entries added back as a running sum (no branch)
+                o += tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
+            else:        # NF == 3: the running sum only in chunks that hold a non-finite entry
+                if tl.sum((~cfin).to(tl.int32)) > 0:
+                    o += tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
         tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & mc[None, :])
         cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
@@ -198,6 +208,7 @@ class SweepConfig:
     num_warps: int = 4
     num_stages: int = 2
     n_split: int = 0
+    nonfinite: int = -1     # the masking of non-finite C entries (NF in _la_sweep_kernel); -1: NONFINITE_MODE
 
 
 def _pow2(n: int) -> int:
@@ -298,7 +309,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *s0_st, *sf_st,
         DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee,
+        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, NF=cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

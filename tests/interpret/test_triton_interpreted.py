@@ -105,10 +105,23 @@ def test_kernels_property():
                               max_examples=5, max_T=100, dims=(8, 16, 24, 40))
 
 
-def test_kernels_edge_semantics():
-    """NaN/inf at t stays causal in all four sweeps (forward and the three backward ones), s = inf is lambda = 0."""
-    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3)),
+@pytest.mark.parametrize("nf", [1, 2, 3], ids=["countdot", "cumsum", "branch"])
+def test_kernels_edge_semantics(nf):
+    """NaN/inf at t stays causal in all four sweeps (forward and the three backward ones), s = inf is lambda = 0,
+    for each of the sweep's non-finite-safe masking modes."""
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3, nonfinite=nf)),
                              dtypes=(torch.float32,), max_examples=6, max_T=70, dims=(8, 16))
+
+
+def test_unsafe_mode_is_unsafe():
+    """The benchmark-only mode NF = 0 lets an inf in v reach earlier outputs (0 * inf): the safe modes are needed."""
+    q, k, v = (torch.randn(1, 1, 16, 16) for _ in range(3))
+    v[0, 0, 9, 3] = math.inf
+    s = torch.tensor([0.5])
+    o = triton_form(q, k, v, s, cfg=tri.SweepConfig(BC=16, CHUNK=16, nonfinite=0))
+    assert not torch.isfinite(o[0, 0, :9]).all()
+    o = triton_form(q, k, v, s, cfg=tri.SweepConfig(BC=16, CHUNK=16))
+    assert torch.isfinite(o[0, 0, :9]).all()
     tt.assert_nonfinite_causal(triton_form, dtypes=(torch.float16,), max_examples=3, max_T=70, dims=(16,))
 
 
