@@ -42,7 +42,10 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_D = 256          # widest Dk / Dv handled by the Triton path
-NONFINITE_MODE = 1   # default NF of the sweep kernel (bench/attention_nonfinite.py measures the modes)
+# How the sweep keeps a non-finite entry of C causal (NF of _la_sweep_kernel): 0 unsafe (benchmarks only),
+# 1 always masked, 2 the unmasked loop unless a device-side flag says that C holds a non-finite entry
+# (one reduction over C per launch). `bench/attention.py --nonfinite-modes 0,1,2` times them.
+NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
 
 
@@ -111,9 +114,46 @@ def _la_local_state_kernel(
     tl.store(w + ja[:, None] * DC + jc[None, :], L, mask=ma[:, None] & mc[None, :])
 
 
+@triton.jit
+def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
+                  ja, jc, ma, mc, ODT: tl.constexpr, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
+                  IEEE: tl.constexpr, NF: tl.constexpr):
+    """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
+    NF: 0 multiplies C as it is (a non-finite C row reaches earlier rows through 0 * inf: only for finite C);
+    1 zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
+    (a prefix count by one small dot, exact in fp16)."""
+    jj = tl.arange(0, CHUNK)
+    for n in range(n0, n1):
+        r0 = n * CHUNK
+        t, valid = _rows(r0, T, REVERSE, CHUNK)
+        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
+        qdec = _lam_pow(log_lam, jj + 1 + es)
+        # masks are wheres, never products with 0: a NaN/inf in a row of A or Bm stays in its row
+        # or column of the scores
+        sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
+        o = _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
+        if NF == 0:
+            o += _mm(sc.to(c.dtype), c, IEEE)
+        else:
+            cfin = tl.abs(c.to(tl.float32)) < float("inf")
+            o += _mm(sc.to(c.dtype), tl.where(cfin, c, tl.zeros_like(c)), IEEE)
+            cnt = tl.dot(causal.to(tl.float16), (~cfin).to(tl.float16))
+            o = tl.where(cnt > 0, float("nan"), o)
+        tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(ODT), mask=valid[:, None] & mc[None, :])
+        cl = tl.minimum(T - r0, CHUNK)
+        kexp = cl - 1 - jj
+        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
+        bd = (bm * kdec[:, None]).to(bm.dtype)
+        S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bd), c, IEEE)
+    return S
+
+
 @triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split"])   # one compile per widths/dtype
 def _la_sweep_kernel(
-    A, Bp, Cp, O, S0, SF, W, s_ptr,
+    A, Bp, Cp, O, S0, SF, W, s_ptr, F,
     T, H, n_tiles, n_split, chunks_per_split,
     sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
     s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
@@ -159,38 +199,15 @@ def _la_sweep_kernel(
     n_chunks = tl.cdiv(T, CHUNK)
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
-    for n in range(n0, n1):
-        r0 = n * CHUNK
-        t, valid = _rows(r0, T, REVERSE, CHUNK)
-        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
-        es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
-        qdec = _lam_pow(log_lam, jj + 1 + es)
-        # masks are wheres, never products with 0: a NaN/inf in a row of A or Bm stays in its row
-        # or column of the scores, and C's non-finite entries are zeroed for the intra product and
-        # added back as a running sum (frame rows >= theirs), so none reaches an earlier row
-        sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
-        o = _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
-        if NF == 0:      # unsafe (benchmarks only): a non-finite C row reaches earlier rows through 0 * inf
-            o += _mm(sc.to(c.dtype), c, IEEE)
+    args = (a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal, ja, jc, ma, mc)
+    if NF == 2:
+        # the fast loop unless some entry of C is not finite (a device-side flag: no host sync)
+        if tl.load(F) == 0:
+            S = _sweep_chunks(*args, O.dtype.element_ty, REVERSE, E0, CHUNK, IEEE, 0)
         else:
-            cfin = tl.abs(c.to(tl.float32)) < float("inf")
-            o += _mm(sc.to(c.dtype), tl.where(cfin, c, tl.zeros_like(c)), IEEE)
-            if NF == 1:  # rows >= a non-finite C row get NaN: a prefix count by one small dot (exact in fp16)
-                cnt = tl.dot(causal.to(tl.float16), (~cfin).to(tl.float16))
-                o = tl.where(cnt > 0, float("nan"), o)
-            elif NF == 2:  # the non-finite entries added back as a running sum (no branch)
-                o += tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
-            else:        # NF == 3: the running sum only in chunks that hold a non-finite entry
-                if tl.sum((~cfin).to(tl.int32)) > 0:
-                    o += tl.cumsum(tl.where(cfin, 0.0, c.to(tl.float32)), axis=0)
-        tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & mc[None, :])
-        cl = tl.minimum(T - r0, CHUNK)
-        kexp = cl - 1 - jj
-        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
-        bd = (bm * kdec[:, None]).to(bm.dtype)
-        S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bd), c, IEEE)
+            S = _sweep_chunks(*args, O.dtype.element_ty, REVERSE, E0, CHUNK, IEEE, 1)
+    else:
+        S = _sweep_chunks(*args, O.dtype.element_ty, REVERSE, E0, CHUNK, IEEE, NF)
 
     if WRITE_SF:
         if split == n_split - 1:
@@ -208,7 +225,7 @@ class SweepConfig:
     num_warps: int = 4
     num_stages: int = 2
     n_split: int = 0
-    nonfinite: int = -1     # the masking of non-finite C entries (NF in _la_sweep_kernel); -1: NONFINITE_MODE
+    nonfinite: int = -1     # the masking of non-finite C entries (NF of _la_sweep_kernel); -1: NONFINITE_MODE
 
 
 def _pow2(n: int) -> int:
@@ -225,6 +242,13 @@ def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     return SweepConfig(BC=BC, CHUNK=64, num_warps=4, num_stages=2)
 
 
+def nonfinite_flag(x: Tensor) -> Tensor:
+    """int32 [1] on x's device: 1 when some entry of ``x`` is NaN or inf, without a host sync (one fp32
+    sum: NaN and inf propagate; a sum of finite entries that overflows fp32 also gives 1, which only
+    selects the masked loop, correct for every input)."""
+    return (~torch.isfinite(x.sum(dtype=torch.float32))).to(torch.int32).reshape(1)
+
+
 def _last_unit(x: Tensor) -> Tensor:
     """``x`` itself when its last stride is 1 and its base and row strides are 16-byte aligned, else a
     contiguous copy. The model's layouts (views of the fused qkvu projection) pass as they are; a view
@@ -238,7 +262,7 @@ def _last_unit(x: Tensor) -> Tensor:
 
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
            final: Tensor | None = None, sf_shift: bool = False, cfg: SweepConfig | None = None,
-           out: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, flag: Tensor | None = None) -> Tensor:
     """One sweep (module docstring). A, Bm [B, H, T, DA]; C [B, H, T, DC]; S0 [B, H, DA, DC] view or None;
     ``final`` [B, H, DA, DC] fp32 view to receive the final state; ``out`` an optional [B, H, T, DC]
     view (unit last stride) to write. Returns Out [B, H, T, DC] in C's dtype (contiguous if allocated here).
@@ -251,7 +275,10 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     DC = C.shape[-1]
     if out is None:
         out = torch.empty(B, H, T, DC, device=C.device, dtype=C.dtype)
-    kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg)
+    nf = cfg.nonfinite if cfg is not None and cfg.nonfinite >= 0 else NONFINITE_MODE
+    if nf == 2 and flag is None:
+        flag = nonfinite_flag(C)
+    kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg, flag=flag)
     if DC > TILE_D:
         for c0 in range(0, DC, TILE_D):
             sl = slice(c0, c0 + TILE_D)
@@ -304,12 +331,12 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     sf_st = tuple(sf.stride())
     grid = (B * H * n_split * n_tiles,)
     _la_sweep_kernel[grid](
-        A, Bm, C, out, s0, sf, W, s32, T, H, n_tiles, n_split, cps,
+        A, Bm, C, out, s0, sf, W, s32, flag if nf == 2 else s32, T, H, n_tiles, n_split, cps,
         A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
         C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *s0_st, *sf_st,
         DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, NF=cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE,
+        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, NF=nf,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

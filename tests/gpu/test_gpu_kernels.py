@@ -36,7 +36,7 @@ def check(B, H, T, Dk, Dv, dtype, state, rates=None, layout="contiguous", seed=0
 
 CASES = [   # (B, H, T, Dk, Dv, dtype): every dtype at the model widths, odd widths, tails, Dk != Dv
     (2, 3, 1, 16, 16, "bf16"), (2, 3, 1, 16, 16, "fp32"), (2, 3, 100, 64, 64, "fp16"),
-    (1, 4, 1000, 128, 128, "bf16"), (1, 4, 1000, 128, 128, "fp16"), (1, 4, 1000, 128, 128, "fp32"),
+    (1, 4, 1000, 128, 128, "bf16"), (1, 4, 1000, 128, 128, "fp16"), (1, 4, 300, 128, 128, "fp32"),
     (1, 2, 777, 256, 128, "bf16"), (1, 2, 777, 256, 128, "fp32"), (2, 2, 300, 128, 256, "bf16"),
     (1, 2, 333, 48, 80, "fp16"), (1, 1, 2048, 32, 32, "bf16"), (2, 4, 700, 64, 64, "bf16"),
 ]
@@ -55,15 +55,15 @@ def test_noncontiguous_slow_and_fast_decay():
 
 
 def test_property_cuda():
-    """Hypothesis-drawn cases on CUDA (shapes, layouts, rates incl. 0 and inf, states), bf16 and fp32."""
-    # every new (Dk, Dv, dtype, layout) is a Triton compile of several kernels (~1 s each): fp16 is covered
-    # by test_op_cuda_matches_naive, so the drawn cases stay at two dtypes to keep the GPU suite short
-    tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16, torch.float32),
-                          max_examples=25, max_T=300, dims=(16, 64))
+    """Hypothesis-drawn cases on CUDA (shapes, layouts, rates incl. 0 and inf, states), bf16."""
+    # every new (Dk, Dv, dtype, state) is a Triton compile of four kernels (~1 s each): fp16 and fp32 are
+    # covered by test_op_cuda_matches_naive and `tnllm check --device cuda`, so the drawn cases stay at bf16
+    tt.assert_forms_agree(poisoned_op, device="cuda", dtypes=(torch.bfloat16,), max_examples=15, max_T=300,
+                          dims=(16, 64))
 
 
 def test_edge_semantics_cuda():
-    tt.assert_edge_semantics(lightning_attn, device="cuda", dtypes=(torch.bfloat16, torch.float32), max_examples=20,
+    tt.assert_edge_semantics(lightning_attn, device="cuda", dtypes=(torch.bfloat16, torch.float32), max_examples=10,
                              dims=(16, 64))
 
 
