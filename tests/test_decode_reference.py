@@ -1,7 +1,12 @@
-"""Every decoding path is bit-exact to the outputs recorded before the state/decoder redesign
+"""Every decoding path equals the outputs recorded before the state/decoder redesign
 (tests/data/decode_reference.pt, written by tests/data/make_decode_reference.py at commit efc3903):
 forward, prefill (chunked, masked), step, generate (greedy, masked, sampled, eos), the static-buffer
-decoder with per-row positions, the exported step module, the Transformer baseline and onnxruntime."""
+decoder with per-row positions, the exported step module, the Transformer baseline and onnxruntime.
+
+Token ids must be identical; float outputs agree to 1e-5 relative: the reference was recorded on one CPU and
+float32 matmuls differ in the last bits between CPUs whose BLAS kernels differ (seen: 1.2e-7 absolute on an
+AMD EPYC against the recording machine). On one machine the decoding paths are compared bit for bit with
+each other in tests/test_generate.py and tests/test_compile_decode.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,10 +29,14 @@ def _same(got, want, key):
             _same(a, b, f"{key}[{i}]")
         return
     assert got.dtype == want.dtype and got.shape == want.shape, (key, got.dtype, want.dtype, got.shape, want.shape)
-    assert torch.equal(got, want), f"{key}: max abs diff {(got.double() - want.double()).abs().max().item():.3g}"
+    if got.is_floating_point():
+        ok = torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        ok = torch.equal(got, want)
+    assert ok, f"{key}: max abs diff {(got.double() - want.double()).abs().max().item():.3g}"
 
 
-def test_bit_exact_to_recorded_outputs(tmp_path):
+def test_equal_to_recorded_outputs(tmp_path):
     data = torch.load(DATA / "decode_reference.pt", weights_only=True)
     model, base = mk.load(data)
     onnx_path = None
