@@ -43,8 +43,8 @@ from torch import Tensor
 
 MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # How the sweep keeps a non-finite entry of C causal (NF of _la_sweep_kernel): 0 unsafe (benchmarks only),
-# 1 always masked, 2 optimistic: the unmasked loop, redone masked by the programs whose final state is not
-# finite. `bench/attention.py --nonfinite-modes 0,1,2` times them.
+# 1 always masked, 2 optimistic: the unmasked sweep, then a masked launch in which only the programs whose
+# final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
 
@@ -170,17 +170,18 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     return S
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split"])   # one compile per widths/dtype
-def _la_sweep_kernel(
-    A, Bp, Cp, O, S0, SF, W, s_ptr,
+@triton.jit
+def _sweep_program(
+    pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL,
     T, H, n_tiles, n_split, chunks_per_split,
     sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
     s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
-    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr,
+    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
+    WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
     tile = pid % n_tiles
     rest = pid // n_tiles
     split = rest % n_split
@@ -207,20 +208,10 @@ def _la_sweep_kernel(
     n_chunks = tl.cdiv(T, CHUNK)
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
-    if NF == 2:
-        # optimistic: the unmasked loop; a non-finite entry of C (or anything non-finite) always reaches the
-        # state (bd^T C sums over every valid row, 0 * inf included), so a finite final state proves the pass
-        # exact, and otherwise the program redoes its split with the masked loop
-        S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                          ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, 0)
-        if tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)) > 0:
-            S = _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam,
-                             ja, jc, mS, DA, DC, BA, BC, CHUNK, E0, HAS_S0)
-            S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm,
-                              causal, ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, 1)
-    else:
-        S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                          ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF)
+    S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
+                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF)
+    if WRITE_FLAG:   # a non-finite entry of C always reaches the state (Bm^T C sums every valid row, 0 * inf too)
+        tl.store(FL + pid, tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)))
 
     if WRITE_SF:
         if split == n_split - 1:
@@ -228,6 +219,32 @@ def _la_sweep_kernel(
                 S = S * tl.exp(log_lam)
             sf = SF + b.to(tl.int64) * sf_b + h.to(tl.int64) * sf_h
             tl.store(sf + ja[:, None] * sf_r + jc[None, :] * sf_c, S, mask=mS)
+
+
+@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split"])   # one compile per widths/dtype
+def _la_sweep_kernel(
+    A, Bp, Cp, O, S0, SF, W, s_ptr, FL,
+    T, H, n_tiles, n_split, chunks_per_split,
+    sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
+    s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
+    DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
+    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
+):
+    """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
+    launch of the optimistic mode, see _sweep)."""
+    pid = tl.program_id(0)
+    if REDO:
+        if tl.load(FL + pid) != 0:
+            _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, T, H, n_tiles, n_split, chunks_per_split,
+                           sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
+                           s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
+                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False)
+    else:
+        _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, T, H, n_tiles, n_split, chunks_per_split,
+                       sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
+                       s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
+                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG)
 
 
 @dataclass(frozen=True)
@@ -334,14 +351,21 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     sf = final if final is not None else torch.empty(B, H, DA, DC, device=C.device, dtype=torch.float32)
     sf_st = tuple(sf.stride())
     grid = (B * H * n_split * n_tiles,)
-    _la_sweep_kernel[grid](
-        A, Bm, C, out, s0, sf, W, s32, T, H, n_tiles, n_split, cps,
-        A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
-        C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *s0_st, *sf_st,
-        DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-        WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, NF=nf,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    fl = torch.empty(grid[0], device=C.device, dtype=torch.int32) if nf == 2 else s32
+    args = (A, Bm, C, out, s0, sf, W, s32, fl, T, H, n_tiles, n_split, cps,
+            A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
+            C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *s0_st, *sf_st)
+    kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
+              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if nf == 2:
+        # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then
+        # the masked sweep over the same grid, where only the programs with a non-zero count run (they redo
+        # their split; the others exit at once): two single-loop kernels, the fast one unburdened by the masking
+        _la_sweep_kernel[grid](*args, NF=0, WRITE_FLAG=True, REDO=False, **kw)
+        _la_sweep_kernel[grid](*args, NF=1, WRITE_FLAG=False, REDO=True, **kw)
+    else:
+        _la_sweep_kernel[grid](*args, NF=nf, WRITE_FLAG=False, REDO=False, **kw)
     return out
 
 
