@@ -1,5 +1,6 @@
 """Test-session setup: a fresh inductor cache (AOTAutogradCache keys miss custom-op Python bodies),
-hypothesis profiles, and skipping of GPU tests on machines without CUDA."""
+hypothesis profiles, skipping of GPU tests on machines without CUDA, and (on machines with >= 8 cores)
+the Triton-interpreter suite's child process started right after collection, its test run last."""
 import os
 import tempfile
 
@@ -22,8 +23,31 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret"]
 
 
+_INTERP_TEST = "test_triton_kernels_under_the_interpreter"
+
+
+def pytest_collection_finish(session):
+    """On a machine with >= 8 cores (e.g. a GPU host), start the interpreter suite's child process now, so that
+    it runs beside the rest of the suite (it keeps one core busy for minutes); its test collects the result."""
+    if (os.cpu_count() or 1) < 8:
+        return
+    for item in session.items:
+        if item.name == _INTERP_TEST:
+            item.module.start_child()
+            return
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for item in getattr(session, "items", []):
+        if item.name == _INTERP_TEST:
+            item.module.stop_child()
+            return
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
+    # the interpreter suite's test last: where its child started at collection, the rest of the suite ran beside it
+    items.sort(key=lambda it: it.name == _INTERP_TEST)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
