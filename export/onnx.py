@@ -158,10 +158,15 @@ def _load_checkpoint(ckpt):
 
 
 def quantize_int8(src, dst) -> Path:
-    """int8 weight-only (dynamic) quantization of every MatMul with a constant weight."""
+    """int8 weight-only (dynamic) quantization of every MatMul with a constant weight.
+
+    Weights are unsigned 8-bit (u8 activations x u8 weights): onnxruntime's u8 x s8 kernels on x86 CPUs
+    without VNNI (AVX2, AVX-512F) add pairs of products in int16 with saturation, which gave a 34% relative
+    RMS logit error on an AVX2 machine (3.4% with u8 weights; 5.3% with 7-bit s8 weights), and the file
+    runs wherever it is deployed, not only where it was exported."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8)
+                     weight_type=QuantType.QUInt8)
     return Path(dst)
 
 

@@ -221,7 +221,10 @@ def _sweep_program(
             tl.store(sf + ja[:, None] * sf_r + jc[None, :] * sf_c, S, mask=mS)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split"])   # one compile per widths/dtype
+# Unspecialised: the length, the grid's factors and the state strides (read once per program; a transposed
+# S0 view then shares the compile of a plain one): one compile per widths, dtype and flags.
+@triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split",
+                               "s0_b", "s0_h", "s0_r", "s0_c", "sf_b", "sf_h", "sf_r", "sf_c"])
 def _la_sweep_kernel(
     A, Bp, Cp, O, S0, SF, W, s_ptr, FL,
     T, H, n_tiles, n_split, chunks_per_split,
