@@ -106,3 +106,24 @@ def gla_decode_step(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None
     if inplace:
         return torch.ops.tnllm.gla_decode_step(qkvu, state, s, theta, pos, act), state
     return torch.ops.tnllm.gla_decode_step_functional(qkvu, state, s, theta, pos, act)
+
+
+def use_triton_on_cpu(enable: bool = True) -> None:
+    """Register the Triton launchers as the CPU kernels of both ops (``enable``), or the reference form
+    again. For tests under ``TRITON_INTERPRET=1``, where Triton runs its kernels on CPU tensors: the model
+    and the decoders then run the real kernel through the registered ops on a machine without a GPU."""
+    inplace = _cuda_inplace if enable else _reference_inplace
+    functional = _cuda_functional if enable else _reference_functional
+    torch.library.register_kernel("tnllm::gla_decode_step", "cpu", inplace)
+    torch.library.register_kernel("tnllm::gla_decode_step_functional", "cpu", functional)
+
+
+def _reference_inplace(qkvu, state, s, theta, pos, act):
+    y, S = gla_decode_naive(qkvu, state, s, theta, pos, act)
+    state.copy_(S)
+    return y.contiguous()
+
+
+def _reference_functional(qkvu, state, s, theta, pos, act):
+    y, S = gla_decode_naive(qkvu, state, s, theta, pos, act)
+    return y.contiguous(), S.contiguous()
