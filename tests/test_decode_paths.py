@@ -137,3 +137,82 @@ def test_compiled_kernel_step_fullgraph():
     with torch.no_grad():
         expl = torch._dynamo.explain(f)(ids)
     assert expl.graph_break_count == 0 and expl.graph_count == 1
+
+
+# -- the fused step (decode_path="fused"): the norms folded, l1|l2 stacked, residual adds in the GEMMs ----------
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_fused_decoder_matches_model_step(dtype, tol):
+    m, B = _model(dtype=dtype), 3
+    dec = CudaGraphDecoder(m, B, decode_path="fused")
+    assert dec.decode_path == "fused" and dec.fused.extra_bytes == sum(
+        2 * 96 * 64 * m.lm_head.weight.element_size() for _ in m.model.layers) + 4 * 1 * 16 * 4
+    ids = torch.randint(1, V, (B, 4))
+    with torch.no_grad():
+        _, st = m.prefill(ids)
+    dec.prefill(ids)
+    g = torch.Generator().manual_seed(3)
+    for t in range(6):
+        tok = torch.randint(1, V, (B,), generator=g)
+        got = dec.step(tok)
+        with torch.no_grad():
+            want, st = m.step(tok, st)
+        assert _rel(got, want.float()) <= tol, f"token {t}"
+        if dtype == torch.float32:
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for a, b in zip(dec.state(), st):
+        assert _rel(a, b) <= tol
+
+
+def test_fused_step_follows_weight_updates():
+    m, B = _model(), 2
+    dec = CudaGraphDecoder(m, B, decode_path="fused")
+    tok = torch.tensor([5, 9])
+    assert dec.fused.refresh() == (0, False)               # nothing changed since it was built
+    with torch.no_grad():
+        m.model.layers[1].channel_mixer.l2.weight.mul_(-0.5)     # in place: the version counter moves
+        m.model.layers[0].token_mixer.lrpe.theta.add_(0.01)
+    got = dec.step(tok)                                       # step() re-copies the changed layers
+    with torch.no_grad():
+        want, _ = m.step(tok, RecurrentState(m.zero_state(B), 0))
+    assert _rel(got, want) <= 2e-6
+    assert dec.fused.refresh() == (0, False)
+
+
+def test_fused_path_refuses_models_it_cannot_run():
+    for kw, msg in ((dict(norm_type="rmsnorm"), "rmsnorm"), (dict(bias=True), "bias")):
+        with pytest.raises(ValueError, match=f"decode_path='fused' cannot run this model: .*{msg}"):
+            CudaGraphDecoder(_model(**kw), 1, decode_path="fused")
+    assert CudaGraphDecoder(_model(bias=True), 1, decode_path="kernel").decode_path == "kernel"
+
+
+def test_fused_step_compiles_fullgraph():
+    from tnllm.compile import FusedDecodeStep
+    torch._dynamo.reset()
+    m, B = _model(), 2
+    fs = FusedDecodeStep(m)
+    st0 = _random_state(m, B)
+    pos, ids = torch.tensor([4, 80000]), torch.tensor([7, 8])
+    a, b = [S.clone() for S in st0], [S.clone() for S in st0]
+    want = fs(ids, a, pos)
+    got = torch.compile(fs.__call__, fullgraph=True, backend="aot_eager")(ids, b, pos)
+    assert torch.equal(got, want) and all(torch.equal(x, y) for x, y in zip(a, b))
+    expl = torch._dynamo.explain(fs.__call__)(ids, [S.clone() for S in st0], pos)
+    assert expl.graph_break_count == 0 and expl.graph_count == 1
+
+
+def test_stack_rows_of_int8_weights_is_exact():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from tnllm.compile.fused_step import stack_rows
+    lin = torch.nn.ModuleList([torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(32, 40, bias=False)])
+    lin = lin.to(torch.bfloat16)
+    quantize_(lin, Int8WeightOnlyConfig())
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    w12 = stack_rows(lin[0].weight, lin[1].weight)
+    assert tuple(w12.shape) == (88, 32) and type(w12) is type(lin[0].weight)
+    assert torch.equal(torch.nn.functional.linear(x, w12), torch.cat([lin[0](x), lin[1](x)], -1))

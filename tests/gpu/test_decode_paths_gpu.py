@@ -89,7 +89,7 @@ def test_kernel_step_greedy_agreement(dtype):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["graph", "compiled+graph"])
-@pytest.mark.parametrize("path", ["aten", "kernel"])
+@pytest.mark.parametrize("path", ["aten", "kernel", "fused"])
 def test_graph_decoder_paths(path, compiled):
     dtype = torch.bfloat16
     m, B = _model(dtype, seed=4), 3
@@ -104,6 +104,32 @@ def test_graph_decoder_paths(path, compiled):
         assert rel(x, y) <= TOL[dtype]
 
 
-def test_auto_path_on_cuda_is_the_kernel():
+def test_auto_path_on_cuda_is_fused():
     m = _model(torch.bfloat16)
-    assert CudaGraphDecoder(m, 1).decode_path == "kernel"
+    assert CudaGraphDecoder(m, 1).decode_path == "fused"
+    assert CudaGraphDecoder(_model(torch.float64), 1).decode_path == "aten"
+
+
+def test_fused_path_fp32_greedy_equals_model_step():
+    m, B = _model(torch.float32, seed=6), 4
+    dec = CudaGraphDecoder(m, B, decode_path="fused")
+    ids = torch.randint(1, 1024, (B, 8), device="cuda")
+    agree, worst = _teacher_forced(_stepper(m, B, False), lambda t: dec.step(t), ids, 32)
+    assert worst <= 1e-4 and agree == 1.0, (worst, agree)
+
+
+def test_fused_graph_follows_in_place_weight_updates():
+    m, B = _model(torch.bfloat16, seed=7), 2
+    dec = CudaGraphDecoder(m, B, decode_path="fused")
+    tok = torch.tensor([3, 4], device="cuda")
+    dec.step(tok)                                                # captures the graph
+    g = dec.graph
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.channel_mixer.l1.weight.mul_(0.5)
+    dec.reset()
+    got = dec.step(tok)
+    assert dec.graph is g                                        # re-copied in place: the same graph
+    with torch.no_grad():
+        want, _ = m.step(tok, m.zero_state(B), decode_kernel=False)
+    assert rel(got, want.float()) <= TOL[torch.bfloat16]

@@ -1,7 +1,7 @@
 """The model's recurrent step through the fused Triton decode kernels on CPU under TRITON_INTERPRET=1:
 the ops' CPU kernels are the Triton launchers here (``use_triton_on_cpu``), so ``model.step(...,
 decode_kernel=True)`` and the decoders run the real kernels, against the aten step (fp32, the tiny
-preset, a few tokens, the states included)."""
+preset, a few tokens, the states included), and ``CudaGraphDecoder``'s kernel and fused paths."""
 import os
 
 import pytest
@@ -14,6 +14,7 @@ from tnllm import RecurrentState, TransNormerConfig, TransNormerLLM  # noqa: E40
 from tnllm.compile import CudaGraphDecoder  # noqa: E402
 from tnllm.ops.gla_decode import op as gla_op  # noqa: E402
 from tnllm.ops.gla_decode import triton as gla_tri  # noqa: E402
+from tnllm.ops.sglu import op as sglu_op  # noqa: E402
 
 V = 259
 
@@ -21,9 +22,11 @@ V = 259
 @pytest.fixture
 def triton_on_cpu():
     gla_op.use_triton_on_cpu(True)
+    sglu_op.use_triton_on_cpu(True)
     gla_tri._COUNTERS.clear()
     yield
     gla_op.use_triton_on_cpu(False)
+    sglu_op.use_triton_on_cpu(False)
 
 
 def _model(seed=0):
@@ -59,7 +62,7 @@ def test_model_step_through_the_kernel_equals_the_aten_step(triton_on_cpu, per_r
     assert ("cpu", None) in gla_tri._COUNTERS, "the Triton kernel did not run"
 
 
-@pytest.mark.parametrize("path", ["kernel"])
+@pytest.mark.parametrize("path", ["kernel", "fused"])
 def test_decoder_through_the_kernel_equals_model_step(triton_on_cpu, path):
     m, B = _model(1), 2
     dec = CudaGraphDecoder(m, B, decode_path=path)
