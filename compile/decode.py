@@ -82,6 +82,7 @@ class CudaGraphDecoder:
         self.config = model.config
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
         self.fused = FusedDecodeStep(model) if self.decode_path == "fused" else None
+        self.compiled = bool(compile)
         self._fn = torch.compile(self._step_inplace, fullgraph=True, dynamic=False, mode=mode) if compile \
             else self._step_inplace
         self._warmup = warmup
