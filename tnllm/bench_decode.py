@@ -563,7 +563,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="also the TNL with torchao int8 weight-only layers "
                                                        "(needs torchao: pip install 'tnllm[int8]')")
     p.add_argument("--int8-paths", nargs="+", default=None, metavar="POLICY:PATH",
-                   help="the int8 model's configurations (default: the --paths with the fused path)")
+                   help="the int8 model's configurations (default on CUDA: compiled+graph:fused "
+                        "compiled+graph:kernel, since eager torchao weight-only converts each weight to the "
+                        "activation dtype on every call; on CPU: eager:fused)")
+    p.add_argument("--coordinate-descent-tuning", action="store_true",
+                   help="inductor's coordinate_descent_tuning for the compiled policies: batch-1 matmuls become "
+                        "fused reductions (which also fuses torchao's int8 -> activation-dtype conversion)")
     p.add_argument("--bandwidth", type=float, default=NOMINAL_TBPS, help="TB/s assumed for the roofline "
                                                                          "(4.8: the H200's nominal HBM3e)")
     p.add_argument("--steps", type=_positive, default=50, help="timed steps per point (after 3 warm-ups)")
@@ -612,7 +617,8 @@ def run(a: argparse.Namespace) -> dict:
     if a.int8:
         from tnllm.compile.quant import require_torchao
         require_torchao("--int8")
-        a.int8_paths = a.int8_paths or [p for p in a.paths if p.endswith(":fused")] or a.paths
+        a.int8_paths = a.int8_paths or (["compiled+graph:fused", "compiled+graph:kernel"] if dev.type == "cuda"
+                                        else ["eager:fused"])
         if not a.compile:
             a.int8_paths = [p for p in a.int8_paths if not p.startswith("compiled")]
         parse_paths(a.int8_paths, dev)
@@ -621,10 +627,14 @@ def run(a: argparse.Namespace) -> dict:
     for name in ("recompile_limit", "cache_size_limit"):     # one decoder compile per batch size and path
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
+    if a.coordinate_descent_tuning:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     a.t0 = time.perf_counter()
     a.res = {"meta": {"torch": torch.__version__, "device": _device_name(dev), "dtype": a.dtype,
                       "python": platform.python_version(), "argv": sys.argv[1:], "bandwidth_TBps": a.bandwidth,
-                      "bandwidth_note": "the H200's nominal HBM3e" if a.bandwidth == NOMINAL_TBPS else "given"},
+                      "bandwidth_note": "the H200's nominal HBM3e" if a.bandwidth == NOMINAL_TBPS else "given",
+                      "coordinate_descent_tuning": bool(a.coordinate_descent_tuning)},
              "presets": {}, "rows": [], "errors": []}
     print(f"bandwidth assumed for the roofline: {a.bandwidth} TB/s", flush=True)
     for preset in a.preset:
