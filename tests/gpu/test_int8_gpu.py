@@ -8,12 +8,12 @@ from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.compile import CudaGraphDecoder, quantize_int8
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("torchao")
 
 CFG = dict(vocab_size=1024, decoder_embed_dim=512, decoder_layers=3, decoder_attention_heads=4, glu_dim=1408)
 
 
 def _model(seed=0):
+    pytest.importorskip("torchao")
     torch.manual_seed(seed)
     m = TransNormerLLM(TransNormerConfig(**CFG)).eval()
     with torch.no_grad():
