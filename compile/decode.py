@@ -13,7 +13,7 @@ writes every layer's new state straight into its buffer.
 * ``"aten"``: the plain aten recurrent step (``decode_kernel=False``), what ONNX and torch.export trace;
 * ``"kernel"``: the token mixer after ``qkvu_proj`` as the one fused kernel ``tnllm::gla_decode_step``,
   in place on the state buffers (on CPU the op runs its reference form, the same maths);
-* ``"fused"``: ``FusedDecodeStep`` (``fused_step.py``): six launches per layer (the two norms folded into
+* ``"fused"``: ``FusedDecodeStep`` (``fused_step.py``): six device operations per layer (the two norms folded into
   the kernels, l1 and l2 as one GEMM over a decode-time stacked copy of their weights, the residual
   adds inside the GEMMs); the roundings differ from ``model.step`` at the dtype's epsilon;
 * ``"auto"`` (default): ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every

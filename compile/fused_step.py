@@ -1,6 +1,7 @@
 """The decode step with the fewest kernels per layer (``CudaGraphDecoder(decode_path="fused")``).
 
-The same maths as ``model.step``, rearranged so one layer is six launches on CUDA:
+The same maths as ``model.step``, rearranged so one layer is six device operations on CUDA (six kernel
+launches where cuBLAS runs each GEMM as one kernel):
 
     qkvu = x Wqkvu^T                       # GEMM on the un-normalised residual x
     y    = gla_decode(qkvu, S, norm_input=x)   # Triton: token norm folded in, act, LRPE, S update, o, SRMSNorm, * u
