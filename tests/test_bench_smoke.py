@@ -91,6 +91,8 @@ def test_tnllm_bench_decode_cli_cpu(tmp_path):
     # roofline = (weights read + state read and written) / 4.8 TB/s
     want = (info["weight_bytes"]["tnl"] + 2 * 3 * info["state_bytes_per_stream"]) / 4.8e12 * 1e3
     assert t["roofline_ms"] == pytest.approx(want, rel=1e-2)
+    assert t["pct_weight_roofline"] == pytest.approx(
+        100 * info["weight_bytes"]["tnl"] / 4.8e12 * 1e3 / t["ms_per_token"], rel=1e-2)
     checks = {r["path"]: r["greedy_agreement"] for r in res["rows"] if r["section"] == "check"}
     assert checks == {"aten": 1.0, "kernel": 1.0, "fused": 1.0}, checks
     assert "bandwidth assumed 4.8 TB/s" in proc.stdout and "| tiny | tnl eager:fused | 3 | 4096 |" in proc.stdout

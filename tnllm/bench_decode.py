@@ -276,11 +276,12 @@ class Bench:
         for ctx in self.a.contexts:
             dec.reset(st, position=ctx)
             sec = time_loop(run, self.a.steps, 3, dev)
-            roof = self.roofline_ms(name, 2 * batch * self.state_bytes)
+            roof, wroof = self.roofline_ms(name, 2 * batch * self.state_bytes), self.roofline_ms(name, 0)
             self.row(section="decode", model=name, policy=policy, path=path, batch=batch, context=ctx,
                      ms_per_token=round(sec * 1e3, 4), tokens_per_s=round(batch / sec, 1),
                      state_mib_per_stream=round(self.state_bytes / 2**20, 3), peak_gib=self.peak_gib(),
                      setup_s=round(setup, 1), roofline_ms=_sig(roof), pct_roofline=_sig(100 * roof / (sec * 1e3)),
+                     pct_weight_roofline=_sig(100 * wroof / (sec * 1e3)),
                      extra_mib=round(dec.fused.extra_bytes / 2**20, 1) if dec.fused is not None else 0.0)
         del dec
 
@@ -298,11 +299,11 @@ class Bench:
             step = StaticKV(tf, batch, ctx, self.dtype, dev)
             run = graph_of(step, dev)
             sec = time_loop(run, self.a.steps, 3, dev)
-            roof = self.roofline_ms("transformer", step.cache_bytes)
+            roof, wroof = self.roofline_ms("transformer", step.cache_bytes), self.roofline_ms("transformer", 0)
             self.row(section="decode", model="transformer", policy=policy, path="sdpa", batch=batch, context=ctx,
                      ms_per_token=round(sec * 1e3, 4), tokens_per_s=round(batch / sec, 1), peak_gib=self.peak_gib(),
                      kv_mib_per_stream=round(step.cache_bytes / batch / 2**20, 2), roofline_ms=_sig(roof),
-                     pct_roofline=_sig(100 * roof / (sec * 1e3)))
+                     pct_roofline=_sig(100 * roof / (sec * 1e3)), pct_weight_roofline=_sig(100 * wroof / (sec * 1e3)))
             del step, run
 
     def int8_quality(self):
@@ -447,13 +448,14 @@ def write_report(res: dict, out: Path) -> str:
     lines = [f"Device: {meta.get('device')}, torch {meta.get('torch')}, {meta.get('dtype')}; bandwidth assumed "
              f"{meta.get('bandwidth_TBps')} TB/s ({meta.get('bandwidth_note', '')})"
              + (f"; measured copy bandwidth {meta['copy_bandwidth_TBps']} TB/s" if "copy_bandwidth_TBps" in meta else ""),
-             "roofline = (weights read + TNL state read and written | Transformer KV cache read) / bandwidth"]
+             "roofline = (weights read + TNL state read and written | Transformer KV cache read) / bandwidth; "
+             "% weights = the weights alone over the bandwidth, against the measured time"]
     for p, info in res.get("presets", {}).items():
         lines.append(f"- {p}: params {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in info['params'].items())}; "
                      f"weights read per step {', '.join(f'{k} {v} GB' for k, v in info['weight_GB'].items())}; "
                      f"TNL state {info['state_MiB_per_stream']} MiB per stream")
     head = ["preset", "model / policy:path", "batch", "context", "ms/token", "tokens/s", "state MiB/stream",
-            "roofline ms", "% roofline"]
+            "roofline ms", "% roofline", "% weights"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [r for r in res["rows"] if r["section"] == "decode"]
     keys = []
@@ -472,7 +474,8 @@ def write_report(res: dict, out: Path) -> str:
             lines.append("| " + " | ".join(str(c) for c in (
                 r["preset"], _label(r), r["batch"], r["context"], ms if ms is not None else r.get("oom", ""),
                 r.get("tokens_per_s", ""), state, r.get("roofline_ms", ""),
-                f"{r['pct_roofline']}%" if r.get("pct_roofline") is not None else "")) + " |")
+                f"{r['pct_roofline']}%" if r.get("pct_roofline") is not None else "",
+                f"{r['pct_weight_roofline']}%" if r.get("pct_weight_roofline") is not None else "")) + " |")
     flat = []
     for key in sorted({(r["preset"], _label(r), r["batch"]) for r in rows}):
         pts = {r["context"]: r["ms_per_token"] for r in rows
@@ -550,7 +553,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--batch", "--batches", dest="batch", type=_positive, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--batch", "--batches", dest="batch", type=_positive, nargs="+", default=[1, 8, 64, 256],
+                   help="batch sizes (rows decoded together)")
     p.add_argument("--contexts", type=_positive, nargs="+", default=[1024, 131072],
                    help="TNL: the LRPE position; Transformer: the KV-cache length")
     p.add_argument("--paths", nargs="+", default=None, metavar="POLICY:PATH",
@@ -578,7 +582,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="int8: validation text (default: the embedded corpus)")
     p.add_argument("--prefill-lengths", type=_positive, nargs="*", default=[],
                    help="also time batch-1 prefill at these lengths (and decode from its state)")
-    p.add_argument("--sections", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    p.add_argument("--sections", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"],
+                   help="what to run (prefill only with --prefill-lengths)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; later sections are skipped past it")
     p.add_argument("--json-name", default="decode.json", help="file name of the results under --out")
     p.add_argument("--out", default="bench_results", help="folder for decode.json, decode.md, decode.png")

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="benchmarks on this machine")
     bsub = bn.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bd = bsub.add_parser("decode", formatter_class=fmt,
-                         help="decode ms/token, tokens/s and % of roofline: TNL paths vs the Transformer baseline")
+                         help="decode ms/token, tokens/s and %% of the roofline: TNL paths vs the Transformer baseline")
     from .bench_decode import add_args as add_bench_decode_args
     add_bench_decode_args(bd)
     bd.set_defaults(fn=cmd_bench_decode)
