@@ -1,6 +1,6 @@
 """The SGLU gate in one Triton launch (the maths of ``naive.py``).
 
-Grid: one program per (row b, block of BG gate columns). With ``norm_input`` (NORM) each program also
+Grid: one program per (row b, block of BG gate columns: 256, or 1024 from 32 rows on). With ``norm_input`` (NORM) each program also
 reads x's row (d elements) for the SRMSNorm scale. The activation runs in fp32 and is rounded to the
 input dtype, then the product is rounded, as the model's ``act(l1 x) * l2 x`` does.
 """
@@ -78,10 +78,12 @@ def sglu_gate_triton(l12: Tensor, norm_input: Tensor | None, act: str, eps: floa
     out = torch.empty(B, G, device=l12.device, dtype=l12.dtype)
     if B == 0 or G == 0:
         return out
-    BG = block or min(256, triton.next_power_of_2(G))
+    # 256 columns per program at small batch (more programs in flight); 1024 from 32 rows on, where the
+    # grid is large anyway and each program's read of the x row (for the folded norm) costs more
+    BG = block or min(256 if B < 32 else 1024, triton.next_power_of_2(G))
     NG = triton.cdiv(G, BG)
     D = norm_input.shape[1] if norm else 1
     kernel[(B * NG,)](l12, norm_input if norm else l12, out, l12.stride(0), norm_input.stride(0) if norm else 0,
                       out.stride(0), eps, G=G, BG=BG, NG=NG, ACT=ACT_CODE[act], NORM=norm, D=D,
-                      BD=min(4096, triton.next_power_of_2(D)), num_warps=4)
+                      BD=min(4096, triton.next_power_of_2(D)), num_warps=4 if BG <= 256 else 8)
     return out

@@ -31,3 +31,12 @@ def test_kernel_matches_reference(B, G, d, dtype, act, block, pad, seed):
     assert out.dtype == dtype and out.shape == (B, G) and out.is_contiguous()
     err = rel_err(out, ref)
     assert err <= TOL[dtype], f"B{B} G{G} d{d} {dtype} {act} block={block}: {err:.2e}"
+
+
+def test_wide_blocks_from_32_rows():
+    # 33 rows: programs of 1024 gate columns; the gate width 700 leaves the block partly masked
+    g = torch.Generator().manual_seed(3)
+    l12, x = torch.randn(33, 1400, generator=g), torch.randn(33, 48, generator=g) * 4
+    with poisoned():
+        out = tri.sglu_gate_triton(l12, x, "silu")
+    assert rel_err(out, sglu_gate_naive(l12, x, "silu")) <= TOL[torch.float32]
