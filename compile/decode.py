@@ -5,7 +5,19 @@ replayed per token: one launch per token instead of hundreds.
 Buffers (batch B fixed at construction): ``ids`` [B] int64, ``position`` [B] int64 (each row's
 position, a tensor so the graph needs no re-capture as it grows and rows may differ), ``states``
 (per-layer fp32 [B, H, Dk, Dv]) and ``logits`` [B, V] fp32. ``buffers`` is a ``RecurrentState`` over
-those very tensors; the step is the model's public ``model.step(ids, buffers)``, copied back in place.
+those very tensors; the step is the model's public ``model.step(ids, buffers, inplace=True)``, which
+writes every layer's new state straight into its buffer.
+
+``decode_path`` picks how the step runs (the same maths in every path):
+
+* ``"aten"``: the plain aten recurrent step (``decode_kernel=False``), what ONNX and torch.export trace;
+* ``"kernel"``: the token mixer after ``qkvu_proj`` as the one fused kernel ``tnllm::gla_decode_step``,
+  in place on the state buffers (on CPU the op runs its reference form, the same maths);
+* ``"fused"``: ``FusedDecodeStep`` (``fused_step.py``): six device operations per layer (the two norms folded into
+  the kernels, l1 and l2 as one GEMM over a decode-time stacked copy of their weights, the residual
+  adds inside the GEMMs); the roundings differ from ``model.step`` at the dtype's epsilon;
+* ``"auto"`` (default): ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every
+  layer can use the kernel, else ``"aten"``; on CPU ``"aten"`` (bit-identical to ``model.step``).
 
 A static batch of slots for continuous batching: ``reset_rows(rows)`` starts new sequences in some rows
 (zero state, position 0) and ``load_rows(rows, state)`` puts prefilled ones there, while the other rows
@@ -22,6 +34,10 @@ from torch import Tensor
 
 from tnllm.model import RecurrentState, check_token_ids
 
+from .fused_step import FusedDecodeStep, fused_unsupported
+
+DECODE_PATHS = ("auto", "aten", "kernel", "fused")
+
 from .policy import check_mode
 
 
@@ -35,10 +51,12 @@ class CudaGraphDecoder:
         compile: also ``torch.compile`` the step (``fullgraph``, static shapes) with ``mode``
             (fuses the small elementwise ops the graph would otherwise replay one by one).
         warmup: eager runs before capture (compiles, and lets cuBLAS pick its kernels).
+        decode_path: ``"auto"``, ``"aten"``, ``"kernel"`` or ``"fused"`` (module docstring);
+            ``self.decode_path`` is the path chosen.
     """
 
     def __init__(self, model, batch_size: int, *, cuda_graph: bool | None = None, compile: bool = False,
-                 mode: str = "default", warmup: int = 2):
+                 mode: str = "default", warmup: int = 2, decode_path: str = "auto"):
         from tnllm.model import TransNormerLLM
         if not isinstance(model, TransNormerLLM):
             raise TypeError(f"`model` must be a TransNormerLLM, got {type(model).__name__}")
@@ -47,8 +65,11 @@ class CudaGraphDecoder:
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"`warmup` must be an int >= 1, got {warmup!r}")
         check_mode(mode)
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"`decode_path` must be one of {DECODE_PATHS}, got {decode_path!r}")
         self.model = model.eval()
         self.device = model.lm_head.weight.device
+        self.decode_path = self._resolve_path(decode_path)
         self.batch_size = batch_size
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -60,18 +81,42 @@ class CudaGraphDecoder:
         self.buffers = RecurrentState(self.states, self.position)     # views of the same tensors
         self.config = model.config
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
+        self.fused = FusedDecodeStep(model) if self.decode_path == "fused" else None
+        self.compiled = bool(compile)
         self._fn = torch.compile(self._step_inplace, fullgraph=True, dynamic=False, mode=mode) if compile \
             else self._step_inplace
         self._warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    def _resolve_path(self, path: str) -> str:
+        mixers = [layer.token_mixer for layer in self.model.model.layers]
+        if path == "fused":
+            why = fused_unsupported(self.model)
+            if why is not None:
+                raise ValueError(f"decode_path='fused' cannot run this model: {why}")
+        if path == "kernel":
+            for i, tm in enumerate(mixers):
+                why = tm.kernel_unsupported()
+                if why is not None:
+                    raise ValueError(f"decode_path='kernel': layer {i} cannot use the fused decode kernel: {why}")
+        if path != "auto":
+            return path
+        dt = self.model.lm_head.weight.dtype
+        if self.device.type != "cuda" or dt not in (torch.float16, torch.bfloat16, torch.float32):
+            return "aten"
+        if fused_unsupported(self.model) is None:
+            return "fused"
+        return "kernel" if all(tm.kernel_unsupported() is None for tm in mixers) else "aten"
+
     # -- the step, on the buffers --------------------------------------------------------------
     @torch.no_grad()
     def _step_inplace(self) -> None:
-        logits, new = self.model.step(self.ids, self.buffers)
+        if self.fused is not None:
+            logits = self.fused(self.ids, self.states, self.position)
+        else:
+            logits, _ = self.model.step(self.ids, self.buffers, inplace=True,
+                                        decode_kernel=self.decode_path == "kernel")
         self.logits.copy_(logits)
-        for buf, S in zip(self.states, new):
-            buf.copy_(S)
         self.position.add_(1)               # (new.position would be one more kernel per step)
 
     def _buffers(self) -> list[Tensor]:
@@ -104,6 +149,13 @@ class CudaGraphDecoder:
             self.graph.replay()
         else:
             self._fn()
+
+    def refresh_weights(self) -> None:
+        """The fused path's stacked l1|l2 copies follow the model's parameters: re-copy the layers whose
+        parameters changed (``FusedDecodeStep.refresh``; a copy that needed new storage drops the captured
+        graph, re-captured on the next step). ``step`` calls it; a no-op on the other paths."""
+        if self.fused is not None and self.fused.refresh()[1]:
+            self.graph = None
 
     # -- state in and out ---------------------------------------------------------------------
     def reset(self, state=None, position=None) -> None:
@@ -178,6 +230,7 @@ class CudaGraphDecoder:
                             f"`load_rows(rows, state)`, then call step(token_ids); got a state of type "
                             f"{type(state).__name__}")
         self._check_rows(token_ids, "token_ids", 1)
+        self.refresh_weights()
         self.ids.copy_(token_ids.to(self.device, non_blocking=True))
         self.replay()
         return self.logits.clone() if state is None else (self.logits.clone(), state)

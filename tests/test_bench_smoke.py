@@ -65,3 +65,62 @@ def test_cpu_benchmark_suite(tmp_path):
     pytest.importorskip("pytest_benchmark")
     run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "-k", "T256",
          BENCH / "test_bench_cpu.py", "--rootdir", BENCH], tmp_path)
+
+
+def test_tnllm_bench_decode_cli_cpu(tmp_path):
+    """`tnllm bench decode` on CPU, tiny preset: every path at every batch and context, the Transformer beside
+    it, the agreement checks, the table with the assumed bandwidth, the JSON and the plot."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "bd"
+    proc = subprocess.run([sys.executable, "-m", "tnllm", "bench", "decode", "--device", "cpu", "--preset", "tiny",
+                           "--batch", "1", "3", "--contexts", "16", "4096", "--steps", "2", "--check-tokens", "4",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "decode.json").read_text())
+    assert not res["errors"], res["errors"]
+    dec = [r for r in res["rows"] if r["section"] == "decode"]
+    tnl = {(r["path"], r["batch"], r["context"]) for r in dec if r["model"] == "tnl"}
+    assert tnl == {(p, b, c) for p in ("aten", "kernel", "fused") for b in (1, 3) for c in (16, 4096)}
+    assert {(r["batch"], r["context"]) for r in dec if r["model"] == "transformer"} == {(1, 16), (1, 4096), (3, 16),
+                                                                                       (3, 4096)}
+    for r in dec:
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["pct_roofline"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_token"] * 1e3, rel=1e-2)
+    t = next(r for r in dec if r["model"] == "tnl" and r["batch"] == 3)
+    info = res["presets"]["tiny"]
+    # roofline = (weights read + state read and written) / 4.8 TB/s
+    want = (info["weight_bytes"]["tnl"] + 2 * 3 * info["state_bytes_per_stream"]) / 4.8e12 * 1e3
+    assert t["roofline_ms"] == pytest.approx(want, rel=1e-2)
+    assert t["pct_weight_roofline"] == pytest.approx(
+        100 * info["weight_bytes"]["tnl"] / 4.8e12 * 1e3 / t["ms_per_token"], rel=1e-2)
+    checks = {r["path"]: r["greedy_agreement"] for r in res["rows"] if r["section"] == "check"}
+    assert checks == {"aten": 1.0, "kernel": 1.0, "fused": 1.0}, checks
+    assert "bandwidth assumed 4.8 TB/s" in proc.stdout and "| tiny | tnl eager:fused | 3 | 4096 |" in proc.stdout
+    assert (out / "decode.png").stat().st_size > 1000 and (out / "decode.md").read_text().count("| tiny |") == 16
+
+
+def test_tnllm_bench_decode_int8_cpu(tmp_path):
+    pytest.importorskip("torchao")
+    from tnllm.bench_decode import add_args, run
+    import argparse
+    p = argparse.ArgumentParser()
+    add_args(p)
+    res = run(p.parse_args(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--contexts", "8", "--steps", "1",
+                            "--check-tokens", "4", "--int8", "--no-baseline", "--val-batches", "1", "--val-seq-len",
+                            "32", "--paths", "eager:aten", "eager:fused", "--out", str(tmp_path)]))
+    assert not res["errors"], res["errors"]
+    q = next(r for r in res["rows"] if r["section"] == "int8")
+    assert q["weight_GB_int8"] < 0.7 * q["weight_GB"] and 0.5 <= q["greedy_agreement"] <= 1.0
+    assert abs(q["val_loss_change"]) < 0.05 and q["val_loss"] > 0
+    assert {r["path"] for r in res["rows"] if r["section"] == "decode" and r["model"] == "tnl_int8"} == {"fused"}
+
+
+def test_tnllm_bench_decode_int8_without_torchao(monkeypatch, capsys):
+    import tnllm.compile.quant as quant
+    from tnllm.cli import main
+    monkeypatch.setattr(quant, "torchao_available", lambda: False)
+    assert main(["bench", "decode", "--device", "cpu", "--preset", "tiny", "--int8", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--int8 needs torchao" in err and "pip install 'tnllm[int8]'" in err
+    assert main(["bench", "decode", "--device", "cpu", "--preset", "tiny", "--paths", "graph:fused"]) == 2
+    assert "--paths: 'graph:fused' must be POLICY:PATH" in capsys.readouterr().err

@@ -363,6 +363,12 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_bench_decode(a) -> int:
+    from .bench_decode import run
+    run(a)
+    return 0
+
+
 def cmd_serve(a) -> int:
     from .serve import serve
     return serve(a)
@@ -444,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(fn=cmd_export)
     from tnllm.testing._check import add_parser as add_check_parser
     add_check_parser(sub)                              # tnllm check: the tnllm.testing property suite
+
+    bn = sub.add_parser("bench", help="benchmarks on this machine")
+    bsub = bn.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bd = bsub.add_parser("decode", formatter_class=fmt,
+                         help="decode ms/token, tokens/s and %% of the roofline: TNL paths vs the Transformer baseline")
+    from .bench_decode import add_args as add_bench_decode_args
+    add_bench_decode_args(bd)
+    bd.set_defaults(fn=cmd_bench_decode)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")
     from .serve import add_serve_args

@@ -5,7 +5,9 @@ Module attribute names equal the released checkpoint keys (``model.layers.{i}.to
 so released weights load without renaming (see ``tnllm.hub``).
 
 The layer math exists once (``NormLinearAttention._mix``); ``forward``/``prefill`` pass it the
-Lightning Attention custom op and ``step`` passes the one-token recurrent update.
+Lightning Attention custom op and ``step`` passes the one-token recurrent update. On CUDA the step's
+token mixer after ``qkvu_proj`` runs as one fused kernel (``tnllm::gla_decode_step``, the same maths
+and roundings); ``NormLinearAttention.decode_kernel`` or ``step(..., decode_kernel=)`` picks the path.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnllm.ops import lightning_attn, lightning_attn_step, srms_norm
+from tnllm.ops.gla_decode import gla_decode_step
 from tnllm.ops.lightning_attn._common import _is_fake
 from tnllm.ops.norm import EPS
 from tnllm.ops.norm_triton import srms_norm_gate
@@ -26,6 +29,18 @@ from tnllm.ops.norm_triton import srms_norm_gate
 from .config import TransNormerConfig, alibi_slopes
 
 _ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "none": lambda x: x}
+
+
+def _exporting() -> bool:
+    is_exp = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exp is not None and is_exp())
+
+
+def check_decode_kernel(value, name: str = "decode_kernel") -> None:
+    """``value`` must be None (auto), True (force the fused decode kernel) or False (the aten step)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be None (auto: the fused kernel on CUDA where it applies), True (always "
+                         f"the fused kernel) or False (the plain aten step), got {value!r}")
 
 
 def _can_read(t: Tensor) -> bool:
@@ -265,6 +280,7 @@ class NormLinearAttention(nn.Module):
         self.qkvu_proj = nn.Linear(d, 4 * h, bias=cfg.bias)
         self.out_proj = nn.Linear(h, d, bias=cfg.bias)
         self.act = _ACT[cfg.linear_act_fun]
+        self.act_name = cfg.linear_act_fun
         self.lrpe = Lrpe(self.num_heads, self.head_dim) if cfg.lrpe(layer_idx) else None
         self.block_size = cfg.block_size
         # tensor parallel (tnllm.train.parallelize.apply_tp) sets the process group over which the heads are
@@ -275,6 +291,11 @@ class NormLinearAttention(nn.Module):
         self.norm = RMSNorm(h) if cfg.norm_type == "rmsnorm" else None
         # fixed decay: no gradient, not in the state dict
         self.register_buffer("s", decay_rates(cfg, layer_idx), persistent=False)
+        # the recurrent step's path: None (auto) runs the fused kernel tnllm::gla_decode_step on CUDA where
+        # it applies (fp16/bf16/fp32 activations, fp32 state, SRMSNorm, no tensor parallel; never while
+        # torch.export traces), True forces it (on CPU the op runs its reference form), False keeps the
+        # aten step (what ONNX and torch.export trace)
+        self.decode_kernel: bool | None = None
 
     def _apply(self, fn, recurse=True):
         # keep the decay rate in fp32 (or fp64) whatever the module dtype: a bf16 rate would
@@ -329,8 +350,52 @@ class NormLinearAttention(nn.Module):
     def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None):
         return self._mix(x, S, offset, self._parallel, mask)
 
-    def step(self, x: Tensor, S: Tensor, offset):
-        return self._mix(x, S, offset, lightning_attn_step)
+    def kernel_unsupported(self) -> str | None:
+        """Why the fused decode kernel cannot run this layer's step (None when it can)."""
+        if self.norm_group is not None:
+            return "the heads are split for tensor parallelism (the kernel's SRMSNorm spans the local width only)"
+        if self.norm is not None:
+            return "norm_type 'rmsnorm' (the kernel applies the weight-free SRMSNorm)"
+        return None
+
+    def uses_kernel(self, x: Tensor, S: Tensor, kernel: bool | None = None) -> bool:
+        """Whether ``step`` runs the fused kernel for these inputs: ``kernel`` (None: ``self.decode_kernel``).
+        Auto picks it on CUDA for fp16/bf16/fp32 activations and a contiguous fp32 state, outside torch.export,
+        when no gradient is wanted (the kernel has no backward); forcing it where the layer cannot use it is a
+        ValueError."""
+        k = self.decode_kernel if kernel is None else kernel
+        check_decode_kernel(k)
+        if k is False:
+            return False
+        why = self.kernel_unsupported()
+        if k is None:
+            return (why is None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                    and S.dtype == torch.float32 and S.is_contiguous() and not x.requires_grad and not _exporting())
+        if why is not None:
+            raise ValueError(f"decode_kernel=True, but this layer cannot use the fused decode kernel: {why}")
+        return True
+
+    def step(self, x: Tensor, S: Tensor, offset, inplace: bool = False, kernel: bool | None = None):
+        """One token per row: x [B, 1, d], S [B, H, Dk, Dv] -> (out [B, 1, d], new S). ``inplace`` writes
+        the new state into ``S`` and returns it; ``kernel`` picks the path (see ``uses_kernel``)."""
+        if not self.uses_kernel(x, S, kernel):
+            a, S_new = self._mix(x, S, offset, lightning_attn_step)
+            if inplace:
+                S.copy_(S_new)
+                return a, S
+            return a, S_new
+        B = x.shape[0]
+        theta = pos = None
+        if self.lrpe is not None:
+            theta = self.lrpe.theta
+            if isinstance(offset, Tensor) and offset.dim() == 1:
+                pos = offset
+            elif isinstance(offset, Tensor):
+                pos = offset.reshape(1).expand(B)
+            else:
+                pos = torch.full((B,), int(offset), dtype=torch.int64, device=x.device)
+        y, S_new = gla_decode_step(self.qkvu_proj(x[:, 0]), S, self.s, theta, pos, self.act_name, inplace=inplace)
+        return self.out_proj(y)[:, None], S_new
 
 
 class GLU(nn.Module):
@@ -355,9 +420,10 @@ class TransNormerDecoderLayer(nn.Module):
         self.channel_mixer = GLU(cfg)
         self.token_norm, self.channel_norm = _norm(cfg, cfg.decoder_embed_dim), _norm(cfg, cfg.decoder_embed_dim)
 
-    def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None, step: bool = False):
+    def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None, step: bool = False,
+                inplace: bool = False, kernel: bool | None = None):
         tm, h = self.token_mixer, self.token_norm(x)
-        a, S = tm.step(h, S, offset) if step else tm(h, S, offset, mask)
+        a, S = tm.step(h, S, offset, inplace, kernel) if step else tm(h, S, offset, mask)
         x = x + a
         return x + self.channel_mixer(self.channel_norm(x)), S
 
@@ -475,10 +541,10 @@ class TransNormerLLM(nn.Module):
         """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(final_norm(hidden))``."""
         return self.lm_head(self.model.final_norm(hidden))
 
-    def _run(self, x, states, offset, mask=None, step=False):
+    def _run(self, x, states, offset, mask=None, step=False, inplace=False, kernel=None):
         new = []
         for i, layer in enumerate(self.model.layers):
-            x, S = layer(x, None if states is None else states[i], offset, mask, step)
+            x, S = layer(x, None if states is None else states[i], offset, mask, step, inplace, kernel)
             new.append(S)
         return x, new
 
@@ -524,13 +590,20 @@ class TransNormerLLM(nn.Module):
         logits = self.head(x[:, -1:] if last_only else x)
         return logits, (RecurrentState(new, T) if state is None else state.advanced(new, T))
 
-    def step(self, token_ids: Tensor, state: Sequence[Tensor] | None = None) -> tuple[Tensor, RecurrentState]:
+    def step(self, token_ids: Tensor, state: Sequence[Tensor] | None = None, *, inplace: bool = False,
+             decode_kernel: bool | None = None) -> tuple[Tensor, RecurrentState]:
         """One recurrent step: token_ids [B] -> (logits [B, V], state at position + 1); constant time and memory.
-        ``state=None`` starts from the zero state at position 0."""
+        ``state=None`` starts from the zero state at position 0.
+
+        ``inplace``: write each layer's new state into ``state``'s tensors (the returned state holds them; a
+        decoder that owns its buffers moves the state once). ``decode_kernel``: None (each layer's
+        ``decode_kernel``, auto by default: the fused kernel on CUDA), True or False for every layer."""
         self._check_ids(token_ids, "token_ids", 1)
+        check_decode_kernel(decode_kernel)
         B = token_ids.shape[0]
         state = self.zero_state(B, token_ids.device) if state is None else self.validate_state(state, B)
-        x, new = self._run(self._embed(token_ids)[:, None, :], state, self._position(state), step=True)
+        x, new = self._run(self._embed(token_ids)[:, None, :], state, self._position(state), step=True,
+                           inplace=bool(inplace), kernel=decode_kernel)
         return self.head(x)[:, 0], state.advanced(new, 1)
 
     def zero_state(self, batch_size: int, device=None, dtype=None) -> RecurrentState:

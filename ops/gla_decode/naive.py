@@ -10,6 +10,11 @@ state's dtype, SRMSNorm in fp32 over the whole width, times the gate u):
     S_new = lam * S + k^T v,  lam = exp(-s)                 # per head, fp32
     o = q S_new                                             # [B, H, e], rounded to the input dtype
     y = srms_norm(o over the width h) * u                   # [B, h], the input dtype
+
+With ``norm_input`` x [B, d], qkvu is the projection of x itself (not of srms_norm(x)): the layer's
+input norm is folded in as a per-row scale, qkvu <- round(qkvu * rsqrt(mean(x^2) + eps)) (fp32 inside,
+rounded to qkvu's dtype), before the rest. SRMSNorm has no weight, so srms_norm(x) W^T = r(x) x W^T:
+the same maths; the roundings differ at the dtype's epsilon (x W^T is rounded before the scale).
 """
 from __future__ import annotations
 
@@ -23,8 +28,34 @@ ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "none": lambda x: x}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_norm_input(name: str, x, rows: int, ref: Tensor) -> None:
+    """``norm_input`` must be None or a float tensor [rows, d] on ``ref``'s device."""
+    if x is None:
+        return
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != rows or x.shape[1] < 1 or x.dtype not in _FLOATS:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name}: `norm_input` (the un-normalised layer input whose SRMSNorm scale is folded in) "
+                         f"must be None or a float tensor [B, d] with B = {rows}, got {got}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: `norm_input` is on {x.device}, the other inputs on {ref.device}")
+
+
+def norm_scale(x: Tensor, eps: float = EPS) -> Tensor:
+    """The per-row SRMSNorm scale r = rsqrt(mean(x^2, -1) + eps), [B, 1], fp32 (fp64 for fp64)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def prescale(t: Tensor, x: Tensor | None, eps: float = EPS) -> Tensor:
+    """``t`` [B, n] times x's SRMSNorm scale, in fp32 (fp64), rounded back to t's dtype; ``t`` when x is None."""
+    if x is None:
+        return t
+    r = norm_scale(x, eps)
+    return (t.to(r.dtype) * r).to(t.dtype)
+
+
 def check_inputs(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, pos: Tensor | None,
-                 act: str) -> tuple[int, int, int, bool]:
+                 act: str, norm_input: Tensor | None = None) -> tuple[int, int, int, bool]:
     """Shapes, dtypes and devices of a decode step's inputs; returns (B, H, e, lrpe). Reads no data."""
     name = "gla_decode_step"
     for arg, t in (("qkvu", qkvu), ("state", state), ("s", s)):
@@ -65,11 +96,13 @@ def check_inputs(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, p
     for arg, t in (("state", state), ("s", s), ("theta", theta), ("pos", pos)):
         if isinstance(t, Tensor) and t.device != qkvu.device:
             raise ValueError(f"{name}: `{arg}` is on {t.device}, `qkvu` on {qkvu.device}")
+    check_norm_input(name, norm_input, B, qkvu)
     return B, H, e, lrpe
 
 
 def gla_decode_naive(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None = None,
-                     pos: Tensor | None = None, act: str = "silu", eps: float = EPS) -> tuple[Tensor, Tensor]:
+                     pos: Tensor | None = None, act: str = "silu", eps: float = EPS,
+                     norm_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One decode step of the token mixer after ``qkvu_proj``.
 
     Args:
@@ -79,10 +112,13 @@ def gla_decode_naive(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | Non
         theta: [H, 1, e] LRPE frequencies, or None (no LRPE).
         pos: [B] integer position of each row's token (needed with LRPE).
         act: activation of q and k: "silu" ("swish"), "relu" or "none".
+        norm_input: None, or x [B, d] when qkvu = x W^T is the projection of the un-normalised input: its
+            SRMSNorm scale is applied to qkvu first (module docstring).
 
     Returns (y [B, h] in qkvu's dtype, S_new [B, H, Dk, e] in the state's dtype).
     """
-    B, H, e, lrpe = check_inputs(qkvu, state, s, theta, pos, act)
+    B, H, e, lrpe = check_inputs(qkvu, state, s, theta, pos, act, norm_input)
+    qkvu = prescale(qkvu, norm_input, eps)
     f = ACTS[act]
     q, k, v, u = qkvu.chunk(4, dim=-1)
     q, k, v = (t.reshape(B, H, 1, e) for t in (q, k, v))

@@ -22,6 +22,9 @@ capture the cached buffer is reused when it is large enough (run the step once b
 as ``CudaGraphDecoder`` does with its warm-up); otherwise the graph gets its own zeroed buffer.
 
 The state is updated in place (``state_out`` is ``state``) or written to a separate buffer.
+
+With ``norm_input`` x (NORM), every program also reads x's row (d elements, from L2 after the first)
+and scales its q, k, v (and the last program u) by x's SRMSNorm scale before anything else.
 """
 from __future__ import annotations
 
@@ -39,10 +42,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, sq_b, sy_b, eps,
+    def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, X, sq_b, sy_b, sx_b, eps,
                           H: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr,
                           NV: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr, BW: tl.constexpr,
-                          BP: tl.constexpr):
+                          BP: tl.constexpr, NORM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
         pid = tl.program_id(0)
         j = pid % NV
         h = (pid // NV) % H
@@ -58,6 +61,18 @@ def _kernels():
         DT = q.dtype
         k = tl.load(row + HE + ee, mask=me, other=0.0)
         v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0).to(tl.float32)
+        rn = 1.0
+        if NORM:
+            # the folded input norm: qkvu = x W^T times rsqrt(mean(x^2) + eps), rounded to the input dtype
+            dd = tl.arange(0, BD)
+            acc = tl.zeros([BD], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                xx = tl.load(X + b * sx_b + d0 + dd, mask=d0 + dd < D, other=0.0).to(tl.float32)
+                acc += xx * xx
+            rn = tl.rsqrt(tl.sum(acc, 0) / D + eps)
+            q = (q.to(tl.float32) * rn).to(DT)
+            k = (k.to(tl.float32) * rn).to(DT)
+            v = (v * rn).to(DT).to(tl.float32)
         # the activation runs in the input dtype, as in the model (fp32 inside, rounded)
         qf = q.to(tl.float32)
         kf = k.to(tl.float32)
@@ -117,6 +132,8 @@ def _kernels():
                 mc = cols < HE
                 x = tl.load(Y + b * sy_b + cols, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
                 u = tl.load(QKVU + b * sq_b + 3 * HE + cols, mask=mc, other=0.0)
+                if NORM:
+                    u = (u.to(tl.float32) * rn).to(DT)
                 xn = (x * r).to(DT)
                 tl.store(Y + b * sy_b + cols, (xn.to(tl.float32) * u.to(tl.float32)).to(DT), mask=mc)
             tl.atomic_xchg(CNT + b, 0, sem="relaxed", scope="gpu")    # ready for the next call
@@ -176,7 +193,7 @@ def supported(qkvu: Tensor, state: Tensor) -> bool:
 
 def gla_decode_triton(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, pos: Tensor | None,
                       act: str, state_out: Tensor | None = None, eps: float = EPS,
-                      bv: int | None = None) -> Tensor:
+                      bv: int | None = None, norm_input: Tensor | None = None) -> Tensor:
     """Launcher (CUDA, or the CPU under TRITON_INTERPRET=1). Inputs as ``gla_decode_naive``, checked.
 
     Writes the new state into ``state_out`` ([B, H, Dk, e] fp32, contiguous; ``state`` itself for an
@@ -195,6 +212,9 @@ def gla_decode_triton(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | No
         state = state.contiguous()
     if qkvu.stride(-1) != 1:
         qkvu = qkvu.contiguous()
+    norm = norm_input is not None
+    if norm and norm_input.stride(-1) != 1:
+        norm_input = norm_input.contiguous()
     lrpe = theta is not None
     rate = s.to(torch.float32).contiguous()
     th = theta.to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
@@ -211,7 +231,10 @@ def gla_decode_triton(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | No
     BE = triton.next_power_of_2(e)
     BW = min(1024, triton.next_power_of_2(H * e))
     warps = 4 if Dk * bv <= 4096 else 8
-    kernel[(B * P,)](qkvu, state, state_out, rate, th, ps, y, ss, cnt, qkvu.stride(0), y.stride(0), eps,
+    D = norm_input.shape[1] if norm else 1
+    kernel[(B * P,)](qkvu, state, state_out, rate, th, ps, y, ss, cnt, norm_input if norm else qkvu,
+                     qkvu.stride(0), y.stride(0), norm_input.stride(0) if norm else 0, eps,
                      H=H, E=e, BE=BE, BV=bv, NV=NV, LRPE=lrpe, ACT=ACT_CODE[act], BW=BW,
-                     BP=triton.next_power_of_2(P), num_warps=warps)
+                     BP=triton.next_power_of_2(P), NORM=norm, D=D, BD=min(4096, triton.next_power_of_2(D)),
+                     num_warps=warps)
     return y

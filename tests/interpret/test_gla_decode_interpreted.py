@@ -45,21 +45,23 @@ def make(B, H, e, lrpe, dtype, seed, rates, positions, state_scale=1.0, stride_p
     return qkvu, S, s, theta, pos
 
 
-def check(qkvu, S, s, theta, pos, act, dtype, inplace, bv=None):
-    y_ref, S_ref = gla_decode_naive(qkvu.float(), S, s, theta, pos, act)
+def check(qkvu, S, s, theta, pos, act, dtype, inplace, bv=None, x=None):
+    xf = None if x is None else x.float()
+    y_ref, S_ref = gla_decode_naive(qkvu.float(), S, s, theta, pos, act, norm_input=xf)
     S0 = S.clone()
     with poisoned():
         if inplace:
             buf = S.clone()
-            y = tri.gla_decode_triton(qkvu, buf, s, theta, pos, act, bv=bv)
+            y = tri.gla_decode_triton(qkvu, buf, s, theta, pos, act, bv=bv, norm_input=x)
             S_new = buf
         else:
             S_new = torch.empty_like(S)                     # NaN-filled inside poisoned()
-            y = tri.gla_decode_triton(qkvu, S, s, theta, pos, act, state_out=S_new, bv=bv)
+            y = tri.gla_decode_triton(qkvu, S, s, theta, pos, act, state_out=S_new, bv=bv, norm_input=x)
     assert torch.equal(S, S0), "the input state was modified"
     assert y.dtype == dtype and y.shape == y_ref.shape and y.is_contiguous()
     B, H, Dk, e = S.shape
-    tag = f"B{B} H{H} e{e} Dk{Dk} {dtype} {act} inplace={inplace} bv={bv} s={s.tolist()} pos={pos.tolist()}"
+    tag = (f"B{B} H{H} e{e} Dk{Dk} {dtype} {act} inplace={inplace} bv={bv} s={s.tolist()} pos={pos.tolist()} "
+           f"norm_input={None if x is None else tuple(x.shape)}")
     assert_close(y, y_ref, dtype, f"y {tag}", scale=SCALE[dtype])
     assert_close(S_new, S_ref, dtype, f"S {tag}")          # k, v enter the state rounded to the input dtype
     assert not tri._COUNTERS[("cpu", None)].any(), "ticket counters not reset"
@@ -72,10 +74,30 @@ POSITIONS = st.lists(st.one_of(st.sampled_from([0, 1, 100000]), st.integers(0, 2
 @given(B=st.integers(1, 5), H=st.integers(1, 4), e=st.sampled_from([16, 32, 64]), lrpe=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), act=st.sampled_from(["silu", "relu", "none"]),
        inplace=st.booleans(), bv=st.sampled_from([None, 16, 32]), rates=RATES, positions=POSITIONS,
-       state_scale=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 2**31 - 1))
-def test_kernel_matches_reference(B, H, e, lrpe, dtype, act, inplace, bv, rates, positions, state_scale, seed):
+       state_scale=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 2**31 - 1),
+       norm_d=st.sampled_from([None, 1, 24, 64, 5000]))
+def test_kernel_matches_reference(B, H, e, lrpe, dtype, act, inplace, bv, rates, positions, state_scale, seed,
+                                  norm_d):
     qkvu, S, s, theta, pos = make(B, H, e, lrpe, dtype, seed, rates, positions, state_scale)
-    check(qkvu, S, s, theta, pos, act, dtype, inplace, bv=bv)
+    # norm_input: the un-normalised layer input (d = 5000 > the kernel's 4096-wide blocks: two chunks)
+    x = None if norm_d is None else (torch.randn(B, norm_d, generator=torch.Generator().manual_seed(seed)) * 7).to(dtype)
+    check(qkvu, S, s, theta, pos, act, dtype, inplace, bv=bv, x=x)
+
+
+@pytest.mark.parametrize("lrpe", [False, True], ids=["nolrpe", "lrpe"])
+def test_norm_input_folds_the_layer_norm(lrpe):
+    # qkvu projected from x itself + norm_input=x == qkvu projected from srms_norm(x), within fp32 rounding
+    from tnllm.ops import srms_norm
+    B, H, e, d = 3, 2, 16, 40
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, d, generator=g) * 5
+    W = torch.randn(4 * H * e, d, generator=g) * 0.2
+    _, S, s, theta, pos = make(B, H, e, lrpe, torch.float32, 9, [0.1, 2.0], [3, 100000])
+    y_ref, S_ref = gla_decode_naive(srms_norm(x) @ W.T, S, s, theta, pos, "silu")
+    buf = S.clone()
+    y = tri.gla_decode_triton(x @ W.T, buf, s, theta, pos, "silu", bv=16, norm_input=x)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(buf, S_ref, torch.float32, "S")
 
 
 @pytest.mark.parametrize("e,bv", [(24, 16), (24, None), (48, 32)], ids=lambda x: str(x))
@@ -124,8 +146,8 @@ def test_registered_kernels_and_compile(monkeypatch):
     torch.library.register_kernel("tnllm::gla_decode_step", "cpu", spy_inplace)
     torch.library.register_kernel("tnllm::gla_decode_step_functional", "cpu", spy_functional)
 
-    def f(x, S, inplace):
-        y, S2 = gla_decode_step(x, S, s, theta, pos, "silu", inplace=inplace)
+    def f(x, S, inplace, xn=None):
+        y, S2 = gla_decode_step(x, S, s, theta, pos, "silu", inplace=inplace, norm_input=xn)
         return y, S2
 
     cf = torch.compile(f, fullgraph=True)
@@ -136,4 +158,8 @@ def test_registered_kernels_and_compile(monkeypatch):
     y, S3 = cf(qkvu, S, False)
     assert_close(y, y_ref, torch.float32, "compiled functional y")
     assert_close(S3, S_ref, torch.float32, "compiled functional state")
-    assert lib_calls == ["inplace", "functional"], lib_calls
+    xn = torch.randn(2, 24) * 3
+    y_ref_n, _ = gla_decode_naive(qkvu, S, s, theta, pos, "silu", norm_input=xn)
+    y, _ = cf(qkvu, S, False, xn)
+    assert_close(y, y_ref_n, torch.float32, "compiled functional y with norm_input")
+    assert lib_calls == ["inplace", "functional", "functional"], lib_calls

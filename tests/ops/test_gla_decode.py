@@ -142,3 +142,36 @@ def test_bad_inputs_name_the_argument(case):
         gla_decode_step(*args)
     with pytest.raises(exc, match=msg.replace("[", r"\[")):
         gla_decode_naive(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_norm_input_folds_the_token_norm(dtype):
+    """qkvu projected from x itself with norm_input=x == the model's token_norm -> qkvu_proj -> step."""
+    from tnllm.ops import srms_norm
+    torch.manual_seed(1)
+    model = TransNormerLLM(TransNormerConfig.from_preset("tiny")).to(dtype)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+    B = 3
+    for layer in model.model.layers:
+        tm = layer.token_mixer
+        x = torch.randn(B, cfg_d := 64, dtype=dtype) * 4
+        S = torch.randn(B, tm.num_heads, tm.key_dim, tm.head_dim, dtype=sdt)
+        pos = torch.tensor([0, 5, 100000])
+        theta = tm.lrpe.theta if tm.lrpe is not None else None
+        with torch.no_grad():
+            y_ref, S_ref = gla_decode_naive(tm.qkvu_proj(srms_norm(x)), S, tm.s, theta, pos, "silu")
+            y, S2 = gla_decode_step(tm.qkvu_proj(x), S, tm.s, theta, pos, "silu", norm_input=x)
+        assert x.shape[1] == cfg_d
+        torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(S2, S_ref, rtol=tol, atol=tol)
+
+
+def test_norm_input_opcheck_and_bad_values():
+    qkvu, S, s, theta, pos = _inputs(2, 2, 16, True, 4)
+    x = torch.randn(2, 9)
+    for op in (torch.ops.tnllm.gla_decode_step.default, torch.ops.tnllm.gla_decode_step_functional.default):
+        torch.library.opcheck(op, (qkvu, S.clone(), s, theta, pos, "silu", x))
+    for bad in (x[0], x[:1], x.long(), x.to("meta")):
+        with pytest.raises(ValueError, match="`norm_input`"):
+            gla_decode_step(qkvu, S, s, theta, pos, "silu", norm_input=bad)

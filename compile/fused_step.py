@@ -1,0 +1,159 @@
+"""The decode step with the fewest kernels per layer (``CudaGraphDecoder(decode_path="fused")``).
+
+The same maths as ``model.step``, rearranged so one layer is six device operations on CUDA (six kernel
+launches where cuBLAS runs each GEMM as one kernel):
+
+    qkvu = x Wqkvu^T                       # GEMM on the un-normalised residual x
+    y    = gla_decode(qkvu, S, norm_input=x)   # Triton: token norm folded in, act, LRPE, S update, o, SRMSNorm, * u
+    x   += y Wout^T                        # one GEMM that also adds the residual (addmm_, beta = 1)
+    l12  = x W12^T                         # l1 and l2 as one GEMM over a [2g, d] stacked weight
+    g    = sglu_gate(l12, norm_input=x)    # Triton: channel norm folded in, act(a) * b
+    x   += g W3^T                          # GEMM + residual
+
+SRMSNorm has no weight, so srms_norm(x) W^T = r(x) (x W^T) with r the per-row scale: the two norms
+become a scale inside the kernels that read the projection. The roundings differ from ``model.step``
+at the model dtype's epsilon (the GEMM output is rounded before the scale; the residual add happens
+inside the GEMM's fp32 epilogue), so greedy decoding agrees except near ties; in fp32 the logits
+agree to ~1e-6.
+
+The stacked [2g, d] weights are a decode-time copy of each layer's ``l1.weight`` and ``l2.weight``
+(the model keeps its parameters, names and state_dict untouched), built once; ``refresh()`` re-copies
+any layer whose source parameters changed (a new tensor, or an in-place update: the parameters'
+version counters), which ``CudaGraphDecoder.step`` calls before each step. Memory: one more copy of
+the l1 and l2 weights (``extra_bytes``). torchao int8 weights (``tnllm.compile.quantize_int8``) are
+stacked exactly (their int8 rows and per-row scales side by side); their GEMMs go through torchao, and
+the residual add is a separate add.
+
+Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, no tensor parallelism.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tnllm.ops.gla_decode import gla_decode_step
+from tnllm.ops.sglu import sglu_gate
+
+
+def fused_unsupported(model) -> str | None:
+    """Why ``model`` cannot decode through the fused step (None when it can)."""
+    cfg = model.config
+    if cfg.norm_type not in ("simplermsnorm", "srmsnorm"):
+        return f"norm_type {cfg.norm_type!r} (the fused step folds the weight-free SRMSNorm into its kernels)"
+    if cfg.bias:
+        return "bias=True (the folded norm scales the projection before a bias would be added)"
+    for i, layer in enumerate(model.model.layers):
+        tm = layer.token_mixer
+        if tm.norm_group is not None or (tm.lrpe is not None and tm.lrpe.theta_sharded):
+            return f"layer {i} is split for tensor parallelism"
+    return None
+
+
+def _plain(w: Tensor) -> bool:
+    return type(w) in (torch.Tensor, torch.nn.Parameter)
+
+
+def stack_rows(w1: Tensor, w2: Tensor) -> Tensor:
+    """[w1; w2] along the output rows: a plain cat, or for a torchao quantized weight the same subclass
+    over its inner tensors (int8 rows, per-row scales) side by side, which is exact."""
+    if _plain(w1) and _plain(w2):
+        return torch.cat([w1.detach(), w2.detach()])
+    if type(w1) is not type(w2) or not hasattr(w1, "__tensor_flatten__"):
+        raise ValueError(f"cannot stack l1 and l2 weights of types {type(w1).__name__} and {type(w2).__name__}")
+    names, meta = w1.__tensor_flatten__()
+    inner = {}
+    for n in names:
+        a, b = getattr(w1, n), getattr(w2, n)
+        if a.dim() == 0 or a.shape[0] != w1.shape[0] or b.shape[0] != w2.shape[0]:
+            raise ValueError(f"cannot stack {type(w1).__name__} weights: inner tensor {n!r} is not per output row")
+        inner[n] = torch.cat([a, b])
+    return type(w1).__tensor_unflatten__(inner, meta, torch.Size([w1.shape[0] + w2.shape[0], *w1.shape[1:]]), None)
+
+
+class FusedDecodeStep:
+    """``step(ids [B], states, position [B]) -> logits [B, V]``: one decode step in place on ``states``
+    (per-layer fp32 [B, H, Dk, Dv]); ``position`` is each row's position (the LRPE angle). Module docstring."""
+
+    def __init__(self, model):
+        why = fused_unsupported(model)
+        if why is not None:
+            raise ValueError(f"decode_path='fused' cannot run this model: {why}")
+        self.model = model
+        self.glu_act = model.config.glu_act
+        self._w12: list[Tensor | None] = [None] * len(model.model.layers)
+        self._theta: list[Tensor | None] = [None] * len(model.model.layers)
+        self._seen: list[tuple | None] = [None] * len(model.model.layers)
+        self.refresh()
+
+    @staticmethod
+    def _key(layer) -> tuple:
+        glu, tm = layer.channel_mixer, layer.token_mixer
+        params = [glu.l1.weight, glu.l2.weight] + ([tm.lrpe.theta] if tm.lrpe is not None else [])
+        return tuple((id(p), p._version) for p in params)
+
+    @torch.no_grad()
+    def refresh(self) -> tuple[int, bool]:
+        """Re-copy the stacked l1|l2 weights (and the fp32 LRPE frequencies) of every layer whose source
+        parameters changed since the last copy. Returns (layers re-copied, whether a copy got new storage):
+        a copy keeps its storage when its shape, dtype and type agree, so a captured CUDA graph stays
+        valid; new storage (a quantized or re-shaped weight) needs a new capture."""
+        n, replaced = 0, False
+        for i, layer in enumerate(self.model.model.layers):
+            key = self._key(layer)
+            if key == self._seen[i]:
+                continue
+            glu, tm = layer.channel_mixer, layer.token_mixer
+            w12 = stack_rows(glu.l1.weight, glu.l2.weight)
+            old = self._w12[i]
+            if old is not None and _plain(old) and _plain(w12) and old.shape == w12.shape and old.dtype == w12.dtype:
+                old.copy_(w12)
+            else:
+                replaced = replaced or old is not None
+                self._w12[i] = w12
+            if tm.lrpe is not None:
+                th = tm.lrpe.theta.detach().to(torch.float32)
+                if self._theta[i] is not None and self._theta[i].shape == th.shape:
+                    self._theta[i].copy_(th)
+                else:
+                    replaced = replaced or self._theta[i] is not None
+                    self._theta[i] = th.clone()
+            self._seen[i] = key
+            n += 1
+        return n, replaced
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the decode-time copies (the stacked l1|l2 weights and the fp32 LRPE frequencies)."""
+        n = 0
+        for w in self._w12 + self._theta:
+            if w is None:
+                continue
+            if _plain(w):
+                n += w.numel() * w.element_size()
+            else:
+                n += sum(getattr(w, k).numel() * getattr(w, k).element_size() for k in w.__tensor_flatten__()[0])
+        return n
+
+    @staticmethod
+    def _add_projection(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """x + y w^T: one GEMM that accumulates into x (in place) for a plain weight, else linear + add."""
+        if _plain(w):
+            return x.addmm_(y, w.t())
+        return x + F.linear(y, w)
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, states, position: Tensor) -> Tensor:
+        m = self.model
+        x = m.model.embed_tokens(ids)
+        if m.model.embed_scale != 1.0:
+            x = x * m.model.embed_scale
+        for i, layer in enumerate(m.model.layers):
+            tm, glu = layer.token_mixer, layer.channel_mixer
+            theta = self._theta[i]
+            y, _ = gla_decode_step(F.linear(x, tm.qkvu_proj.weight), states[i], tm.s, theta,
+                                   position if theta is not None else None, tm.act_name, inplace=True, norm_input=x)
+            x = self._add_projection(x, y, tm.out_proj.weight)
+            g = sglu_gate(F.linear(x, self._w12[i]), x, self.glu_act)
+            x = self._add_projection(x, g, glu.l3.weight)
+        return m.head(x)
