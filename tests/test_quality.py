@@ -201,9 +201,14 @@ def test_compare_grid_sweep_and_seeds(tmp_path, corpus):
     assert saved["summary"] == res["summary"] and (tmp_path / "cmp/compare.png").stat().st_size > 0
 
 
-def test_compare_grid_time_budget(tmp_path, corpus):
+def test_compare_grid_time_budget(tmp_path, corpus, monkeypatch):
+    from tnllm.train.loop import Trainer
+    # the measured step times, fixed (a loaded machine made the real ones exceed the budget): 0.1 s and 0.2 s
+    monkeypatch.setattr(Trainer, "measure_step_time",
+                        lambda self, *a, **k: 0.1 if self.cfg.arch == "transnormer" else 0.2)
     cfg = tiny_cfg(tmp_path / "tb", corpus, steps=1000, eval_every=0, checkpoint=False)
     res = compare_grid(cfg, seeds=[0], time_budget=0.5, log=quiet)
+    assert res["steps"] == 2 and res["step_time_s"] == {"transnormer": 0.1, "transformer": 0.2}
     assert 1 <= res["steps"] < 1000 and set(res["step_time_s"]) == {"transnormer", "transformer"}
     assert res["steps"] == int(0.5 // max(res["step_time_s"].values()))
     assert all(r["steps"] == res["steps"] for r in res["runs"])
