@@ -58,6 +58,10 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
                    help="fraction of the documents held out for validation")
     g.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="tokens per training sequence")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step")
+    g.add_argument("--pack-documents", action="store_true",
+                   help="no attention across documents inside a row: each document (or the piece of it in a row) "
+                        "starts from the zero state at position 0, and the target that starts the next document "
+                        "is not trained on")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=steps_default, help="optimizer steps in all")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -91,7 +95,8 @@ def _train_config(a: argparse.Namespace):
                        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
                        keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device, compile=a.compile,
-                       resume=a.resume, progress=not a.no_progress, plot=not a.no_plot)
+                       resume=a.resume, progress=not a.no_progress, plot=not a.no_plot,
+                       pack_documents=a.pack_documents)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 200, seed: bool = True) -> None:

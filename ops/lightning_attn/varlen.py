@@ -42,17 +42,17 @@ def _boundary_list(cu: Tensor, T: int) -> list[int]:
     return c
 
 
-def check_cu_seqlens(cu_seqlens, q: Tensor) -> Tensor:
-    """``cu_seqlens`` checked against the packed ``q`` [1, H, T, Dk] by shape, dtype and device (no value
-    read): a 1-D integer tensor [N + 1], N >= 1, on q's device. Returns it as int32 or int64 (other
+def check_cu_seqlens(cu_seqlens, device: torch.device, what: str = "q") -> Tensor:
+    """``cu_seqlens`` checked by shape, dtype and device (no value read): a 1-D integer tensor [N + 1],
+    N >= 1, on ``device`` (``what``'s device, named in the error). Returns it as int32 or int64 (other
     integer dtypes widened to int64)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in _INTS or cu_seqlens.dim() != 1:
         got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
         raise TypeError(f"lightning_attn_varlen: `cu_seqlens` must be a 1-D integer tensor [N + 1], got {got}")
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"lightning_attn_varlen: `cu_seqlens` must hold N + 1 >= 2 boundaries, got {cu_seqlens.shape[0]}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"lightning_attn_varlen: `cu_seqlens` must be on q's device {q.device} (the boundaries are "
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"lightning_attn_varlen: `cu_seqlens` must be on {what}'s device {device} (the boundaries are "
                          f"read there), got {cu_seqlens.device}")
     return cu_seqlens if cu_seqlens.dtype in (torch.int32, torch.int64) else cu_seqlens.to(torch.int64)
 
@@ -200,7 +200,7 @@ def lightning_attn_varlen(q: Tensor, k: Tensor, v: Tensor, s: Tensor, cu_seqlens
     if q.shape[0] != 1:
         raise ValueError(f"lightning_attn_varlen: packed inputs have batch 1 ([1, H, T, D]), got q {tuple(q.shape)}")
     _check_block(block_size)
-    cu = check_cu_seqlens(cu_seqlens, q)
+    cu = check_cu_seqlens(cu_seqlens, q.device)
     _, H, T, Dk = q.shape
     N, Dv = cu.shape[0] - 1, v.shape[-1]
     if initial_state is not None:
