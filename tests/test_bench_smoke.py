@@ -65,3 +65,17 @@ def test_cpu_benchmark_suite(tmp_path):
     pytest.importorskip("pytest_benchmark")
     run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "-k", "T256",
          BENCH / "test_bench_cpu.py", "--rootdir", BENCH], tmp_path)
+
+
+def test_varlen_bench_cpu(tmp_path):
+    out = run([BENCH / "varlen.py", "--device", "cpu", "--out", tmp_path / "v"], tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "v" / "varlen.json").read_text().splitlines()]
+    meta, rows = recs[0], {r["impl"]: r for r in recs[1:]}
+    assert meta["meta"] and len(meta["lengths"]) == 4 and all(16 <= n <= 100 for n in meta["lengths"])
+    assert set(rows) == {"padded", "varlen", "loop"}, rows
+    for r in rows.values():
+        assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
+        assert r["total_tokens"] == sum(meta["lengths"]) and r["padded_tokens"] == 4 * max(meta["lengths"])
+    for name in ("varlen", "loop"):
+        assert max(rows[name]["check_rel_err_vs_padded"].values()) < 1e-5, rows[name]
+    assert "padded / varlen: fwd" in out
