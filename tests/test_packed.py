@@ -216,3 +216,12 @@ def test_cli_pack_documents_flag(tmp_path):
     assert rc in (0, None)
     from tnllm import checkpoints as ckpt
     assert ckpt.load_trainer_state(tmp_path / "r")["train_config"]["pack_documents"] is True
+
+
+def test_packed_paths_trace_without_graph_breaks(model):
+    """forward and packed prefill with cu_seqlens trace as one graph (the boundary checks are in-graph)."""
+    ids, cu = torch.randint(3, 97, (2, 20)), torch.tensor([0, 5, 20, 33, 40])
+    e = torch._dynamo.explain(model)(ids, cu_seqlens=cu)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    e = torch._dynamo.explain(lambda i, c: model.prefill(i, cu_seqlens=c, last_only=True)[0])(ids[:1], cu[:3])
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
