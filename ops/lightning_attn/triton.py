@@ -28,6 +28,11 @@ for any T and any rate (s = inf: lam = 0). Masks are wheres, so a non-finite inp
 never reaches an output at a frame position before r.
 Widths over 128 run as several launches of <= 128 (see _sweep).
 
+Packed sequences (VARLEN, ``lightning_attn_varlen``): the same kernel over one packed row [1, H, T, D] cut
+by ``cu_seqlens`` [N + 1]; program (sequence, head, DC tile) loads its sequence's start and end from the
+device, offsets its base pointers by the start row and runs the chunk loop over its own length with its own
+S0 / final state (row i of [N, H, DA, DC]). No splits; programs start longest sequence first (ORD).
+
 Launchers take tensors of any strides with a unit last-dim stride (else they copy) and return
 contiguous outputs, matching the op's fake kernels. Under TRITON_INTERPRET=1 they run on CPU
 tensors (fp32/fp16: the interpreter's bf16 tl.dot is broken).
