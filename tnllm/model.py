@@ -663,15 +663,18 @@ def check_packed(cu_seqlens, ids: Tensor) -> Tensor:
     B, T = ids.shape
     cu = check_cu_seqlens(cu_seqlens, ids.device, "input_ids")
     check_boundary_values(cu, B * T)
-    if B > 1:
+    if B > 1 and cu.device.type != "meta":
+        # cu is sorted (checked above), so row start r is a boundary iff cu[searchsorted(cu, r)] == r (a
+        # searchsorted, not isin, whose sorting path reads a size back to the host on CUDA)
         starts = torch.arange(0, B * T, T, device=cu.device, dtype=cu.dtype)
+        at = torch.searchsorted(cu, starts).clamp(max=cu.shape[0] - 1)
+        found = cu[at] == starts
         if cu.device.type == "cpu" and _can_read(cu):
-            missing = starts[~torch.isin(starts, cu)]
-            if missing.numel():
+            if not bool(found.all()):
                 raise ValueError(f"`cu_seqlens` must hold every row start b*T of input_ids [B, T] = {(B, T)} (a document "
-                                 f"may not span two rows), missing {missing.tolist()}")
-        elif cu.device.type != "meta":
-            torch._assert_async(torch.isin(starts, cu).all(), "`cu_seqlens` must hold every row start b*T of input_ids")
+                                 f"may not span two rows), missing {starts[~found].tolist()}")
+        else:
+            torch._assert_async(found.all(), "`cu_seqlens` must hold every row start b*T of input_ids")
     return cu
 
 
