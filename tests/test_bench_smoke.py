@@ -124,3 +124,17 @@ def test_tnllm_bench_decode_int8_without_torchao(monkeypatch, capsys):
     assert "--int8 needs torchao" in err and "pip install 'tnllm[int8]'" in err
     assert main(["bench", "decode", "--device", "cpu", "--preset", "tiny", "--paths", "graph:fused"]) == 2
     assert "--paths: 'graph:fused' must be POLICY:PATH" in capsys.readouterr().err
+
+
+def test_varlen_bench_cpu(tmp_path):
+    out = run([BENCH / "varlen.py", "--device", "cpu", "--out", tmp_path / "v"], tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "v" / "varlen.json").read_text().splitlines()]
+    meta, rows = recs[0], {r["impl"]: r for r in recs[1:]}
+    assert meta["meta"] and len(meta["lengths"]) == 4 and all(16 <= n <= 100 for n in meta["lengths"])
+    assert set(rows) == {"padded", "varlen", "loop"}, rows
+    for r in rows.values():
+        assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
+        assert r["total_tokens"] == sum(meta["lengths"]) and r["padded_tokens"] == 4 * max(meta["lengths"])
+    for name in ("varlen", "loop"):
+        assert max(rows[name]["check_rel_err_vs_padded"].values()) < 1e-5, rows[name]
+    assert "padded / varlen: fwd" in out

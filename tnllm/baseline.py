@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TransNormerConfig
-from .model import check_token_ids
+from .model import check_packed, check_token_ids, packed_positions
 
 
 def transformer_num_params(cfg: TransNormerConfig) -> int:
@@ -56,9 +56,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(e: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [T, e/2] in fp32 for the rotate-half form of RoPE."""
+    """cos, sin [..., e/2] in fp32 for the rotate-half form of RoPE (positions [T] -> [T, e/2], [B, T] -> [B, T, e/2])."""
     inv = theta ** (-torch.arange(0, e, 2, device=positions.device, dtype=torch.float32) / e)
-    ang = positions.float()[:, None] * inv
+    ang = positions.float()[..., None] * inv
     return ang.cos(), ang.sin()
 
 
@@ -169,6 +169,24 @@ class TransformerLM(nn.Module):
     def _check_ids(self, ids, name: str, ndim: int) -> None:
         check_token_ids(ids, name, ndim, self.config.vocab_size)
 
+    def _decode_packed(self, ids: Tensor, cu_seqlens: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """ids [B, T] read as B*T packed documents (``TransNormerLLM.forward`` explains ``cu_seqlens``) -> the
+        final-norm input [B, T, d]: RoPE positions restart at each document, attention stays inside it (every
+        row start is a boundary, so a row's mask [T, T] is block-diagonal and causal)."""
+        if attention_mask is not None:
+            raise ValueError("pass `attention_mask` or `cu_seqlens`, not both (packed documents need no padding)")
+        B, T = ids.shape
+        cu = check_packed(cu_seqlens, ids).to(torch.int64)
+        idx = torch.arange(B * T, device=ids.device)
+        doc = torch.searchsorted(cu[1:].contiguous(), idx, right=True).reshape(B, T)
+        cos, sin = rope_tables(self.config.head_dim, packed_positions(cu, B * T).reshape(B, T), self.rope_theta)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        bias = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]      # [B, 1, T, T]
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x, _ = layer(x, cos[:, None], sin[:, None], None, bias)
+        return x
+
     def _decode(self, ids: Tensor, cache: KVCache | None, attention_mask: Tensor | None) -> tuple[Tensor, KVCache]:
         """ids [B, T] (continuing ``cache``) -> (final-norm input [B, T, d], the cache T longer)."""
         B, T = ids.shape
@@ -203,13 +221,17 @@ class TransformerLM(nn.Module):
         """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(norm(hidden))``."""
         return self.lm_head(self.model.norm(hidden))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        self._check_ids(input_ids, "input_ids", 2)
-        return self.head(self._decode(input_ids, None, attention_mask)[0])
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V]; ``cu_seqlens``: packed documents, as in ``TransNormerLLM.forward``."""
+        return self.head(self.hidden_states(input_ids, attention_mask, cu_seqlens))
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      cu_seqlens: Tensor | None = None) -> Tensor:
         """Final-norm input [B, T, d] (``head`` applies the norm and the tied head)."""
         self._check_ids(input_ids, "input_ids", 2)
+        if cu_seqlens is not None:
+            return self._decode_packed(input_ids, cu_seqlens, attention_mask)
         return self._decode(input_ids, None, attention_mask)[0]
 
     def prefill(self, input_ids: Tensor, state: KVCache | None = None,

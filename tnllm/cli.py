@@ -58,6 +58,10 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
                    help="fraction of the documents held out for validation")
     g.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="tokens per training sequence")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step")
+    g.add_argument("--pack-documents", action="store_true",
+                   help="no attention across documents inside a row: each document (or the piece of it in a row) "
+                        "starts from the zero state at position 0, and the target that starts the next document "
+                        "is not trained on")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=steps_default, help="optimizer steps in all")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -91,7 +95,8 @@ def _train_config(a: argparse.Namespace):
                        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
                        keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device, compile=a.compile,
-                       resume=a.resume, progress=not a.no_progress, plot=not a.no_plot)
+                       resume=a.resume, progress=not a.no_progress, plot=not a.no_plot,
+                       pack_documents=a.pack_documents)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 200, seed: bool = True) -> None:
@@ -174,7 +179,8 @@ def _prompts(a) -> list[str]:
 
 
 def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=None) -> list[str]:
-    """Encode (bos + prompt), left-pad, generate, print to ``out`` (stdout); returns the completions."""
+    """Encode (bos + prompt), generate (several prompts: packed without padding where the model can, else
+    left-padded), print to ``out`` (stdout); returns the completions."""
     out = sys.stdout if out is None else out
     import torch
     from .generate import TextStreamer, check_sampling, generate
@@ -190,10 +196,8 @@ def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=Non
         if limit is not None and len(r) + a.max_new_tokens > limit:
             raise ValueError(f"prompt {p[:40]!r}... is {len(r)} tokens; with --max-new-tokens {a.max_new_tokens} "
                              f"it exceeds the model's max_position_embeddings ({limit})")
-    T = max(len(r) for r in rows)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    ids = torch.tensor(rows, dtype=torch.long) if len(rows) == 1 else [torch.tensor(r, dtype=torch.long) for r in rows]
     eos = None if a.no_stop else tokenizer.eos_id
     streamer = None
     if stream and len(prompts) == 1:
@@ -203,13 +207,12 @@ def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=Non
                                 stop_ids=[eos] if eos is not None else [])
     t0 = time.perf_counter()
     res = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, eos_token_id=eos,
-                   attention_mask=mask if len(prompts) > 1 else None, seed=a.seed, streamer=streamer,
-                   pad_token_id=pad)
+                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, eos_token_id=eos, seed=a.seed,
+                   streamer=streamer, pad_token_id=pad)
     dt = time.perf_counter() - t0
     completions = []
     for i in range(len(prompts)):
-        new = res[i, T:].tolist()
+        new = res[i][len(rows[i]):].tolist()
         if eos is not None and eos in new:
             new = new[:new.index(eos)]
         completions.append(tokenizer.decode(new))
@@ -219,7 +222,7 @@ def run_generation(model, tokenizer, prompts: list[str], a, stream=True, out=Non
     else:
         for p, c in zip(prompts, completions):
             out.write(f"--- prompt: {p!r}\n{p}{c}\n")
-    n_new = res.shape[1] - T
+    n_new = len(res[0]) - len(rows[0])
     print(f"[generated {n_new} tokens x {len(prompts)} prompt(s) in {dt:.2f}s, "
           f"{n_new * len(prompts) / max(dt, 1e-9):,.0f} tok/s]", file=sys.stderr, flush=True)
     return completions

@@ -10,7 +10,9 @@
 * ``PackedLoader``: documents encoded as ``[bos] + ids + [eos]`` and concatenated into one stream (wrapping
   around at its end), read by one lane per batch row (lanes start spread over the corpus), each cut into rows
   of ``seq_len + 1`` tokens with stride ``seq_len``. ``state_dict()``/``load_state_dict()`` hold the lanes'
-  positions (pass, document, token offset) for exact resumption.
+  positions (pass, document, token offset) for exact resumption. With ``documents=True`` it returns
+  ``DocumentBatch``es: the same rows with the document boundaries inside them, for training without
+  attention across documents.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+IGNORE_INDEX = -100      # a target the loss skips (F.cross_entropy's default ignore_index)
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".csv", ".tex", ".html", ".xml", ".c", ".h",
@@ -149,6 +153,44 @@ def split_corpus(docs: Sequence[Document], val_fraction: float = 0.05) -> tuple[
     return train, val
 
 
+@dataclass
+class DocumentBatch:
+    """A batch of rows cut from the document stream, with the documents inside each row marked.
+
+    ``input_ids`` [B, T] int64; ``targets`` [B, T] int64, the next token, or ``IGNORE_INDEX`` where the next
+    token starts another document (its first token is not predicted from the previous document);
+    ``cu_seqlens`` int32 [N + 1], the boundaries of the N document pieces of all rows in the row-major
+    flattened B*T inputs: every row start is one (a document that runs past a row's end continues in its lane's
+    next row, where its rest is a piece of its own). ``TransNormerLLM.forward(input_ids, cu_seqlens=...)``
+    runs every piece from the zero state at position 0, with no attention across a boundary."""
+    input_ids: "torch.Tensor"
+    targets: "torch.Tensor"
+    cu_seqlens: "torch.Tensor"
+
+    @classmethod
+    def from_rows(cls, tokens: np.ndarray, starts: np.ndarray) -> "DocumentBatch":
+        """``tokens`` [B, T + 1] and ``starts`` [B, T + 1] (True at the first token of a document)."""
+        import torch
+        B, T1 = tokens.shape
+        T = T1 - 1
+        targets = tokens[:, 1:].copy()
+        targets[starts[:, 1:]] = IGNORE_INDEX
+        first = starts[:, :T].copy()
+        first[:, 0] = True                                  # a row always starts a piece
+        bounds = np.concatenate([np.flatnonzero(first.reshape(-1)), [B * T]])
+        dtype = np.int32 if B * T < 2 ** 31 else np.int64
+        return cls(torch.from_numpy(np.ascontiguousarray(tokens[:, :T])), torch.from_numpy(targets),
+                   torch.from_numpy(bounds.astype(dtype)))
+
+    def to(self, device, non_blocking: bool = False) -> "DocumentBatch":
+        return DocumentBatch(*(t.to(device, non_blocking=non_blocking)
+                               for t in (self.input_ids, self.targets, self.cu_seqlens)))
+
+    @property
+    def num_documents(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+
 class PackedLoader:
     """Fixed-length rows ``[batch, seq_len + 1]`` (int64) from the packed token stream of ``docs``.
 
@@ -160,12 +202,13 @@ class PackedLoader:
 
     ``encode(bytes) -> np.ndarray[int]`` tokenizes one document. ``rank``/``world_size`` keep this rank's rows
     (``rank::world_size``) of each global batch; every rank tracks every lane, so the state is the same on
-    all ranks and resumes on any of them.
+    all ranks and resumes on any of them. ``documents=True``: ``next_batch`` returns a ``DocumentBatch`` (the
+    same tokens, with the document boundaries the lanes crossed).
     """
 
     def __init__(self, docs: Sequence[Document], encode: Callable[[bytes], np.ndarray], seq_len: int,
                  batch_size: int, bos_id: int | None = None, eos_id: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, documents: bool = False):
         if not docs:
             raise ValueError("PackedLoader needs at least one document")
         for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
@@ -179,6 +222,7 @@ class PackedLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.bos_id, self.eos_id = bos_id, eos_id
         self.rank, self.world_size = rank, world_size
+        self.documents = bool(documents)
         self.lanes: list[list[int]] | None = None          # [epoch, doc, pos] per lane
         self._cache: dict[int, np.ndarray] = {}
 
@@ -203,7 +247,9 @@ class PackedLoader:
             lanes.append([0, doc, (rem * len(self._tokens(doc))) // B])
         return lanes
 
-    def _read(self, lane: list[int], n: int, advance: bool) -> np.ndarray:
+    def _read(self, lane: list[int], n: int, advance: bool, starts: list | None = None) -> np.ndarray:
+        """The lane's next ``n`` tokens; ``starts``, when given, receives a bool array per piece (True at a
+        document's first token)."""
         epoch, doc, pos = lane
         out, got, empty = [], 0, 0
         while got < n:
@@ -218,6 +264,10 @@ class PackedLoader:
                 continue
             take = toks[pos:pos + n - got]
             out.append(take)
+            if starts is not None:
+                st = np.zeros(len(take), dtype=bool)
+                st[0] = pos == 0
+                starts.append(st)
             got += len(take)
             pos += len(take)
         if advance:
@@ -225,17 +275,24 @@ class PackedLoader:
         return np.concatenate(out)
 
     def next_batch(self):
-        """The next ``[batch_size // world_size, seq_len + 1]`` int64 tensor (this rank's rows)."""
+        """The next ``[batch_size // world_size, seq_len + 1]`` int64 tensor (this rank's rows); with
+        ``documents``, a ``DocumentBatch`` of those rows."""
         import torch
         T = self.seq_len
         if self.lanes is None:
             self.lanes = self._start_lanes()
-        rows = []
+        rows, row_starts = [], []
         for b, lane in enumerate(self.lanes):
             if b % self.world_size == self.rank:
-                rows.append(np.concatenate([self._read(lane, T, advance=True), self._read(lane, 1, advance=False)]))
+                st = [] if self.documents else None
+                rows.append(np.concatenate([self._read(lane, T, advance=True, starts=st),
+                                            self._read(lane, 1, advance=False, starts=st)]))
+                if st is not None:
+                    row_starts.append(np.concatenate(st))
             else:      # other ranks' rows: advance only (a cached length lookup for most steps)
                 self._read(lane, T, advance=True)
+        if self.documents:
+            return DocumentBatch.from_rows(np.stack(rows), np.stack(row_starts))
         return torch.from_numpy(np.stack(rows))
 
     def __iter__(self):

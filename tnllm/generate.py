@@ -14,10 +14,16 @@ and ``tnllm.export.OnnxRecurrentDecoder`` (through ``as_decoder()``) implement i
 
 Left padding is exact for TransNormerLLM: padded tokens' k, v are zeroed and decay and LRPE are relative,
 so a left-padded row generates what the same prompt alone generates.
+
+Prompts of unequal length can also be passed as a list: a decoder with ``start_packed(ids [1, T], cu_seqlens)``
+(``TorchDecoder`` over a model whose ``prefill`` takes ``cu_seqlens``: TransNormerLLM) prefills them packed end
+to end in one call, without padding, each into its own state row at its own position; any other decoder gets
+them left-padded.
 """
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -78,6 +84,18 @@ class TorchDecoder:
                                            attention_mask=None if mask is None else mask.to(self.device))
         return logits[:, -1].float(), state
 
+    @property
+    def packs(self) -> bool:
+        """Whether the model's prefill takes packed prompts (``cu_seqlens``)."""
+        return "cu_seqlens" in inspect.signature(self.model.prefill).parameters
+
+    def start_packed(self, ids: Tensor, cu_seqlens: Tensor):
+        """N prompts end to end in ``ids`` [1, T], boundaries ``cu_seqlens`` [N + 1]: (logits [N, V] of each
+        prompt's last position, a state of N rows, each at its own prompt's position)."""
+        logits, state = self.model.prefill(ids.to(self.device), cu_seqlens=cu_seqlens.to(self.device),
+                                           last_only=True)
+        return logits[:, 0].float(), state
+
     def step(self, tokens: Tensor, state):
         logits, state = self.model.step(tokens.to(self.device), state)
         return logits.float(), state
@@ -103,18 +121,37 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | None = None, attention_mask: Tensor | None = None,
              generator: torch.Generator | None = None, seed: int | None = None,
-             streamer: Callable[[Tensor], None] | None = None, pad_token_id: int | None = None) -> Tensor:
+             streamer: Callable[[Tensor], None] | None = None, pad_token_id: int | None = None):
     """Continue ``input_ids`` [B, T] (left-padded when ``attention_mask`` [B, T] marks pads with 0) by up to
     ``max_new_tokens`` tokens; returns [B, T + n] int64 on the CPU, n <= max_new_tokens (shorter only when every
     row has produced ``eos_token_id``; finished rows are then filled with ``pad_token_id``).
+
+    ``input_ids`` may also be a list of prompts of unequal length (1-D int tensors or lists of ids): they are
+    prefilled packed, without padding, where the decoder can (``TorchDecoder.start_packed``), else left-padded;
+    the result is then a list of 1-D tensors, prompt i followed by its n new tokens.
 
     temperature 0 is greedy; otherwise softmax sampling at that temperature, optionally restricted to the
     ``top_k`` tokens and/or the nucleus of mass ``top_p``; ``repetition_penalty`` > 1 discourages tokens already
     in the row. ``generator`` (or ``seed``) makes sampling reproducible. ``streamer(tokens [B])`` is called with
     each new column as soon as it is chosen.
     """
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, generator=generator, seed=seed,
+              streamer=streamer, pad_token_id=pad_token_id)
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for a padded input_ids tensor; a list of prompts needs none")
+        return _generate_list(model, input_ids, **kw)
+    return _generate(model, input_ids, attention_mask=attention_mask, **kw)
+
+
+def _generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float, top_k, top_p,
+              repetition_penalty: float, eos_token_id, attention_mask, generator, seed, streamer, pad_token_id,
+              packed: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``generate`` for a tensor of prompts; ``packed`` (ids [1, T], cu_seqlens) the same prompts end to end,
+    prefilled that way when the decoder can."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor [B, T], got "
+        raise ValueError(f"input_ids must be an integer tensor [B, T] or a list of prompts, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     B, T = input_ids.shape
     if B == 0 or T == 0:
@@ -145,9 +182,20 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if max_new_tokens == 0:
         return ids
     dec = as_decoder(model)
+    if packed is not None and getattr(dec, "packs", False):
+        logits, state = dec.start_packed(*packed)
+    else:
+        logits, state = dec.start(ids, None if attention_mask is None else attention_mask.cpu())
+    return _loop(dec, ids, attention_mask, logits, state, out, max_new_tokens, temperature, top_k, top_p,
+                 repetition_penalty, eos_token_id, generator, streamer, pad_token_id)
+
+
+def _loop(dec, ids, attention_mask, logits, state, out, max_new_tokens, temperature, top_k, top_p,
+          repetition_penalty, eos_token_id, generator, streamer, pad_token_id) -> Tensor:
+    """The token loop after the prompt: sample, stream, feed back, until max_new_tokens or every row ended."""
+    B = ids.shape[0]
     seen = None
     finished = torch.zeros(B, dtype=torch.bool)
-    logits, state = dec.start(ids, None if attention_mask is None else attention_mask.cpu())
     for i in range(max_new_tokens):
         logits = logits.float().cpu()
         if repetition_penalty != 1.0:
@@ -172,6 +220,34 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
         if i + 1 < max_new_tokens:
             logits, state = dec.step(nxt, state)
     return torch.cat(out, dim=1)
+
+
+def _generate_list(model, prompts: Sequence, **kw) -> list[Tensor]:
+    """``generate`` over a list of prompts of unequal length (see there): returns a list of 1-D tensors."""
+    rows = []
+    for i, p in enumerate(prompts):
+        t = torch.as_tensor(p)
+        if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"input_ids[{i}] must be a 1-D sequence of token ids, got {t.dtype} {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"input_ids[{i}] is empty: every prompt needs at least one token")
+        rows.append(t.to("cpu", torch.int64))
+    if not rows:
+        raise ValueError("input_ids is an empty list: pass at least one prompt")
+    lengths = [r.numel() for r in rows]
+    T = max(lengths)
+    pad = kw.get("pad_token_id")
+    if pad is None:
+        pad = getattr(getattr(model, "config", None), "pad_token_id", 0)
+    # the left-padded batch: the loop's view of the prompts (and the fallback for decoders that cannot pack)
+    ids = torch.full((len(rows), T), pad, dtype=torch.int64)
+    mask = torch.zeros(len(rows), T, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - r.numel():] = r
+        mask[i, T - r.numel():] = 1
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    out = _generate(model, ids, attention_mask=mask, packed=(torch.cat(rows)[None], cu), **kw)
+    return [torch.cat([r, out[i, T:]]) for i, r in enumerate(rows)]
 
 
 class TextStreamer:

@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tnllm.ops import lightning_attn, lightning_attn_step, srms_norm
+from tnllm.ops import lightning_attn, lightning_attn_step, lightning_attn_varlen, srms_norm
 from tnllm.ops.gla_decode import gla_decode_step
 from tnllm.ops.lightning_attn._common import _is_fake
+from tnllm.ops.lightning_attn.varlen import check_boundary_values, check_cu_seqlens
 from tnllm.ops.norm import EPS
 from tnllm.ops.norm_triton import srms_norm_gate
 
@@ -255,10 +256,15 @@ class Lrpe(nn.Module):
 
     def forward(self, x: Tensor, offset) -> Tensor:
         """x [B, H, T, e]; ``offset``: the first position, an int or 0-d tensor, or an int tensor [B] of
-        per-row positions (the exported step and static decode buffers pass tensors)."""
+        per-row positions (the exported step and static decode buffers pass tensors), or an int tensor
+        [B, T] of every token's own position (packed sequences, each restarting its positions)."""
         theta = self.local_theta()
         T = x.shape[-2]
         dt = torch.promote_types(x.dtype, torch.float32)                # fp32 positions (fp64 for fp64)
+        if isinstance(offset, Tensor) and offset.dim() == 2:
+            ang = theta.to(dt) * offset.to(dt)[:, None, :, None]              # [B, H, T, e]
+            xf = x.to(dt)
+            return torch.cat([xf * torch.cos(ang), xf * torch.sin(ang)], dim=-1).to(x.dtype)
         pos = torch.arange(T, device=x.device, dtype=dt)
         if isinstance(offset, Tensor) and offset.dim() == 1:
             pos = pos + offset.to(dt)[:, None]                                # [B, T]
@@ -347,8 +353,17 @@ class NormLinearAttention(nn.Module):
         return lightning_attn(q, k, v, s, initial_state=S, output_final_state=True, block_size=self.block_size,
                               check_decay=False)   # s is the fixed buffer; the check would sync on CUDA
 
-    def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None):
-        return self._mix(x, S, offset, self._parallel, mask)
+    def _packed(self, q, k, v, s, S, cu_seqlens):
+        # the boundaries were checked once by the model for all layers
+        return lightning_attn_varlen(q, k, v, s, cu_seqlens, initial_state=S, output_final_state=True,
+                                     block_size=self.block_size, check_decay=False, check_boundaries=False)
+
+    def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None):
+        """``cu_seqlens``: x [1, T, d] holds packed sequences (S then [N, H, Dk, Dv], one per sequence)."""
+        if cu_seqlens is None:
+            return self._mix(x, S, offset, self._parallel, mask)
+        return self._mix(x, S, offset, lambda q, k, v, s, S: self._packed(q, k, v, s, S, cu_seqlens))
 
     def kernel_unsupported(self) -> str | None:
         """Why the fused decode kernel cannot run this layer's step (None when it can)."""
@@ -421,9 +436,9 @@ class TransNormerDecoderLayer(nn.Module):
         self.token_norm, self.channel_norm = _norm(cfg, cfg.decoder_embed_dim), _norm(cfg, cfg.decoder_embed_dim)
 
     def forward(self, x: Tensor, S: Tensor | None = None, offset=0, mask: Tensor | None = None, step: bool = False,
-                inplace: bool = False, kernel: bool | None = None):
+                inplace: bool = False, kernel: bool | None = None, cu_seqlens: Tensor | None = None):
         tm, h = self.token_mixer, self.token_norm(x)
-        a, S = tm.step(h, S, offset, inplace, kernel) if step else tm(h, S, offset, mask)
+        a, S = tm.step(h, S, offset, inplace, kernel) if step else tm(h, S, offset, mask, cu_seqlens)
         x = x + a
         return x + self.channel_mixer(self.channel_norm(x)), S
 
@@ -541,44 +556,83 @@ class TransNormerLLM(nn.Module):
         """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(final_norm(hidden))``."""
         return self.lm_head(self.model.final_norm(hidden))
 
-    def _run(self, x, states, offset, mask=None, step=False, inplace=False, kernel=None):
+    def _run(self, x, states, offset, mask=None, step=False, inplace=False, kernel=None, cu_seqlens=None):
         new = []
         for i, layer in enumerate(self.model.layers):
-            x, S = layer(x, None if states is None else states[i], offset, mask, step, inplace, kernel)
+            if cu_seqlens is None:
+                x, S = layer(x, None if states is None else states[i], offset, mask, step, inplace, kernel)
+            else:
+                x, S = layer(x, None if states is None else states[i], offset, cu_seqlens=cu_seqlens)
             new.append(S)
         return x, new
+
+    def _run_packed(self, ids: Tensor, cu_seqlens: Tensor, states=None, start=None):
+        """ids [B, T] read as B*T packed tokens: (final-norm input [B, T, d], per-sequence states [N, ...]).
+        ``start`` [N]: each sequence's first position (None: 0)."""
+        B, T = ids.shape
+        x = self._embed(ids).reshape(1, B * T, -1)
+        pos = packed_positions(cu_seqlens, B * T, start)[None]                # [1, B*T]
+        x, new = self._run(x, states, pos, cu_seqlens=cu_seqlens)
+        return x.reshape(B, T, -1), new
 
     @staticmethod
     def _position(state: RecurrentState):
         """The LRPE offset of the state's next token: the shared int when known, else the [B] positions."""
         return state.shared_offset if state.shared_offset is not None else state.position
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] of the parallel form. ``attention_mask`` [B, T] (1 keep, 0 pad) zeroes the
-        contribution of padded tokens (left padding keeps later tokens exact: decay and LRPE are relative)."""
+        contribution of padded tokens (left padding keeps later tokens exact: decay and LRPE are relative).
+
+        ``cu_seqlens`` (integer [N + 1] on the ids' device): packed documents. ``input_ids`` is read row-major
+        as one stream of B*T tokens cut into documents [c_i, c_{i+1}) (``check_packed``: every row start b*T is
+        a boundary, so no document spans two rows); each document starts from the zero state at position 0
+        and no token attends across a boundary: the logits equal the forward of each document alone."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
+        if cu_seqlens is not None:
+            return self.head(self._packed_hidden(input_ids, attention_mask, cu_seqlens))
         x, _ = self._run(self._embed(input_ids), None, 0, attention_mask)
         return self.head(x)
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      cu_seqlens: Tensor | None = None) -> Tensor:
         """Final-norm input [B, T, d] (for chunked losses that never materialize [B, T, V]; ``head`` maps
-        it to logits)."""
+        it to logits); ``cu_seqlens`` as in ``forward``."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
+        if cu_seqlens is not None:
+            return self._packed_hidden(input_ids, attention_mask, cu_seqlens)
         return self._run(self._embed(input_ids), None, 0, attention_mask)[0]
 
+    def _packed_hidden(self, ids: Tensor, mask, cu_seqlens) -> Tensor:
+        if mask is not None:
+            raise ValueError("pass `attention_mask` or `cu_seqlens`, not both (packed documents need no padding)")
+        return self._run_packed(ids, check_packed(cu_seqlens, ids))[0]
+
     def prefill(self, input_ids: Tensor, state: Sequence[Tensor] | None = None,
-                attention_mask: Tensor | None = None, *, last_only: bool = False) -> tuple[Tensor, RecurrentState]:
+                attention_mask: Tensor | None = None, *, last_only: bool = False,
+                cu_seqlens: Tensor | None = None) -> tuple[Tensor, RecurrentState]:
         """Blocked prefill: (logits [B, T, V], RecurrentState at position + T); continue from ``state`` if given
         (its rows may sit at different positions). ``last_only`` returns only the last position's logits
         [B, 1, V] (what decoding needs; skips the head on the other T - 1 positions).
 
         ``attention_mask`` (left padding) is exact from the zero state, where decay and LRPE are relative. A padded
         chunk continuing a non-zero ``state`` is refused: its pads would decay that state and shift the row's LRPE
-        frame (prefill the new sequence alone and put it into its row with ``RecurrentState.load_rows``)."""
+        frame (prefill the new sequence alone and put it into its row with ``RecurrentState.load_rows``).
+
+        ``cu_seqlens`` (integer [N + 1] on the ids' device): N prompts of unequal length packed end to end in
+        ``input_ids`` [1, T], no padding (``forward`` explains the packing). The state then has one row per
+        prompt, at that prompt's own position (as ``prefill`` of the prompt alone returns it); ``state``, if
+        given, has N rows and continues each prompt from its row. ``last_only`` gives each prompt's
+        last-position logits [N, 1, V] (NaN for an empty prompt), else the logits are [1, T, V]."""
         self._check_ids(input_ids, "input_ids", 2)
         self._check_mask(attention_mask, input_ids)
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass `attention_mask` or `cu_seqlens`, not both (packed prompts need no padding)")
+            return self._prefill_packed(input_ids, cu_seqlens, state, last_only)
         B, T = input_ids.shape
         state = None if state is None else self.validate_state(state, B)
         if (state is not None and attention_mask is not None and _can_read(attention_mask)
@@ -589,6 +643,26 @@ class TransNormerLLM(nn.Module):
         x, new = self._run(self._embed(input_ids), state, offset, attention_mask)
         logits = self.head(x[:, -1:] if last_only else x)
         return logits, (RecurrentState(new, T) if state is None else state.advanced(new, T))
+
+    def _prefill_packed(self, input_ids: Tensor, cu_seqlens: Tensor, state, last_only: bool):
+        cu = check_packed(cu_seqlens, input_ids)
+        N = cu.shape[0] - 1
+        state = None if state is None else self.validate_state(state, N)
+        start = None if state is None or state.shared_offset == 0 else state.position
+        x, new = self._run_packed(input_ids, cu, state, start)
+        lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+        if not last_only:
+            logits = self.head(x)
+        elif x.numel() == 0:
+            logits = torch.full((N, 1, self.config.vocab_size), float("nan"), device=x.device,
+                                dtype=self.lm_head.weight.dtype)
+        else:
+            last = x.reshape(-1, x.shape[-1])[(cu[1:] - 1).clamp(min=0).to(torch.int64)]     # [N, d]
+            logits = self.head(last)[:, None]
+            logits = torch.where(lengths[:, None, None] > 0, logits, torch.full((), float("nan"), dtype=logits.dtype,
+                                                                               device=logits.device))
+        position = lengths if state is None else state.position + lengths
+        return logits, RecurrentState(new, position)
 
     def step(self, token_ids: Tensor, state: Sequence[Tensor] | None = None, *, inplace: bool = False,
              decode_kernel: bool | None = None) -> tuple[Tensor, RecurrentState]:
@@ -651,6 +725,39 @@ class TransNormerLLM(nn.Module):
         """Write the released layout back (config.json + model.safetensors)."""
         from .hub import save_pretrained
         save_pretrained(self, path)
+
+
+def check_packed(cu_seqlens, ids: Tensor) -> Tensor:
+    """``cu_seqlens`` for packed ``ids`` [B, T] (read row-major as B*T tokens), checked: a 1-D integer tensor
+    [N + 1] on the ids' device, 0 first, non-decreasing, B*T last, and every row start b*T among the
+    boundaries (no document spans two rows). ValueError in eager mode on the CPU; on CUDA and under
+    torch.compile a device-side assertion (no host sync). Returns it as int32 or int64."""
+    B, T = ids.shape
+    cu = check_cu_seqlens(cu_seqlens, ids.device, "input_ids")
+    check_boundary_values(cu, B * T)
+    if B > 1 and cu.device.type != "meta":
+        # cu is sorted (checked above), so row start r is a boundary iff cu[searchsorted(cu, r)] == r (a
+        # searchsorted, not isin, whose sorting path reads a size back to the host on CUDA)
+        starts = torch.arange(0, B * T, T, device=cu.device, dtype=cu.dtype)
+        at = torch.searchsorted(cu, starts).clamp(max=cu.shape[0] - 1)
+        found = cu[at] == starts
+        if cu.device.type == "cpu" and _can_read(cu):
+            if not bool(found.all()):
+                raise ValueError(f"`cu_seqlens` must hold every row start b*T of input_ids [B, T] = {(B, T)} (a document "
+                                 f"may not span two rows), missing {starts[~found].tolist()}")
+        else:
+            torch._assert_async(found.all(), "`cu_seqlens` must hold every row start b*T of input_ids")
+    return cu
+
+
+def packed_positions(cu_seqlens: Tensor, total: int, start: Tensor | None = None) -> Tensor:
+    """int64 [total]: each packed token's position inside its sequence [c_i, c_{i+1}), plus ``start[i]`` (an
+    int tensor [N], the sequence's first position) when given; computed on the device (no host read)."""
+    cu = cu_seqlens.to(torch.int64)
+    idx = torch.arange(total, device=cu.device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:].contiguous(), idx, right=True)        # the sequence each token belongs to
+    pos = idx - cu[seq]
+    return pos if start is None else pos + start.to(torch.int64)[seq]
 
 
 def check_token_ids(ids, name: str, ndim: int, vocab_size: int) -> None:

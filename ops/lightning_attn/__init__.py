@@ -3,7 +3,7 @@
 Forms side by side (one signature: ``(q, k, v, s, initial_state=None, output_final_state=False)``):
 ``naive`` (quadratic oracle), ``recurrent`` (token loop), ``blocked`` (Lightning Attention-2 in
 PyTorch) and ``op`` (the ``tnllm::lightning_attn_*`` custom ops: blocked on CPU, Triton on CUDA), and ``varlen``
-(packed variable-length sequences over the op).
+(packed variable-length sequences: the ``tnllm::lightning_attn_varlen_*`` custom ops, ``cu_seqlens`` after ``s``).
 """
 from .blocked import DEFAULT_BLOCK, lightning_attn_blocked
 from .naive import lightning_attn_naive

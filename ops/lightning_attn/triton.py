@@ -24,9 +24,19 @@ head run side by side, so the re-reads of A and Bm mostly hit L2. For small B*H 
 be cut into a few splits (SweepConfig.n_split): a cheap pre-pass writes each split's local state
 contribution [DA, DC] (a few per head, not one per chunk), and each split folds the earlier ones
 into its starting state. All decays are lam^m with m >= 0 (exp of -s*m, exactly 1 at m = 0), finite
-for any T and any rate (s = inf: lam = 0). Masks are wheres, so a non-finite input at frame position r
-never reaches an output at a frame position before r.
+for any T and any rate (s = inf: lam = 0). Masks are wheres, so a non-finite entry of A or Bm at frame
+position r never reaches an output at a frame position before r. A non-finite entry of C would, through the
+0 * inf of the masked intra-chunk product; but it always makes the program's state non-finite (the update
+Bm^T C sums every valid row), so the default (NONFINITE_MODE = 2) runs the unmasked sweep, each program
+counting the non-finite entries of its final state, then a masked launch (C's non-finite entries zeroed for
+the intra product, the rows at and after them set to NaN) in which only the programs with a non-zero count
+run: they redo their split, the others exit at once. fp32 runs the masked sweep alone.
 Widths over 128 run as several launches of <= 128 (see _sweep).
+
+Packed sequences (VARLEN, ``lightning_attn_varlen``): the same kernel over one packed row [1, H, T, D] cut
+by ``cu_seqlens`` [N + 1]; program (sequence, head, DC tile) loads its sequence's start and end from the
+device, offsets its base pointers by the start row and runs the chunk loop over its own length with its own
+S0 / final state (row i of [N, H, DA, DC]). No splits; programs start longest sequence first (ORD).
 
 Launchers take tensors of any strides with a unit last-dim stride (else they copy) and return
 contiguous outputs, matching the op's fake kernels. Under TRITON_INTERPRET=1 they run on CPU
@@ -172,13 +182,13 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
 
 @triton.jit
 def _sweep_program(
-    pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL,
+    pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD,
     T, H, n_tiles, n_split, chunks_per_split,
     sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
     s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
-    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr,
+    SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -186,8 +196,17 @@ def _sweep_program(
     rest = pid // n_tiles
     split = rest % n_split
     bh = rest // n_split
-    b = bh // H
     h = bh % H
+    if VARLEN:
+        # packed sequences (batch 1): b is the sequence (programs in the order ORD, longest first), its
+        # rows [bos, bos + T) of the T axis; the states are indexed by b
+        b = tl.load(ORD + bh // H).to(tl.int64)
+        bos = tl.load(CU + b).to(tl.int64)
+        T = (tl.load(CU + b + 1).to(tl.int64) - bos).to(tl.int32)
+        ra, rb, rc, ro = bos * sa_t, bos * sb_t, bos * sc_t, bos * so_t
+    else:
+        b = bh // H
+        ra, rb, rc, ro = b.to(tl.int64) * sa_b, b.to(tl.int64) * sb_b, b.to(tl.int64) * sc_b, b.to(tl.int64) * so_b
     log_lam = -tl.load(s_ptr + h).to(tl.float32)
     ja = tl.arange(0, BA)
     jc = tile * BC + tl.arange(0, BC)
@@ -201,10 +220,10 @@ def _sweep_program(
     diff = jj[:, None] - jj[None, :]
     causal = diff >= 0
     Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
-    a_base = A + b.to(tl.int64) * sa_b + h.to(tl.int64) * sa_h
-    b_base = Bp + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h
-    c_base = Cp + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
-    o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    a_base = A + ra + h.to(tl.int64) * sa_h
+    b_base = Bp + rb + h.to(tl.int64) * sb_h
+    c_base = Cp + rc + h.to(tl.int64) * sc_h
+    o_base = O + ro + h.to(tl.int64) * so_h
     n_chunks = tl.cdiv(T, CHUNK)
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
@@ -216,7 +235,10 @@ def _sweep_program(
     if WRITE_SF:
         if split == n_split - 1:
             if SF_SHIFT:
-                S = S * tl.exp(log_lam)
+                if VARLEN:      # an empty sequence passes its final-state gradient through unchanged
+                    S = S * tl.where(T > 0, tl.exp(log_lam), 1.0)
+                else:
+                    S = S * tl.exp(log_lam)
             sf = SF + b.to(tl.int64) * sf_b + h.to(tl.int64) * sf_h
             tl.store(sf + ja[:, None] * sf_r + jc[None, :] * sf_c, S, mask=mS)
 
@@ -226,28 +248,29 @@ def _sweep_program(
 @triton.jit(do_not_specialize=["T", "H", "n_tiles", "n_split", "chunks_per_split",
                                "s0_b", "s0_h", "s0_r", "s0_c", "sf_b", "sf_h", "sf_r", "sf_c"])
 def _la_sweep_kernel(
-    A, Bp, Cp, O, S0, SF, W, s_ptr, FL,
+    A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD,
     T, H, n_tiles, n_split, chunks_per_split,
     sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
     s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
     pid = tl.program_id(0)
     if REDO:
         if tl.load(FL + pid) != 0:
-            _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, T, H, n_tiles, n_split, chunks_per_split,
+            _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False)
+                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN)
     else:
-        _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, T, H, n_tiles, n_split, chunks_per_split,
+        _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG)
+                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN)
 
 
 @dataclass(frozen=True)
@@ -288,10 +311,14 @@ def _last_unit(x: Tensor) -> Tensor:
 
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
            final: Tensor | None = None, sf_shift: bool = False, cfg: SweepConfig | None = None,
-           out: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, cu: Tensor | None = None, order: Tensor | None = None) -> Tensor:
     """One sweep (module docstring). A, Bm [B, H, T, DA]; C [B, H, T, DC]; S0 [B, H, DA, DC] view or None;
     ``final`` [B, H, DA, DC] fp32 view to receive the final state; ``out`` an optional [B, H, T, DC]
     view (unit last stride) to write. Returns Out [B, H, T, DC] in C's dtype (contiguous if allocated here).
+
+    Packed sequences: ``cu`` (int32/int64 [N + 1] on the device, read only by the kernel) cuts the one row
+    (B = 1) into N sequences, each swept on its own from its own state; S0 and ``final`` are then
+    [N, H, DA, DC]. ``order`` (int32 [N]) is the order in which the sequences' programs are launched.
 
     Widths over TILE_D are cut into launches of <= TILE_D (on triton 3.6 / H200 the single launches
     with DA or DC = 256 faulted or gave wrong results): DC by column slices of Out, S0 and the final
@@ -301,8 +328,9 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     DC = C.shape[-1]
     if out is None:
         out = torch.empty(B, H, T, DC, device=C.device, dtype=C.dtype)
-    nf = cfg.nonfinite if cfg is not None and cfg.nonfinite >= 0 else NONFINITE_MODE
-    kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg)
+    # fp32 (ieee dots: not the fast path) always masks: one kernel to compile, not two
+    nf = cfg.nonfinite if cfg is not None and cfg.nonfinite >= 0 else (1 if A.dtype == torch.float32 else NONFINITE_MODE)
+    kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg, cu=cu, order=order)
     if DC > TILE_D:
         for c0 in range(0, DC, TILE_D):
             sl = slice(c0, c0 + TILE_D)
@@ -326,6 +354,11 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     n_tiles = triton.cdiv(DC, BC)
     n_chunks = triton.cdiv(T, CHUNK)
     n_split = cfg.n_split
+    varlen = cu is not None
+    if varlen:
+        # one program walks one whole sequence: no split pre-pass (its local states would be per sequence)
+        assert B == 1 and order is not None
+        n_split = 1
     if n_split <= 0:
         # Automatic sequence splitting is off: the split pre-pass kernel has passed the interpreter
         # tests but not yet the GPU suite (tests/gpu::test_split_path_small_batch_long_sequence);
@@ -351,16 +384,17 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     # The final state is always stored (to scratch when unused): on triton 3.6 / H200 the variant
     # whose last state is dead gave wrong results with 4 DC tiles (tests/gpu); the store costs
     # B*H*DA*DC*4 bytes, ~0.5% of a sweep's traffic.
-    sf = final if final is not None else torch.empty(B, H, DA, DC, device=C.device, dtype=torch.float32)
+    NS = cu.shape[0] - 1 if varlen else B           # states (and program groups): sequences or rows
+    sf = final if final is not None else torch.empty(NS, H, DA, DC, device=C.device, dtype=torch.float32)
     sf_st = tuple(sf.stride())
-    grid = (B * H * n_split * n_tiles,)
+    grid = (NS * H * n_split * n_tiles,)
     fl = torch.empty(grid[0], device=C.device, dtype=torch.int32) if nf == 2 else s32
-    args = (A, Bm, C, out, s0, sf, W, s32, fl, T, H, n_tiles, n_split, cps,
+    args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
             C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:
         # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then
         # the masked sweep over the same grid, where only the programs with a non-zero count run (they redo
@@ -420,4 +454,61 @@ def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tenso
     dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
                 cfg=cfgs.get("dk"))
     dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"))
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
+
+
+# -- packed variable-length sequences -----------------------------------------------------------------
+# The same four sweeps with ``cu`` set: each program takes one sequence's rows [cu[i], cu[i+1]) of the one
+# packed row and its own initial / final state; the boundaries stay on the device (the grid depends only on
+# N = cu.numel() - 1 and the widths).
+
+def launch_order(cu: Tensor) -> Tensor:
+    """int32 [N]: the sequences longest first (stable), so the long programs start in the first wave and
+    the short ones fill in behind them instead of a long one starting last; computed on the device."""
+    lengths = cu[1:] - cu[:-1]
+    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
+
+def lightning_attn_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, s: Tensor, cu: Tensor,
+                                     initial_state: Tensor | None, cfg: SweepConfig | None = None,
+                                     order: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Packed forward: q, k [1, H, T, Dk], v [1, H, T, Dv], cu [N + 1] -> (o [1, H, T, Dv] in q's dtype,
+    final states [N, H, Dk, Dv] fp32), both contiguous. ``order`` defaults to ``launch_order(cu)``."""
+    _, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    N = cu.shape[0] - 1
+    S0 = initial_state.float() if initial_state is not None else None
+    S = torch.empty(N, H, Dk, Dv, device=q.device, dtype=torch.float32)
+    if T == 0:
+        S.copy_(S0) if S0 is not None else S.zero_()
+        return q.new_empty(1, H, 0, Dv), S
+    order = launch_order(cu) if order is None else order
+    o = _sweep(q, k, v, s, S0, reverse=False, e0=0, final=S, cfg=cfg, cu=cu, order=order)
+    return o, S
+
+
+def lightning_attn_varlen_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, s: Tensor,
+                                     cu: Tensor, initial_state: Tensor | None, cfgs: dict | None = None,
+                                     order: Tensor | None = None):
+    """Packed backward: (dq, dk, dv in the dtypes of q/k/v, dS0 [N, H, Dk, Dv] fp32), all contiguous."""
+    _, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    N = cu.shape[0] - 1
+    cfgs = cfgs or {}
+    do = do.to(v.dtype)
+    dS0 = torch.empty(N, H, Dk, Dv, device=q.device, dtype=torch.float32)
+    if T == 0:
+        dS0.copy_(dS) if dS is not None else dS0.zero_()
+        return torch.empty_like(q, memory_format=torch.contiguous_format), \
+            torch.empty_like(k, memory_format=torch.contiguous_format), \
+            torch.empty_like(v, memory_format=torch.contiguous_format), dS0
+    order = launch_order(cu) if order is None else order
+    S0 = initial_state.float() if initial_state is not None else None
+    G = dS.float() if dS is not None else None
+    kw = dict(cu=cu, order=order)
+    dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
+                cfg=cfgs.get("dq"), **kw)
+    dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
+                cfg=cfgs.get("dk"), **kw)
+    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dS0

@@ -16,6 +16,10 @@ inf) and initial states::
     tt.assert_forms_agree(my_kernel, device="cuda", dtypes=(torch.bfloat16,))   # AssertionError on a mismatch
     tt.assert_edge_semantics(my_kernel, device="cuda")                           # non-finite inputs, s = inf, bad s
 
+Packed variable-length kernels (``lightning_attn_varlen``'s signature, ``cu_seqlens`` after ``s``) have the
+same checks with one dense oracle call per sequence as the reference: ``tt.assert_varlen_agrees(fn)`` and
+``tt.assert_varlen_isolated(fn)`` (a non-finite input stays in its own sequence, causally).
+
 ``tnllm check`` runs the same suite from the command line and prints a table. The errors are one
 relative error (``rel_err``: ||got - ref|| / ||ref|| over the whole tensor, fp64) against an fp64
 oracle computed from the same (rounded) inputs, held to one tolerance per input dtype (``TOL``).
@@ -405,3 +409,10 @@ def poisoned_allocations():
 
 
 from ._check import run_check  # noqa: E402
+from .varlen import (VarlenCase, assert_varlen_agrees, assert_varlen_isolated, check_varlen_case,  # noqa: E402
+                     check_varlen_isolated, evaluate_varlen, make_varlen_inputs, varlen_case_errors, varlen_cases,
+                     varlen_oracle)
+
+__all__ += ["VarlenCase", "varlen_cases", "make_varlen_inputs", "evaluate_varlen", "varlen_oracle",
+            "varlen_case_errors", "check_varlen_case", "assert_varlen_agrees", "check_varlen_isolated",
+            "assert_varlen_isolated"]

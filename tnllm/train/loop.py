@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TransNormerConfig
-from ..data import PackedLoader, corpus_texts, load_corpus, split_corpus
+from ..data import IGNORE_INDEX, DocumentBatch, PackedLoader, corpus_texts, load_corpus, split_corpus
 from .. import checkpoints as ckpt
 
 ARCHS = ("transnormer", "transformer")
@@ -64,6 +64,7 @@ class TrainConfig:
     plot: bool = True
     checkpoint: bool = True                # False: write no checkpoint (metrics only), e.g. for compare grids
     loss_chunk_tokens: int = 16384         # larger batches compute the head + loss in checkpointed chunks
+    pack_documents: bool = False           # no attention across documents inside a row (DocumentBatch)
     overrides: dict = field(default_factory=dict)   # model config fields over the preset
 
     def validate(self) -> None:
@@ -73,7 +74,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("progress", "plot", "checkpoint", "compile", "resume"):
+        for name in ("progress", "plot", "checkpoint", "compile", "resume", "pack_documents"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
@@ -128,24 +129,33 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross entropy of ``batch`` [B, T + 1]. Above ``chunk_tokens`` tokens the head and the
-    loss run per chunk under activation checkpointing, so [B, T, V] logits never exist at once."""
-    x, y = batch[:, :-1], batch[:, 1:]
+def lm_loss(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross entropy of ``batch`` [B, T + 1], or of a ``DocumentBatch`` (documents packed into
+    rows: the model runs with its ``cu_seqlens``, so no token attends across a document, and the targets that
+    start another document are skipped). Above ``chunk_tokens`` tokens the head and the loss run per chunk
+    under activation checkpointing, so [B, T, V] logits never exist at once."""
+    if isinstance(batch, DocumentBatch):
+        x, y, kw = batch.input_ids, batch.targets, {"cu_seqlens": batch.cu_seqlens}
+        count = (y != IGNORE_INDEX).sum().clamp(min=1)            # a tensor: no host read
+    else:
+        x, y, kw = batch[:, :-1], batch[:, 1:], {}
+        count = y.numel()
     n = y.numel()
     if n <= chunk_tokens:
-        logits = model(x)
-        return F.cross_entropy(logits.float().reshape(n, -1), y.reshape(n))
+        logits = model(x, **kw).float().reshape(n, -1)
+        if not kw:
+            return F.cross_entropy(logits, y.reshape(n))
+        return F.cross_entropy(logits, y.reshape(n), ignore_index=IGNORE_INDEX, reduction="sum") / count
     from torch.utils.checkpoint import checkpoint
-    h = model.hidden_states(x).reshape(n, -1)
+    h = model.hidden_states(x, **kw).reshape(n, -1)
     y = y.reshape(n)
 
     def piece(hc, yc):
-        return F.cross_entropy(model.head(hc).float(), yc, reduction="sum")
+        return F.cross_entropy(model.head(hc).float(), yc, ignore_index=IGNORE_INDEX, reduction="sum")
 
     total = sum(checkpoint(piece, h[i:i + chunk_tokens], y[i:i + chunk_tokens], use_reentrant=False)
                 for i in range(0, n, chunk_tokens))
-    return total / n
+    return total / count
 
 
 def build_model(arch: str, mcfg: TransNormerConfig):
@@ -256,9 +266,9 @@ class Trainer:
         enc = self._encoder()
         tok = self.tokenizer
         self.loader = PackedLoader(self.train_docs, enc, c.seq_len, c.batch_size, tok.bos_id, tok.eos_id,
-                                   self.rank, self.world_size)
+                                   self.rank, self.world_size, documents=c.pack_documents)
         val_loader = PackedLoader(self.val_docs, enc, c.seq_len, c.batch_size, tok.bos_id, tok.eos_id,
-                                  self.rank, self.world_size)
+                                  self.rank, self.world_size, documents=c.pack_documents)
         self.val_batches = [val_loader.next_batch() for _ in range(c.eval_batches)]
 
         self.dev = self.device()

@@ -205,7 +205,7 @@ def _sac_policy(ctx, op, *args, **kwargs):
 
 @functools.cache
 def _sac_save_ops() -> frozenset:
-    ops = {torch.ops.tnllm.lightning_attn_fwd.default}
+    ops = {torch.ops.tnllm.lightning_attn_fwd.default, torch.ops.tnllm.lightning_attn_varlen_fwd.default}
     c10d = getattr(torch.ops, "_c10d_functional", None)
     if c10d is not None and hasattr(c10d, "all_reduce"):
         ops.add(c10d.all_reduce.default)
