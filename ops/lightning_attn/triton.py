@@ -434,14 +434,19 @@ def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tenso
     """Backward: (dq, dk, dv in the dtypes of q/k/v, dS0 [B, H, Dk, Dv] fp32), all contiguous.
 
     ``cfgs`` optionally maps "dq"/"dk"/"dv" to a SweepConfig (benchmark sweeps)."""
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
     if not supported(q, v):
         from .blocked import blocked_bwd
         return blocked_bwd(do, dS, q, k, v, s, initial_state)
+    return _bwd_sweeps(do, dS, q, k, v, s, initial_state, q.shape[0], cfgs)
+
+
+def _bwd_sweeps(do, dS, q, k, v, s, initial_state, NS: int, cfgs: dict | None, cu=None, order=None):
+    """The three backward sweeps (module docstring) for NS states (batch rows, or packed sequences with ``cu``)."""
+    H, T, Dk = q.shape[1:]
+    Dv = v.shape[-1]
     cfgs = cfgs or {}
     do = do.to(v.dtype)
-    dS0 = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
+    dS0 = torch.empty(NS, H, Dk, Dv, device=q.device, dtype=torch.float32)
     if T == 0:
         dS0.copy_(dS) if dS is not None else dS0.zero_()
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
@@ -449,11 +454,12 @@ def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tenso
             torch.empty_like(v, memory_format=torch.contiguous_format), dS0
     S0 = initial_state.float() if initial_state is not None else None
     G = dS.float() if dS is not None else None
+    kw = dict(cu=cu, order=order)
     dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
-                cfg=cfgs.get("dq"))
+                cfg=cfgs.get("dq"), **kw)
     dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
-                cfg=cfgs.get("dk"))
-    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"))
+                cfg=cfgs.get("dk"), **kw)
+    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
 
 
@@ -491,24 +497,5 @@ def lightning_attn_varlen_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k
                                      cu: Tensor, initial_state: Tensor | None, cfgs: dict | None = None,
                                      order: Tensor | None = None):
     """Packed backward: (dq, dk, dv in the dtypes of q/k/v, dS0 [N, H, Dk, Dv] fp32), all contiguous."""
-    _, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    N = cu.shape[0] - 1
-    cfgs = cfgs or {}
-    do = do.to(v.dtype)
-    dS0 = torch.empty(N, H, Dk, Dv, device=q.device, dtype=torch.float32)
-    if T == 0:
-        dS0.copy_(dS) if dS is not None else dS0.zero_()
-        return torch.empty_like(q, memory_format=torch.contiguous_format), \
-            torch.empty_like(k, memory_format=torch.contiguous_format), \
-            torch.empty_like(v, memory_format=torch.contiguous_format), dS0
     order = launch_order(cu) if order is None else order
-    S0 = initial_state.float() if initial_state is not None else None
-    G = dS.float() if dS is not None else None
-    kw = dict(cu=cu, order=order)
-    dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
-                cfg=cfgs.get("dq"), **kw)
-    dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
-                cfg=cfgs.get("dk"), **kw)
-    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
+    return _bwd_sweeps(do, dS, q, k, v, s, initial_state, cu.shape[0] - 1, cfgs, cu=cu, order=order)

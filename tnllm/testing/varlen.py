@@ -97,20 +97,12 @@ def make_varlen_inputs(case: VarlenCase):
 
 def evaluate_varlen(fn: Callable, q, k, v, s, cu, S0, do, dS) -> dict:
     """Run ``fn`` with the final states and differentiate ``sum(o * do) + sum(S * dS)``: {"o", "S", "dq",
-    "dk", "dv"} and "dS0" when there are initial states."""
-    res = fn(q, k, v, s, cu, initial_state=S0, output_final_state=True)
-    if not (isinstance(res, (tuple, list)) and len(res) == 2):
-        raise TypeError(f"the function under test must return (o, S) with output_final_state=True, got "
-                        f"{type(res).__name__}")
-    o, S = res
-    loss = (o.double() * do).sum() + (S.double() * dS).sum()
-    ins = [q, k, v] + ([S0] if S0 is not None else [])
-    grads = torch.autograd.grad(loss, ins, allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(ins, grads)]
-    out = dict(o=o, S=S, dq=grads[0], dk=grads[1], dv=grads[2])
-    if S0 is not None:
-        out["dS0"] = grads[3]
-    return out
+    "dk", "dv"} and "dS0" when there are initial states (``evaluate`` with ``cu`` bound)."""
+    from . import evaluate
+
+    def dense_signature(q, k, v, s, initial_state=None, output_final_state=False):
+        return fn(q, k, v, s, cu, initial_state=initial_state, output_final_state=output_final_state)
+    return evaluate(dense_signature, q, k, v, s, S0, do, dS)
 
 
 def varlen_oracle(q, k, v, s, cu, S0, do, dS, which: str = "naive") -> dict:
