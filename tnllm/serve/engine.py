@@ -366,13 +366,13 @@ class Engine:
                     row = apply_repetition_penalty(row, r._seen, float(p.repetition_penalty))
                 nxt[i] = int(sample_next(row, float(p.temperature), p.top_k, p.top_p, r._gen)[0])
         now = time.perf_counter()
+        self.stats["generated_tokens"] += len(reqs)
         for r, t in zip(reqs, nxt):
             r.generated.append(t)
             if r.t_first is None:
                 r.t_first = now
             if r._seen is not None:
                 r._seen[0, t] = True
-            self.stats["generated_tokens"] += 1
             if t == self.eos_id and not r.params.ignore_eos:
                 self._finish(r, "stop", events, [t])
                 continue
