@@ -174,3 +174,23 @@ def test_merge_events():
     assert ev[0][1].token_ids == [10]                        # the events themselves are not changed
     out = merge_events([(0, Event("a", [1])), (1, Event("", [], "error", "boom")), (0, Event("b", [2]))])
     assert [(i, e.finish_reason) for i, e in out] == [(0, None), (1, "error")]
+
+
+def test_bench_serve_engine_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_serve_engine",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "serve_engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n = torch.get_num_threads()
+    try:
+        assert mod.main(["--concurrency", "2", "3", "--max-tokens", "4", "--prompt-len", "2", "5",
+                         "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    rows = json.loads((tmp_path / "serve_engine.json").read_text())
+    assert [r["concurrency"] for r in rows] == [2, 3]
+    for r in rows:
+        assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["prefill_batches"] == 1
