@@ -194,3 +194,22 @@ def test_bench_serve_engine_smoke(tmp_path):
     assert [r["concurrency"] for r in rows] == [2, 3]
     for r in rows:
         assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["prefill_batches"] == 1
+
+
+def test_failure_after_the_prefill_ends_only_the_admitted_requests(model, monkeypatch):
+    """An error past the prefill (in sampling, say) ends the requests admitted with it, with an error event,
+    and gives their slots back."""
+    eng = Engine(model, TOK, max_batch=4, max_queue=4)
+    real = eng._advance
+    calls = [0]
+
+    def advance(reqs, logits, events):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("sampling broke")
+        return real(reqs, logits, events)
+    monkeypatch.setattr(eng, "_advance", advance)
+    p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    results = _run(eng, [(PROMPTS[0], p, "a"), (PROMPTS[1], p, "b")])
+    assert results["a"][2] == ["error"] and results["b"][2] == ["error"] and "sampling broke" in eng.error
+    assert eng.stats["finished"] == 0 and sorted(eng._free) == [0, 1, 2, 3]     # their slots are free again

@@ -256,7 +256,16 @@ class Engine:
                         budget -= len(r.prompt_ids)
             events = []
             if admit:
-                self._prefill(admit, events)
+                try:
+                    self._prefill(admit, events)
+                except Exception as e:     # past the prefill itself (sampling, say): the admitted requests end
+                    self.error = traceback.format_exc(limit=3)
+                    hit = [r for r in admit if not r.done]      # the others have had their last event
+                    with self._cv:
+                        for r in hit:
+                            self._release(r)
+                    events += [(r.tag, Event("", [], "error", f"internal error: {type(e).__name__}: {e}"))
+                               for r in hit]
             if events:
                 self.deliver(events)
             try:
