@@ -9,7 +9,7 @@ SSE parsing), so the client side is not what is measured.
 
 Reported per level: requests/s, output tokens/s, time to first token (request sent -> first token chunk)
 and inter-token latency (gap between two token chunks of one stream; a chunk holding k tokens counts as
-k gaps of 1/k of it) at p50/p90/p99, end-to-end latency, and the server's decode steps/s.
+k gaps of 1/k of it; tokens that come with the first one count in TTFT) at p50/p90/p99, end-to-end latency, and the server's decode steps/s.
 
     python bench/serve.py --device cpu --preset tiny --concurrency 4 16 --requests 64 --max-tokens 16
     python bench/serve.py --device cuda --preset 385M --concurrency 64 256 --max-batch 256 --out $OUT   # H200
@@ -73,10 +73,9 @@ async def _client(url, jobs, streams, vocab, seed):
                                 if not k:
                                     continue
                                 now = time.perf_counter()
-                                if first is None:
-                                    first = now
-                                    k -= 1
-                                if k:
+                                if first is None:      # tokens beside the first one arrived with it:
+                                    first = now            # they count in TTFT, not as gaps
+                                elif k:
                                     gaps += [(now - last) / k] * k
                                 last, count = now, count + len(ch["choices"][0]["token_ids"])
                 except Exception as e:       # counted as a failure

@@ -37,6 +37,12 @@ class ByteTokenizer:
         import numpy as np
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32) + self.offset
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (empty for the special ids): ``decode`` of a sequence is the UTF-8
+        decoding of its ids' bytes end to end, so a stream can decode them incrementally."""
+        i = int(token_id)
+        return bytes((i - self.offset,)) if self.offset <= i < self.vocab_size else b""
+
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
         return data.decode("utf-8", errors="replace")

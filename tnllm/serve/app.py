@@ -2,9 +2,11 @@
 server-sent events), ``GET /v1/models``, ``GET /health``.
 
 Each prompt of a request is one engine request (one slot). Events come from the engine thread in one
-batch per step and are handed to the event loop with a single ``call_soon_threadsafe``; a stream sends
-everything it has pending in one write, so a slow client gets fewer, larger chunks instead of falling
-behind. A stream whose client goes away is cancelled (its slot freed before the next decode step); a
+batch per step and are handed to the event loop with a single ``call_soon_threadsafe``; each HTTP request
+has one sink (a list and a future: one wakeup per step whatever the number of its events, no queue put per
+token). A stream sends everything it has pending in one write, a prompt's pending events merged into one
+chunk (their text and token ids joined), so a slow client gets fewer, larger chunks instead of falling
+behind; the JSON of a chunk is the request's fixed head and tail around the encoded text. A stream whose client goes away is cancelled (its slot freed before the next decode step); a
 non-streaming request checks for a disconnect twice a second while it waits.
 """
 from __future__ import annotations
@@ -31,12 +33,62 @@ def _error(e: APIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+class _Sink:
+    """Where one HTTP request's events land on the event loop: ``push`` appends (and wakes the waiter),
+    ``take`` waits until something is there and returns all of it."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, item) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self, timeout: float | None = None) -> list:
+        """Everything pending, waiting for it when there is none; [] after ``timeout`` seconds."""
+        if not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self.waiter
+                else:
+                    await asyncio.wait_for(self.waiter, timeout)
+            except asyncio.TimeoutError:
+                return []
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 class _Choice:
     """The engine's tag for one prompt of one HTTP request: where its events go."""
-    __slots__ = ("queue", "index")
+    __slots__ = ("sink", "index")
 
-    def __init__(self, queue: asyncio.Queue, index: int):
-        self.queue, self.index = queue, index
+    def __init__(self, sink: _Sink, index: int):
+        self.sink, self.index = sink, index
+
+
+def merge_events(pending: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Each prompt's pending events as one (index, Event): the text and token ids joined in order, the
+    last finish reason; the first error event stops the merge and comes last. Indices keep the order of
+    their first event."""
+    out: dict[int, Event] = {}
+    for i, ev in pending:
+        if ev.finish_reason == "error":
+            return list(out.items()) + [(i, ev)]
+        prev = out.get(i)
+        if prev is None:
+            out[i] = Event(ev.text, list(ev.token_ids), ev.finish_reason)
+        else:
+            prev.text += ev.text
+            prev.token_ids += ev.token_ids
+            prev.finish_reason = ev.finish_reason or prev.finish_reason
+    return list(out.items())
 
 
 class CompletionServer:
@@ -70,7 +122,7 @@ class CompletionServer:
     @staticmethod
     def _dispatch(events: list) -> None:               # event loop
         for choice, ev in events:
-            choice.queue.put_nowait((choice.index, ev))
+            choice.sink.push((choice.index, ev))
 
     async def _http_error(self, request, exc: HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -145,7 +197,7 @@ class CompletionServer:
                 raise APIError(404, f"The model '{req.model}' does not exist (this server has '{self.model_name}')",
                                param="model", code="model_not_found")
             ids = self._encode(req)
-            queue: asyncio.Queue = asyncio.Queue()
+            queue = _Sink()
             try:
                 handles = self.engine.submit([(p, req.params, _Choice(queue, i)) for i, p in enumerate(ids)])
             except QueueFull as e:
@@ -182,24 +234,20 @@ class CompletionServer:
         left, checked = n, time.monotonic()
         try:
             while left:
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    ev = None
+                got = await queue.take(0.5)
                 if time.monotonic() - checked > 0.5:
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return Response(status_code=499)     # nobody reads it; the slots are freed below
-                if ev is None:
-                    continue
-                if ev.finish_reason == "error":
-                    self._cancel(handles)
-                    return _error(APIError(503 if "shutting down" in (ev.error or "") else 500, ev.error))
-                texts[i] += ev.text
-                tokens[i] += ev.token_ids
-                if ev.finish_reason:
-                    finish[i] = ev.finish_reason
-                    left -= 1
+                for i, ev in got:
+                    if ev.finish_reason == "error":
+                        self._cancel(handles)
+                        return _error(APIError(503 if "shutting down" in (ev.error or "") else 500, ev.error))
+                    texts[i] += ev.text
+                    tokens[i] += ev.token_ids
+                    if ev.finish_reason:
+                        finish[i] = ev.finish_reason
+                        left -= 1
         finally:
             self._cancel(handles)
         choices = []
@@ -211,13 +259,18 @@ class CompletionServer:
         return JSONResponse({**meta, "choices": choices, "usage": self._usage(ids, handles)})
 
     async def _stream(self, req, ids, handles, queue, meta):
+        head = "data: " + json.dumps(meta, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"text":'
+        with_ids = req.return_token_ids
+
         def chunk(i: int, text: str, finish: str | None, token_ids=None, prompt_ids=None) -> str:
-            c = {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
-            if req.return_token_ids:
-                c["token_ids"] = token_ids or []
+            parts = [head, json.dumps(text, ensure_ascii=False), ',"index":', str(i), ',"logprobs":null,"finish_reason":',
+                     "null" if finish is None else json.dumps(finish)]
+            if with_ids:
+                parts += [',"token_ids":[', ",".join(map(str, token_ids or ())), "]"]
                 if prompt_ids is not None:
-                    c["prompt_token_ids"] = prompt_ids
-            return "data: " + json.dumps({**meta, "choices": [c]}, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+                    parts += [',"prompt_token_ids":[', ",".join(map(str, prompt_ids)), "]"]
+            parts.append("}]}\n\n")
+            return "".join(parts)
 
         left = len(ids)
         try:
@@ -225,17 +278,14 @@ class CompletionServer:
             if first:
                 yield "".join(first)
             while left:
-                pending: list[tuple[int, Event]] = [await queue.get()]
-                while not queue.empty():
-                    pending.append(queue.get_nowait())
                 out = []
-                for i, ev in pending:
+                for i, ev in merge_events(await queue.take()):
                     if ev.finish_reason == "error":
                         err = APIError(503 if "shutting down" in (ev.error or "") else 500, ev.error)
                         out.append("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n")
                         yield "".join(out)
                         return
-                    if ev.text or ev.finish_reason or (req.return_token_ids and ev.token_ids):
+                    if ev.text or ev.finish_reason or (with_ids and ev.token_ids):
                         out.append(chunk(i, ev.text, ev.finish_reason, ev.token_ids))
                     if ev.finish_reason:
                         left -= 1

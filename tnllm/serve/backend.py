@@ -7,6 +7,9 @@ generated length): per-layer states [n_slots, H, Dk, Dv] fp32 (fp64 for an fp64 
 
 * ``prefill_into(row, ids)``: the prompt's blocked prefill at batch 1 (``model.prefill``), its final state
   copied into that row; returns the last position's logits [V].
+* ``prefill_rows(rows, prompts)``: several prompts in one packed prefill (``model.prefill(ids,
+  cu_seqlens=...)``, the prompts end to end, no padding), each prompt's final state loaded into its row
+  (``RecurrentState.load_rows``); returns each prompt's last-position logits [N, V].
 * ``step(tokens, rows)``: one recurrent step of the first ``rows`` rows together (each at its own
   position); returns their logits [rows, V], a view of the static buffer valid until the next call.
   Rows past the busy ones inside that prefix are idle: they are stepped too and their logits ignored.
@@ -16,8 +19,9 @@ generated length): per-layer states [n_slots, H, Dk, Dv] fp32 (fp64 for an fp64 
 * ``free(row)``: zeroes the row's state and position (an idle row then steps a pad token from a zero
   state, which keeps it finite whatever the weights).
 
-The step is the model's public ``model.step(ids, RecurrentState(states, position))``: the state carries one
-position per row, so rows at different positions step together.
+The step is the model's public ``model.step(ids, RecurrentState(states, position), inplace=True)``: the state
+carries one position per row, so rows at different positions step together, and each layer's new state is
+written straight into the slot buffers (no copy of the state per step).
 """
 from __future__ import annotations
 
@@ -89,10 +93,11 @@ class SlotBatch:
     @torch.no_grad()
     def _step_rows(self, rows: int) -> None:
         state = RecurrentState([S[:rows] for S in self.states], self.position[:rows])   # views of the buffers
-        logits, new = self.model.step(self.ids[:rows], state)
+        logits, new = self.model.step(self.ids[:rows], state, inplace=True)
         self.logits[:rows].copy_(logits)
         for buf, S in zip(state, new):
-            buf.copy_(S)
+            if S.data_ptr() != buf.data_ptr():      # a layer that could not update in place (none today)
+                buf.copy_(S)
         self.position[:rows].add_(1)
 
     def _bucket(self, rows: int) -> int:
@@ -158,6 +163,35 @@ class SlotBatch:
             buf[row].copy_(S[0])
         self.position[row] = ids.shape[1]
         return logits[0, -1].float()
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], prompts: list[list[int]]) -> Tensor:
+        """One packed prefill of ``prompts`` (each from the zero state), prompt i loaded into ``rows[i]``;
+        returns each prompt's last-position logits [N, V] (fp32, on the model's device)."""
+        if not isinstance(rows, (list, tuple)) or not isinstance(prompts, (list, tuple)) or len(rows) != len(prompts) \
+                or not rows:
+            raise ValueError(f"`rows` and `prompts` must be non-empty lists of the same length, got "
+                             f"{type(rows).__name__} of {len(rows) if hasattr(rows, '__len__') else '?'} and "
+                             f"{type(prompts).__name__} of {len(prompts) if hasattr(prompts, '__len__') else '?'}")
+        for r in rows:
+            self._check_row(r)
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"`rows` must be distinct, got {list(rows)}")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"every prompt must hold at least one token, prompt {lengths.index(0)} is empty")
+        if len(prompts) == 1:
+            return self.prefill_into(rows[0], prompts[0])[None]
+        flat = [t for p in prompts for t in p]
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        ids = torch.tensor([flat], dtype=torch.int64).to(self.device, non_blocking=True)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(self.device, non_blocking=True)
+        logits, st = self.model.prefill(ids, cu_seqlens=cu_seqlens, last_only=True)
+        RecurrentState(self.states, self.position).load_rows(
+            torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True), st)
+        return logits[:, 0].float()
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:

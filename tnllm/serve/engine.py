@@ -1,7 +1,7 @@
 """Continuous batching over the static rows of a ``SlotBatch``, in one background thread that owns the model.
 
-Each request takes a free row (slot) for its whole life: its prompt is prefilled (blocked form, batch 1)
-into that row between two decode steps, then every decode step advances all busy rows together, each at
+Each request takes a free row (slot) for its whole life: its prompt is prefilled into that row between two
+decode steps (the requests admitted together share one packed prefill, their prompts end to end), then every decode step advances all busy rows together, each at
 its own position. A request that finishes (max_tokens, the end-of-text token, a stop string) or is
 cancelled (its client went away) gives its row back at once, and the next waiting request is prefilled
 into it while the other rows keep decoding. Rows are handed out lowest first, and a step covers the rows
@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import heapq
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -137,7 +138,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0, "steps": 0,
-                      "prefill_tokens": 0, "generated_tokens": 0}
+                      "prefill_batches": 0, "prefill_tokens": 0, "generated_tokens": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> "Engine":
@@ -254,14 +255,17 @@ class Engine:
                     if budget is not None:
                         budget -= len(r.prompt_ids)
             events = []
-            for r in admit:
+            if admit:
                 try:
-                    self._prefill(r, events)
-                except Exception as e:     # this prompt failed (out of memory, say): only its request ends
+                    self._prefill(admit, events)
+                except Exception as e:     # past the prefill itself (sampling, say): the admitted requests end
                     self.error = traceback.format_exc(limit=3)
+                    hit = [r for r in admit if not r.done]      # the others have had their last event
                     with self._cv:
-                        self._release(r)
-                    events.append((r.tag, Event("", [], "error", f"internal error: {type(e).__name__}: {e}")))
+                        for r in hit:
+                            self._release(r)
+                    events += [(r.tag, Event("", [], "error", f"internal error: {type(e).__name__}: {e}"))
+                               for r in hit]
             if events:
                 self.deliver(events)
             try:
@@ -297,19 +301,50 @@ class Engine:
             self.slots.free(r.row)
             heapq.heappush(self._free, r.row)
 
-    def _prefill(self, r: Request, events: list) -> None:
-        p = r.params
-        r._gen = torch.Generator().manual_seed(int(p.seed) if p.seed is not None else secrets.randbits(63))
-        r._text = TextStream(self.tokenizer, r.prompt_ids, p.stop)
-        if p.repetition_penalty != 1.0:
-            r._seen = torch.zeros(1, self.vocab_size, dtype=torch.bool)
-            r._seen[0, torch.tensor(r.prompt_ids)] = True
-        if p.max_tokens == 0:           # nothing to generate: the prompt is not even read
-            self._finish(r, "length", events)
+    def _prefill(self, admit: list[Request], events: list) -> None:
+        """Prefill the admitted requests: all of them in one packed prefill (prompts end to end), each
+        prompt's state loaded into its row, then one token sampled for each. If the packed prefill fails
+        (out of memory, say), each prompt is retried alone, so only a prompt that fails by itself ends."""
+        todo = []
+        for r in admit:
+            p = r.params
+            r._gen = torch.Generator().manual_seed(int(p.seed) if p.seed is not None else secrets.randbits(63))
+            r._text = TextStream(self.tokenizer, r.prompt_ids, p.stop)
+            if p.repetition_penalty != 1.0:
+                r._seen = torch.zeros(1, self.vocab_size, dtype=torch.bool)
+                r._seen[0, torch.tensor(r.prompt_ids)] = True
+            if p.max_tokens == 0:           # nothing to generate: the prompt is not even read
+                self._finish(r, "length", events)
+            else:
+                todo.append(r)
+        if not todo:
             return
-        logits = self.slots.prefill_into(r.row, r.prompt_ids)
-        self.stats["prefill_tokens"] += len(r.prompt_ids)
-        self._advance([r], logits[None], events)
+        try:
+            logits = self.slots.prefill_rows([r.row for r in todo], [r.prompt_ids for r in todo])
+        except Exception:
+            if len(todo) == 1:
+                self._prefill_failed(todo[0], events)
+                return
+            ok, rows = [], []
+            for r in todo:
+                try:
+                    rows.append(self.slots.prefill_into(r.row, r.prompt_ids))
+                    ok.append(r)
+                except Exception:
+                    self._prefill_failed(r, events)
+            if not ok:
+                return
+            todo, logits = ok, torch.stack(rows)
+        self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in todo)
+        self.stats["prefill_batches"] += 1
+        self._advance(todo, logits, events)
+
+    def _prefill_failed(self, r: Request, events: list) -> None:
+        e = sys.exc_info()[1]
+        self.error = traceback.format_exc(limit=3)
+        with self._cv:
+            self._release(r)
+        events.append((r.tag, Event("", [], "error", f"internal error: {type(e).__name__}: {e}")))
 
     def _step(self, events: list) -> None:
         rows = max(self._active) + 1
@@ -340,13 +375,13 @@ class Engine:
                     row = apply_repetition_penalty(row, r._seen, float(p.repetition_penalty))
                 nxt[i] = int(sample_next(row, float(p.temperature), p.top_k, p.top_p, r._gen)[0])
         now = time.perf_counter()
+        self.stats["generated_tokens"] += len(reqs)
         for r, t in zip(reqs, nxt):
             r.generated.append(t)
             if r.t_first is None:
                 r.t_first = now
             if r._seen is not None:
                 r._seen[0, t] = True
-            self.stats["generated_tokens"] += 1
             if t == self.eos_id and not r.params.ignore_eos:
                 self._finish(r, "stop", events, [t])
                 continue

@@ -5,8 +5,15 @@ characters, and ends the text before the first stop string. Decoding looks at a 
 ids (plus the end of the prompt as context), so each token costs O(1) whatever the length generated, and
 tokenizers whose decode depends on the neighbours (SentencePiece's leading space, a BPE token split
 across two steps, a multi-byte UTF-8 character split across bytes) come out right.
+
+A tokenizer with ``token_bytes(id) -> bytes`` (``ByteTokenizer``), whose decode is the UTF-8 decoding of
+its ids' bytes end to end, is decoded incrementally instead: one ``codecs`` UTF-8 decoder per stream, no
+window decodes (the text is the same: an incremental UTF-8 decoder gives what one decode of all the bytes
+gives).
 """
 from __future__ import annotations
+
+import codecs
 
 from typing import Sequence
 
@@ -31,6 +38,8 @@ class TextStream:
         self.stop = tuple(s for s in stop if s)
         self.max_stop = max((len(s) for s in self.stop), default=0)
         self.stopped = False
+        self._token_bytes = getattr(tokenizer, "token_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._token_bytes is not None else None
 
     def _decode_new(self) -> str:
         prev = self.tok.decode(self.ids[self.prefix:self.read])
@@ -43,8 +52,11 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, bool]:
         if self.stopped:
             return "", True
-        self.ids.append(int(token_id))
-        piece = self._decode_new()
+        if self._utf8 is not None:
+            piece = self._utf8.decode(self._token_bytes(token_id))
+        else:
+            self.ids.append(int(token_id))
+            piece = self._decode_new()
         if not piece:
             return "", False
         return self._add(piece)
@@ -81,9 +93,13 @@ class TextStream:
         prefix. Call once when generation ends without a stop string."""
         if self.stopped:
             return ""
-        prev = self.tok.decode(self.ids[self.prefix:self.read])
-        new = self.tok.decode(self.ids[self.prefix:])
-        out, stopped = self._add(new[len(prev):]) if len(new) > len(prev) else ("", False)
+        if self._utf8 is not None:
+            rest = self._utf8.decode(b"", final=True)
+        else:
+            prev = self.tok.decode(self.ids[self.prefix:self.read])
+            new = self.tok.decode(self.ids[self.prefix:])
+            rest = new[len(prev):] if len(new) > len(prev) else ""
+        out, stopped = self._add(rest) if rest else ("", False)
         if stopped:
             return out
         out += self.text[self.sent:]
