@@ -74,7 +74,7 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
             if gd.dtype == acc:
                 dw.addmm_(gd.T, xc)
             else:
-                dw += (gd.T @ xc).to(acc)                               # bf16/fp16 product, fp32 accumulation
+                dw.add_(gd.T @ xc)                                      # bf16/fp16 product, fp32 accumulation
         if mean:
             loss = loss / count                                         # 0 / 0 = NaN when all rows are ignored
         if need_grad:

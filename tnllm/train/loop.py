@@ -168,7 +168,7 @@ def lm_loss(model: nn.Module, batch, chunk_tokens: int, fused: bool = True) -> t
         h = model.head_norm(model.hidden_states(x, **kw)).reshape(n, -1)
         total = fused_linear_cross_entropy(h, w, y.reshape(n), ignore_index=IGNORE_INDEX,
                                            chunk_tokens=min(n, chunk_tokens) if n else None, reduction="sum")
-        return total / count
+        return (total / count).float()             # fp32 as the unfused paths (fp64 models: fp64 inside)
     if n <= chunk_tokens:
         logits = model(x, **kw).float().reshape(n, -1)
         if not kw:
