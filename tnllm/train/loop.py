@@ -132,8 +132,9 @@ def resolve_device(name: str) -> torch.device:
 
 def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     """The head weight the fused loss can take: ``lm_head.weight`` when the model has ``head_norm`` and the
-    weight is a plain tensor; None otherwise (a DTensor under FSDP2 / tensor parallel, whose all-gather
-    and placements belong to the module's own forward: those models keep the checkpointed-chunk path)."""
+    weight is a plain tensor; None otherwise: a DTensor (tensor parallel's Replicate head, whose placements
+    belong to the module's own hooks) keeps the checkpointed-chunk path. Under FSDP2 the root unit's
+    weight is unsharded (a plain tensor) once ``hidden_states`` has run, so the fused path is taken there."""
     from torch.distributed.tensor import DTensor
     head = getattr(model, "lm_head", None)
     w = getattr(head, "weight", None)
