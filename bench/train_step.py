@@ -3,12 +3,16 @@
     python bench/train_step.py --impl tnllm --preset 385M --T 8192 --B 2 --out runs/train
     python bench/train_step.py --impl naive ...    # same model, attention = masked quadratic (bf16)
     python bench/train_step.py --impl sdpa ...     # an equal-shape softmax Transformer (SDPA, causal)
+    python bench/train_step.py --loss fused ...    # head + loss as tnllm.ops.fused_linear_cross_entropy
     python bench/train_step.py --device cpu --preset tiny --T 64 --B 2 --steps 2 --warmup 1 --no-compile   # smoke
 
 bf16 autocast with fp32 master weights, fused AdamW, every decoder layer compiled with
 ``fullgraph=True`` (regional compile: the 23 identical layers share one graph; the LRPE layer has its
 own), and the loss (final norm, tied lm_head, cross entropy) compiled too. Time = median of timed
 steps after warm-up (compile), with CUDA events around the whole step (forward, backward, optimizer).
+``--loss naive`` (default) materialises the [B, T, V] logits (bf16, then fp32 for the cross entropy);
+``--loss fused`` runs the head + cross entropy as ``tnllm.ops.fused_linear_cross_entropy`` (chunks of
+``--loss-chunk-tokens`` rows, default: about B T d / V), so no [B, T, V] tensor exists.
 
 MFU = model FLOPs per second / 989e12 (H200 dense bf16, datasheet). Model FLOPs per token =
 6 * (parameters in matmuls, lm_head included) + attention: softmax 6 * L * T * d (causal half of
@@ -105,6 +109,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--loss", default="naive", choices=["naive", "fused"],
+                    help="naive: whole logits + F.cross_entropy; fused: tnllm.ops.fused_linear_cross_entropy")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=None,
+                    help="rows per chunk of the fused loss (default: about B*T*d/V, a power of two)")
     ap.add_argument("--out", default="runs/train")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the same step (autocast bf16 on CPU, wall-clock timing, no memory statistics)")
@@ -121,7 +129,15 @@ def main(argv=None):
         for l in layers:
             l.compile(fullgraph=True, dynamic=False)
 
+    if a.loss_chunk_tokens is not None and a.loss_chunk_tokens < 1:
+        ap.error("--loss-chunk-tokens must be >= 1")
+
     def loss_fn(h, ids):
+        if a.loss == "fused":
+            from tnllm.ops import fused_linear_cross_entropy
+            x = srms_norm(h)[:, :-1]
+            return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), m.lm_head.weight, ids[:, 1:].reshape(-1),
+                                              chunk_tokens=a.loss_chunk_tokens)
         logits = m.lm_head(srms_norm(h))[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     if not a.no_compile:
@@ -167,7 +183,7 @@ def main(argv=None):
         lrpe_layers = sum(1 for i in range(L) if cfg.lrpe(i))
         attn = 12 * H * e * e * (L - lrpe_layers) + 12 * H * 2 * e * e * lrpe_layers
     flops_tok = 6 * matmul_params(m) + attn
-    rec = dict(impl=a.impl, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
+    rec = dict(impl=a.impl, loss_impl=a.loss, loss_chunk_tokens=a.loss_chunk_tokens, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
                matmul_params=matmul_params(m), step_ms=ms, steps_ms=times, tokens_per_s=tokens / (ms * 1e-3),
                mfu=flops_tok * tokens / (ms * 1e-3) / PEAK, flops_per_token=flops_tok,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None, warmup_s=warm,

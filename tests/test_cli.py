@@ -227,3 +227,11 @@ def test_resume_with_no_steps_left_says_so(tmp_path, corpus, capsys):
     assert main([*args, "--resume"]) == 0
     text = "".join(capsys.readouterr())
     assert "no steps left to train" in text and "raise --steps" in text
+
+
+def test_train_fused_loss_flag():
+    """The fused head + loss is the default; --no-fused-loss turns it off."""
+    from tnllm.cli import _train_config, build_parser
+    p = build_parser()
+    assert _train_config(p.parse_args(["train", *TINY])).fused_loss is True
+    assert _train_config(p.parse_args(["train", *TINY, "--no-fused-loss"])).fused_loss is False

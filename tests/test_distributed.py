@@ -38,6 +38,11 @@ def test_parallel_equals_single_process(world, dp, tp, ac, bias):
     W.run_world(W.w_equivalence, world, dp, tp, ac, bias, None)
 
 
+@pytest.mark.parametrize("world,dp,tp", [pytest.param(2, 2, 1, id="fsdp2"), pytest.param(2, 1, 2, id="tp2")])
+def test_fused_loss_equals_unfused(world, dp, tp):
+    W.run_world(W.w_fused_loss, world, dp, tp)
+
+
 def test_tp_compiles_fullgraph():
     """parallelize(compile=...) in its real order (TP -> AC -> compile -> FSDP): TP blocks (DTensor hooks,
     the cross-rank norm, the custom op) trace with fullgraph=True (aot_eager backend) and still match."""

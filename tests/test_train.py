@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.baseline import TransformerLM
@@ -63,17 +64,71 @@ def test_param_groups_skip_norms_and_theta():
 
 @pytest.mark.parametrize("arch", [TransNormerLLM, TransformerLM])
 def test_chunked_loss_equals_full(arch):
+    """The whole-logits loss, the checkpointed chunks and the fused head + loss (whole or chunked) agree,
+    gradients of every parameter (the tied head included) too."""
     torch.manual_seed(0)
     m = arch(TransNormerConfig.from_preset("tiny"))
     batch = torch.randint(3, 259, (3, 21))
-    full = lm_loss(m, batch, chunk_tokens=10_000)
+    full = lm_loss(m, batch, chunk_tokens=10_000, fused=False)
     g_full = torch.autograd.grad(full, list(m.parameters()))
-    chunked = lm_loss(m, batch, chunk_tokens=16)
-    g_chunk = torch.autograd.grad(chunked, list(m.parameters()))
-    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
-    for a, b in zip(g_chunk, g_full):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for chunk, fused in ((16, False), (10_000, True), (16, True), (7, True)):
+        chunked = lm_loss(m, batch, chunk_tokens=chunk, fused=fused)
+        g_chunk = torch.autograd.grad(chunked, list(m.parameters()))
+        torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+        for a, b in zip(g_chunk, g_full):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert abs(float(full.detach()) - math.log(259)) < 0.5          # near-uniform at init
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The largest element count any aten op returns (every allocation is some op's output); the fused
+    loss's custom op is run through its kernel's body with the mode on, so its insides are recorded too."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from tnllm.ops.fused_linear_ce import op as fused_op
+        if func is torch.ops.tnllm.fused_linear_cross_entropy.default:
+            with self:
+                out = fused_op._fused_impl(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_fused_training_loss_never_allocates_the_logits():
+    """A training step's loss (forward and backward) through the fused path: no tensor as large as the
+    [B * T, V] logits exists (the unfused path, watched the same way, does allocate them)."""
+    torch.manual_seed(0)
+    cfg = TransNormerConfig.from_preset("tiny", vocab_size=2048)    # V above every activation's width
+    m = TransNormerLLM(cfg)
+    batch = torch.randint(3, cfg.vocab_size, (4, 129))
+    n, V = 4 * 128, cfg.vocab_size
+    with _LargestTensor() as fused:
+        lm_loss(m, batch, chunk_tokens=64, fused=True).backward()
+    with _LargestTensor() as whole:
+        lm_loss(m, batch, chunk_tokens=10_000, fused=False).backward()
+    assert whole.largest >= n * V
+    assert fused.largest < n * V // 4
+
+
+def test_fused_loss_trains_as_the_unfused_one(tmp_path, corpus):
+    """A few optimizer steps on the tiny preset: the fused head + loss gives the losses of the checkpointed
+    chunked path (fp32 on CPU: equal to rounding)."""
+    runs = {}
+    for fused in (True, False):
+        t = Trainer(tiny_cfg(tmp_path / f"run{fused}", corpus, steps=4, eval_every=2, loss_chunk_tokens=40,
+                             fused_loss=fused, checkpoint=False), log=quiet)
+        t.fit()
+        runs[fused] = train_losses(t.history)
+    (a, va), (b, vb) = runs[True], runs[False]
+    assert len(a) == 4 and len(va) == 2
+    torch.testing.assert_close(torch.tensor(a + va), torch.tensor(b + vb), rtol=1e-5, atol=1e-5)
 
 
 def test_train_learns_and_writes_checkpoint(tmp_path, corpus):

@@ -219,7 +219,11 @@ class TransformerLM(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(norm(hidden))``."""
-        return self.lm_head(self.model.norm(hidden))
+        return self.lm_head(self.head_norm(hidden))
+
+    def head_norm(self, hidden: Tensor) -> Tensor:
+        """The final norm of ``hidden_states``' output: the head's input (``head = lm_head(head_norm(.))``)."""
+        return self.model.norm(hidden)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 cu_seqlens: Tensor | None = None) -> Tensor:

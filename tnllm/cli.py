@@ -73,6 +73,9 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of init, data order and sampling")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--compile", action="store_true", help="torch.compile every decoder block (fullgraph; the head and the loss stay eager)")
+    g.add_argument("--no-fused-loss", action="store_true",
+                   help="the head + cross entropy on logits (checkpointed chunks of loss_chunk_tokens rows) instead "
+                        "of tnllm.ops.fused_linear_cross_entropy, which never materialises [B, T, V] logits")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=out_default, help="run directory")
     g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
@@ -96,7 +99,7 @@ def _train_config(a: argparse.Namespace):
                        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
                        keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device, compile=a.compile,
                        resume=a.resume, progress=not a.no_progress, plot=not a.no_plot,
-                       pack_documents=a.pack_documents)
+                       pack_documents=a.pack_documents, fused_loss=not a.no_fused_loss)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int = 200, seed: bool = True) -> None:

@@ -554,7 +554,11 @@ class TransNormerLLM(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from final-norm inputs (``hidden_states``' output): ``lm_head(final_norm(hidden))``."""
-        return self.lm_head(self.model.final_norm(hidden))
+        return self.lm_head(self.head_norm(hidden))
+
+    def head_norm(self, hidden: Tensor) -> Tensor:
+        """The final norm of ``hidden_states``' output: the head's input (``head = lm_head(head_norm(.))``)."""
+        return self.model.final_norm(hidden)
 
     def _run(self, x, states, offset, mask=None, step=False, inplace=False, kernel=None, cu_seqlens=None):
         new = []

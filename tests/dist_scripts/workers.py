@@ -275,3 +275,27 @@ def w_resume_other(rank, world, port, dp, tp, ckpt, n, m, ckpt_out):
             assert full == {}
     tdist.destroy()
 
+
+
+def w_fused_loss(rank, world, port, dp, tp):
+    """lm_loss through the fused head + loss equals the unfused one under FSDP2 / TP (loss and every
+    gradient, gathered); under FSDP2 the root's head weight is unsharded (a plain tensor) once
+    ``hidden_states`` ran, so the fused path is the one taken; a TP head (Replicate DTensor) keeps the
+    unfused path."""
+    from tnllm.train.loop import fused_head_weight, lm_loss
+    from tnllm.train.parallelize import parallelize
+    mesh = setup(rank, world, port, dp, tp)
+    out = {}
+    for fused in (True, False):
+        m = parallelize(make_model(config()), mesh)
+        ids = batch(0) if dp == 1 else batch(0)[rank::dp]
+        m.hidden_states(ids[:, :-1])
+        assert (fused_head_weight(m) is not None) == (tp == 1), type(m.lm_head.weight)
+        loss = lm_loss(m, ids, chunk_tokens=5, fused=fused)
+        loss.backward()
+        out[fused] = (loss.detach(), [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                                      for p in m.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    tdist.destroy()

@@ -63,7 +63,8 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     checkpoint: bool = True                # False: write no checkpoint (metrics only), e.g. for compare grids
-    loss_chunk_tokens: int = 16384         # larger batches compute the head + loss in checkpointed chunks
+    loss_chunk_tokens: int = 16384         # rows per chunk of the fused head + loss (or of the checkpointed path)
+    fused_loss: bool = True                # head + cross entropy as tnllm.ops.fused_linear_cross_entropy
     pack_documents: bool = False           # no attention across documents inside a row (DocumentBatch)
     overrides: dict = field(default_factory=dict)   # model config fields over the preset
 
@@ -74,7 +75,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("progress", "plot", "checkpoint", "compile", "resume", "pack_documents"):
+        for name in ("progress", "plot", "checkpoint", "compile", "resume", "pack_documents", "fused_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
@@ -129,11 +130,32 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def lm_loss(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:
+def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The head weight the fused loss can take: ``lm_head.weight`` when the model has ``head_norm`` and the
+    weight is a plain tensor; None otherwise: a DTensor (tensor parallel's Replicate head, whose placements
+    belong to the module's own hooks) keeps the checkpointed-chunk path. Under FSDP2 the root unit's
+    weight is unsharded (a plain tensor) once ``hidden_states`` has run, so the fused path is taken there."""
+    from torch.distributed.tensor import DTensor
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if not callable(getattr(model, "head_norm", None)) or not isinstance(w, torch.Tensor) or isinstance(w, DTensor):
+        return None
+    if getattr(head, "bias", None) is not None or type(head) is not nn.Linear or head._forward_hooks \
+            or head._forward_pre_hooks:
+        return None
+    return w
+
+
+def lm_loss(model: nn.Module, batch, chunk_tokens: int, fused: bool = True) -> torch.Tensor:
     """Mean next-token cross entropy of ``batch`` [B, T + 1], or of a ``DocumentBatch`` (documents packed into
     rows: the model runs with its ``cu_seqlens``, so no token attends across a document, and the targets that
-    start another document are skipped). Above ``chunk_tokens`` tokens the head and the loss run per chunk
-    under activation checkpointing, so [B, T, V] logits never exist at once."""
+    start another document are skipped).
+
+    ``fused`` (and a plain ``lm_head.weight``, see :func:`fused_head_weight`): the head and the loss are one
+    ``tnllm.ops.fused_linear_cross_entropy`` over ``head_norm(hidden)`` and ``lm_head.weight``, in chunks of
+    ``chunk_tokens`` rows, so [B, T, V] logits never exist and the head's matmul is not recomputed.
+    Otherwise: above ``chunk_tokens`` tokens the head and the loss run per chunk under activation
+    checkpointing (the logits of one chunk at a time), below it on the whole logits."""
     if isinstance(batch, DocumentBatch):
         x, y, kw = batch.input_ids, batch.targets, {"cu_seqlens": batch.cu_seqlens}
         count = (y != IGNORE_INDEX).sum().clamp(min=1)            # a tensor: no host read
@@ -141,6 +163,13 @@ def lm_loss(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:
         x, y, kw = batch[:, :-1], batch[:, 1:], {}
         count = y.numel()
     n = y.numel()
+    w = fused_head_weight(model) if fused else None
+    if w is not None:
+        from tnllm.ops import fused_linear_cross_entropy
+        h = model.head_norm(model.hidden_states(x, **kw)).reshape(n, -1)
+        total = fused_linear_cross_entropy(h, w, y.reshape(n), ignore_index=IGNORE_INDEX,
+                                           chunk_tokens=min(n, chunk_tokens) if n else None, reduction="sum")
+        return (total / count).float()             # fp32 as the unfused paths (fp64 models: fp64 inside)
     if n <= chunk_tokens:
         logits = model(x, **kw).float().reshape(n, -1)
         if not kw:
@@ -323,7 +352,8 @@ class Trainer:
     def train_step(self, batch: torch.Tensor) -> float:
         self.model.train()
         with self._autocast():
-            loss = lm_loss(self.model, batch.to(self.dev, non_blocking=True), self.cfg.loss_chunk_tokens)
+            loss = lm_loss(self.model, batch.to(self.dev, non_blocking=True), self.cfg.loss_chunk_tokens,
+                           self.cfg.fused_loss)
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -339,7 +369,8 @@ class Trainer:
         losses = []
         for b in self.val_batches:
             with self._autocast():
-                losses.append(float(lm_loss(self.model, b.to(self.dev), self.cfg.loss_chunk_tokens)))
+                losses.append(float(lm_loss(self.model, b.to(self.dev), self.cfg.loss_chunk_tokens,
+                                           self.cfg.fused_loss)))
         loss = self.reduce_mean(sum(losses) / len(losses))
         return loss, math.exp(min(loss, 50.0))
 

@@ -1,0 +1,154 @@
+"""``tnllm::fused_linear_cross_entropy``: the loss of ``x @ weight.T`` against ``target`` computed over
+chunks of rows, so the [N, V] logits never exist.
+
+Per chunk of rows: logits [c, V] in fp32 (fp64 for fp64 inputs), their logsumexp, the loss terms, and, in
+the same pass, the softmax gradient (softmax - onehot, scaled by 1 / count for the mean); the chunk's
+``dx`` rows are written and ``dW`` accumulated in fp32. The forward returns the loss together with both
+gradients, and the backward only scales them by the incoming gradient (the head's matmuls run three
+times per step, forward and backward together, instead of four with a recomputing checkpoint).
+
+One ``torch.library`` custom op with a fake kernel and a registered autograd formula, so the loss runs
+inside ``torch.compile(fullgraph=True)`` without a graph break.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .naive import check_inputs
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def auto_chunk_tokens(n: int, vocab: int, d: int) -> int:
+    """Rows per chunk when none is given: about N * d / V, rounded up to a power of two, so one chunk's
+    fp32 logits [c, V] are about as large as ``x`` itself (at least 1, at most N)."""
+    if n <= 1:
+        return 1
+    per = max(1, math.ceil(n / max(1, math.ceil(vocab / d))))
+    return min(n, 1 << (per - 1).bit_length())
+
+
+def _no_autocast(device: torch.device):
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, chunk_tokens: int, mean: bool,
+                need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = x.shape
+    vocab = weight.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
+    with _no_autocast(x.device):
+        w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        valid = target != ignore_index
+        count = valid.sum()
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        if need_grad:
+            # the mean's gradient: 1 / count (all rows ignored: zero gradients, as F.cross_entropy gives)
+            scale = (1.0 / count.clamp(min=1).to(acc)) if mean else torch.ones((), dtype=acc, device=x.device)
+            dx = torch.empty_like(x)
+            dw = torch.zeros(weight.shape, dtype=acc, device=x.device)
+        else:
+            dx, dw = x.new_empty(0), weight.new_empty(0)
+        for i in range(0, n, c):
+            xc, vc = x[i:i + c], valid[i:i + c]
+            tc = torch.where(vc, target[i:i + c], 0).unsqueeze(1)       # ignored rows pick class 0, masked below
+            logits = (xc @ w.T).to(acc)                                  # [c, V]
+            lse = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, tc).squeeze(1)
+            loss = loss + torch.where(vc, lse - picked, 0).sum()
+            if not need_grad:
+                continue
+            g = logits.sub_(lse.unsqueeze(1)).exp_()                     # softmax, in place of the logits
+            g.scatter_add_(1, tc, torch.full_like(picked, -1.0).unsqueeze(1))
+            g.mul_((vc.to(acc) * scale).unsqueeze(1))
+            gd = g if g.dtype == x.dtype else g.to(x.dtype)
+            torch.mm(gd, w, out=dx[i:i + c])                              # dx is contiguous: rows are a view
+            if gd.dtype == acc:
+                dw.addmm_(gd.T, xc)
+            else:
+                dw.add_(gd.T @ xc)                                      # bf16/fp16 product, fp32 accumulation
+        if mean:
+            loss = loss / count                                         # 0 / 0 = NaN when all rows are ignored
+        if need_grad:
+            dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
+    return loss.float() if acc == torch.float32 else loss, dx, dw
+
+
+@torch.library.custom_op("tnllm::fused_linear_cross_entropy", mutates_args=())
+def _fused(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, chunk_tokens: int, mean: bool,
+           need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _fused_impl(x.contiguous(), weight, target, ignore_index, chunk_tokens, mean, need_grad)
+
+
+@_fused.register_fake
+def _(x, weight, target, ignore_index, chunk_tokens, mean, need_grad):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = x.new_empty((), dtype=acc)
+    if need_grad:
+        return loss, torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+            weight, memory_format=torch.contiguous_format)
+    return loss, x.new_empty(0), weight.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dx, dw = output
+    ctx.need_grad = inputs[6]
+    ctx.save_for_backward(dx, dw)
+
+
+def _backward(ctx, g_loss, _g_dx, _g_dw):
+    if not ctx.need_grad:
+        raise RuntimeError("fused_linear_cross_entropy ran without gradients (no input required grad, or "
+                           "grad mode was off); backward is not available")
+    dx, dw = ctx.saved_tensors
+    return (dx * g_loss.to(dx.dtype), dw * g_loss.to(dw.dtype), None, None, None, None, None)
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                               chunk_tokens: Optional[int] = None, reduction: str = "mean") -> Tensor:
+    """Cross entropy of the logits ``x @ weight.T`` against ``target``, without the [N, V] logits.
+
+    Equal (to fp rounding) to ``F.cross_entropy((x @ weight.T).float(), target, ignore_index=...,
+    reduction=...)``, gradients of ``x`` and ``weight`` included.
+
+    Args:
+        x: [N, d] the head's inputs (after the final norm); fp16, bf16, fp32 or fp64.
+        weight: [V, d] the head's weight (``lm_head.weight``), the same dtype as ``x`` outside autocast;
+            under autocast (cpu or cuda) both run in the autocast dtype, and ``weight``'s gradient comes
+            back in its own dtype (fp32 master weights get an fp32 gradient accumulated in fp32).
+        target: [N] int64 class indices in [0, V), or ``ignore_index``.
+        ignore_index: rows with this target add nothing to the loss or the gradients and are not counted
+            in the mean.
+        chunk_tokens: rows per chunk (the peak extra memory is a [chunk_tokens, V] fp32 logits tensor);
+            None: about N * d / V rows, a power of two (one chunk's logits are about the size of ``x``).
+        reduction: "mean" (over the rows not ignored; all rows ignored gives NaN with zero gradients,
+            as ``F.cross_entropy`` does) or "sum" (0 with zero gradients when all are ignored).
+
+    Logits, logsumexp and the softmax gradient are fp32 (fp64 for fp64 inputs); for bf16/fp16 the matmuls
+    run in the input dtype and ``dW`` is accumulated over chunks in fp32. The gradients are computed in
+    the forward (when grad mode is on and ``x`` or ``weight`` requires grad), so the loss supports one
+    backward and no double backward. Returns a 0-dim tensor: fp32, or fp64 for fp64 inputs.
+    """
+    mixed = False
+    dev = x.device.type if isinstance(x, Tensor) else None
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        mixed = True
+        cast = torch.get_autocast_dtype(dev)
+        if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = x.to(cast)
+    check_inputs(x, weight, target, ignore_index, reduction, chunk_tokens, mixed_ok=mixed)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    loss, _, _ = torch.ops.tnllm.fused_linear_cross_entropy(x, weight, target, ignore_index, chunk_tokens or 0,
+                                                            reduction == "mean", need_grad)
+    return loss
