@@ -54,3 +54,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With ``TNLLM_TEST_LOG=FILE``, one line per test phase that took time or failed, appended and flushed
+    at once (outcome, seconds, test id; a failure's report follows), so a run cut off by a time limit still
+    says what ran, how long each test took and why one failed."""
+    path = os.environ.get("TNLLM_TEST_LOG")
+    if not path or (report.when != "call" and report.passed):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.outcome} {report.duration:.2f}s {report.when} {report.nodeid}\n")
+        if report.failed:
+            f.write(str(report.longrepr)[-6000:] + "\n")

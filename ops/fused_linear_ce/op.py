@@ -2,9 +2,10 @@
 chunks of rows, so the [N, V] logits never exist.
 
 Per chunk of rows: logits [c, V] in fp32 (fp64 for fp64 inputs), their logsumexp, the loss terms, and, in
-the same pass, the softmax gradient (softmax - onehot, scaled by 1 / count for the mean); the chunk's
-``dx`` rows are written and ``dW`` accumulated in fp32. The forward returns the loss together with both
-gradients, and the backward only scales them by the incoming gradient (the head's matmuls run three
+the same pass, the softmax gradient (softmax - onehot); the chunk's ``dx`` rows are written and ``dW``
+accumulated in fp32. The forward returns the loss together with both gradients (``dx`` without the mean's
+1 / count, which would push fp16 values into the subnormal range; ``dW`` with it, applied in fp32), and the
+backward only scales them by the incoming gradient (the head's matmuls run three
 times per step, forward and backward together, instead of four with a recomputing checkpoint).
 
 One ``torch.library`` custom op with a fake kernel and a registered autograd formula, so the loss runs
@@ -68,7 +69,9 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
                 continue
             g = logits.sub_(lse.unsqueeze(1)).exp_()                     # softmax, in place of the logits
             g.scatter_add_(1, tc, torch.full_like(picked, -1.0).unsqueeze(1))
-            g.mul_((vc.to(acc) * scale).unsqueeze(1))
+            # not yet scaled by 1 / count: softmax / count (~1e-9 at V = 64k) underflows in fp16, and dx rows
+            # (bounded by 2 max|w|) stay in range; the backward applies 1 / count and the incoming gradient
+            g.mul_(vc.to(acc).unsqueeze(1))
             gd = g if g.dtype == x.dtype else g.to(x.dtype)
             torch.mm(gd, w, out=dx[i:i + c])                              # dx is contiguous: rows are a view
             if gd.dtype == acc:
@@ -78,6 +81,7 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
         if mean:
             loss = loss / count                                         # 0 / 0 = NaN when all rows are ignored
         if need_grad:
+            dw.mul_(scale)                                               # fp32: the sum over rows may not fit fp16
             dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
     return loss.float() if acc == torch.float32 else loss, dx, dw
 
@@ -100,16 +104,23 @@ def _(x, weight, target, ignore_index, chunk_tokens, mean, need_grad):
 
 def _setup_context(ctx, inputs, output):
     _, dx, dw = output
-    ctx.need_grad = inputs[6]
-    ctx.save_for_backward(dx, dw)
+    x, _, target, ignore_index, _, mean, need_grad = inputs
+    ctx.need_grad = need_grad
+    # dx comes out of the forward without the mean's 1 / count (see _fused_impl): kept here, in fp32
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = (1.0 / (target != ignore_index).sum().clamp(min=1).to(acc)) if mean else \
+        torch.ones((), dtype=acc, device=target.device)
+    ctx.save_for_backward(dx, dw, scale)
 
 
 def _backward(ctx, g_loss, _g_dx, _g_dw):
     if not ctx.need_grad:
         raise RuntimeError("fused_linear_cross_entropy ran without gradients (no input required grad, or "
                            "grad mode was off); backward is not available")
-    dx, dw = ctx.saved_tensors
-    return (dx * g_loss.to(dx.dtype), dw * g_loss.to(dw.dtype), None, None, None, None, None)
+    dx, dw, scale = ctx.saved_tensors
+    # one rounding: the 0-dim fp32 factor keeps dx's dtype, the product is formed at fp32 (a loss scaler's
+    # large g_loss then lifts fp16 gradients out of the subnormal range before they are rounded)
+    return (dx * (g_loss.to(scale.dtype) * scale), dw * g_loss.to(dw.dtype), None, None, None, None, None)
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)

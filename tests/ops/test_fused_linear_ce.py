@@ -184,3 +184,19 @@ def test_bad_options_named(kw, match):
     x, w, t = _inputs(4, 4, 5, torch.float32, 0)
     with pytest.raises(ValueError, match=match):
         fused_linear_cross_entropy(x, w, t, **kw)
+
+
+def test_fp16_large_vocabulary_mean_does_not_underflow():
+    """fp16 at V = 64k with ~900 rows counted: softmax / count is ~2e-8, below fp16's smallest subnormal, so
+    folding the mean into the softmax gradient before the fp16 matmul zeroes most of it. The mean is applied
+    after the matmul (dx) or in fp32 (dW); and a loss scale (as GradScaler applies) scales the result exactly."""
+    x, w, t = _inputs(1024, 32, 64000, torch.float16, seed=5, ignore_frac=0.14)
+    ref = _loss_and_grads(fused_linear_cross_entropy_naive, x.double(), w.double(), t)
+    got = _loss_and_grads(fused_linear_cross_entropy, x, w, t, chunk_tokens=256)
+    for name, a, b in zip(("loss", "dx", "dW"), got, ref):
+        err = float((a.double() - b).norm() / b.norm())
+        assert err < 2e-3, f"{name}: relative error {err:.2e}"
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (fused_linear_cross_entropy(xs, ws, t, chunk_tokens=256) * 1024.0).backward()
+    err = float((xs.grad.double() / 1024.0 - ref[1]).norm() / ref[1].norm())
+    assert err < 2e-3, f"dx under a loss scale of 1024: relative error {err:.2e}"
