@@ -4,6 +4,8 @@ fused Triton kernels against the aten step, at bf16 (and fp32), states included;
 
 Greedy agreement is teacher-forced: both paths are fed the aten path's tokens, and at each step the
 argmax of the two is compared, so one near-tie does not make every later token differ."""
+import copy
+
 import pytest
 import torch
 
@@ -34,9 +36,10 @@ def rel(a, b):
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
-def _teacher_forced(step_a, step_b, ids, n):
-    """Feed ids [B, T] then n of step_a's greedy tokens to both; per-step argmax agreement and the
-    largest relative logit difference."""
+def _teacher_forced(step_a, step_b, ids, n, margin=0.0):
+    """Feed ids [B, T] then n of step_a's greedy tokens to both; the largest relative logit difference, and
+    per-step argmax agreement over the rows whose top-1 / top-2 gap under step_a exceeds ``margin`` (a
+    near-tie of the reference is a coin toss for any rounding, not a defect of the path under test)."""
     agree, worst = [], 0.0
     la = lb = None
     for t in range(ids.shape[1] + n):
@@ -44,8 +47,21 @@ def _teacher_forced(step_a, step_b, ids, n):
         la, lb = step_a(tok), step_b(tok)
         worst = max(worst, rel(lb, la))
         if t >= ids.shape[1] - 1:
-            agree.append((la.argmax(-1) == lb.argmax(-1)).float().mean().item())
-    return sum(agree) / len(agree), worst
+            top2 = la.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > margin
+            agree += (la.argmax(-1) == lb.argmax(-1))[clear].float().tolist()
+    return sum(agree) / max(1, len(agree)), worst
+
+
+def _fp32_copy(m):
+    """The bf16 model's own (rounded) weights in fp32: the reference every bf16 path is measured against, so
+    that eager and compiled bf16 (which round at different places) are held to one truth."""
+    return copy.deepcopy(m).float()
+
+
+# logits here are O(10); bf16 paths differ from the fp32 reference by ~0.1 at most: a top-1/top-2 gap above
+# MARGIN must give the same token
+MARGIN = 0.5
 
 
 def _stepper(m, B, kernel):
@@ -82,10 +98,12 @@ def test_kernel_step_vs_aten_step(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_kernel_step_greedy_agreement(dtype):
     m, B = _model(dtype, seed=3), 4
+    ref = _fp32_copy(m) if dtype == torch.bfloat16 else m
     ids = torch.randint(1, 1024, (B, 8), device="cuda")
-    agree, worst = _teacher_forced(_stepper(m, B, False), _stepper(m, B, True), ids, 32)
+    agree, worst = _teacher_forced(_stepper(ref, B, False), _stepper(m, B, True), ids, 32,
+                                   margin=MARGIN if dtype == torch.bfloat16 else 0.0)
     assert worst <= TOL[dtype], worst
-    assert agree >= (0.97 if dtype == torch.bfloat16 else 1.0), agree
+    assert agree == 1.0, agree
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["graph", "compiled+graph"])
@@ -95,11 +113,11 @@ def test_graph_decoder_paths(path, compiled):
     m, B = _model(dtype, seed=4), 3
     dec = CudaGraphDecoder(m, B, compile=compiled, decode_path=path)
     assert dec.decode_path == path
-    ref = _stepper(m, B, False)
+    ref = _stepper(_fp32_copy(m), B, False)
     ids = torch.randint(1, 1024, (B, 6), device="cuda")
-    agree, worst = _teacher_forced(ref, lambda t: dec.step(t), ids, 24)
+    agree, worst = _teacher_forced(ref, lambda t: dec.step(t).float(), ids, 24, margin=MARGIN)
     assert dec.graph is not None
-    assert worst <= TOL[dtype] and agree >= 0.97, (worst, agree)
+    assert worst <= TOL[dtype] and agree == 1.0, (worst, agree)
     for x, y in zip(dec.state(), ref.state()):
         assert rel(x, y) <= TOL[dtype]
 
@@ -114,7 +132,7 @@ def test_fused_path_fp32_greedy_equals_model_step():
     m, B = _model(torch.float32, seed=6), 4
     dec = CudaGraphDecoder(m, B, decode_path="fused")
     ids = torch.randint(1, 1024, (B, 8), device="cuda")
-    agree, worst = _teacher_forced(_stepper(m, B, False), lambda t: dec.step(t), ids, 32)
+    agree, worst = _teacher_forced(_stepper(m, B, False), lambda t: dec.step(t).float(), ids, 32)
     assert worst <= 1e-4 and agree == 1.0, (worst, agree)
 
 
