@@ -49,6 +49,8 @@ def srms_norm_gate(o: Tensor, u: Tensor) -> Tensor:
 def _kernels():
     import triton
     import triton.language as tl
+    from ._triton_interp import patch as _patch_interpreter
+    _patch_interpreter()
 
     @triton.jit
     def fwd_kernel(X, U, Y, T, sx_b, sx_h, sx_t, su_b, su_t, sy_b, sy_t, eps,

@@ -1,5 +1,6 @@
 """tnllm.testing as a product: it passes correct kernels, catches wrong ones (values, gradients, edge
 semantics), checks foreign-layout kernels through an adapter, and drives `tnllm check`."""
+import dataclasses
 import math
 
 import pytest
@@ -122,3 +123,30 @@ def test_cli_check_passes_and_fails(capsys):
     assert "FAIL" in out and "failed: Case(" in out
     assert main(["check", "--op", "no_such_module:fn"]) == 2
     assert "cannot import" in capsys.readouterr().err
+
+
+def test_ill_conditioned_low_precision_case_passes_and_a_wrong_kernel_does_not():
+    """T = 1: dq is one dot product (do . v) times k, and here it cancels: the exact op in bf16 has dq
+    relative error 7e-2 (above TOL) only from rounding the output gradient, and the fp64 oracle moves 0.14
+    under a unit-roundoff perturbation: check_case accepts it. A kernel off by 5% fails the same case, and
+    fails a well-conditioned one, where the allowance is ~1e-2."""
+    import torch
+    from tnllm.ops import lightning_attn
+    bad_case = tt.Case(B=1, H=1, T=1, Dk=16, Dv=16, dtype=torch.bfloat16, device="cpu", layout="padded",
+                       rates=(0.0,), state=False, seed=0)
+    errs = tt.case_errors(lightning_attn, bad_case)
+    assert errs["dq"] > tt.TOL[torch.bfloat16]                     # the raw error is above the table
+    tt.check_case(lightning_attn, bad_case)
+
+    def off(q, k, v, s, initial_state=None, output_final_state=False):
+        o, S = lightning_attn(q * 1.05, k, v, s, initial_state=initial_state, output_final_state=True)
+        return (o, S) if output_final_state else o
+    good_case = tt.Case(B=2, H=3, T=100, Dk=64, Dv=64, dtype=torch.bfloat16, device="cpu", layout="contiguous",
+                        rates=(0.1, 0.5, 1.0), state=True, seed=3)
+    for case in (bad_case, good_case):
+        with pytest.raises(AssertionError, match="disagrees"):
+            tt.check_case(off, case)
+    cond = tt.perturbation_errors(good_case)
+    assert all(tt.COND_FACTOR * e < tt.TOL[torch.bfloat16] for e in cond.values()), cond
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        tt.perturbation_errors(dataclasses.replace(good_case, dtype=torch.float32))

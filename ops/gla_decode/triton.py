@@ -40,6 +40,8 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 def _kernels():
     import triton
     import triton.language as tl
+    from .._triton_interp import patch as _patch_interpreter
+    _patch_interpreter()
 
     @triton.jit
     def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, X, sq_b, sy_b, sx_b, eps,

@@ -51,6 +51,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_interp import patch as _patch_interpreter
+
+_patch_interpreter()
+
 MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # How the sweep keeps a non-finite entry of C causal (NF of _la_sweep_kernel): 0 unsafe (benchmarks only),
 # 1 always masked, 2 optimistic: the unmasked sweep, then a masked launch in which only the programs whose

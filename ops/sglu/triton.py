@@ -18,6 +18,8 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 def _kernels():
     import triton
     import triton.language as tl
+    from .._triton_interp import patch as _patch_interpreter
+    _patch_interpreter()
 
     @triton.jit
     def sglu_gate_kernel(L12, X, OUT, s_b, sx_b, so_b, eps, G: tl.constexpr, BG: tl.constexpr, NG: tl.constexpr,
