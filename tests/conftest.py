@@ -1,6 +1,7 @@
 """Test-session setup: a fresh inductor cache (AOTAutogradCache keys miss custom-op Python bodies),
-hypothesis profiles, skipping of GPU tests on machines without CUDA, and (on machines with >= 8 cores)
-the Triton-interpreter suite's child process started right after collection, its test run last."""
+hypothesis profiles, skipping of GPU tests on machines without CUDA, the Triton-interpreter suite's child
+process (started right after collection on machines with >= 8 cores, its test run last; under pytest-xdist
+its test runs first), a thread share per xdist worker, and a per-test log (TNLLM_TEST_LOG)."""
 import os
 import tempfile
 
@@ -26,10 +27,19 @@ collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpre
 _INTERP_TEST = "test_triton_kernels_under_the_interpreter"
 
 
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)   # set in pytest-xdist workers
+if _XDIST_WORKERS:
+    # -n N: the workers share the cores (torch would give each worker a thread per core)
+    import torch  # noqa: E402
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+
+
 def pytest_collection_finish(session):
     """On a machine with >= 8 cores (e.g. a GPU host), start the interpreter suite's child process now, so that
-    it runs beside the rest of the suite (it keeps one core busy for minutes); its test collects the result."""
-    if (os.cpu_count() or 1) < 8:
+    it runs beside the rest of the suite (it keeps one core busy for minutes); its test collects the result.
+    Under pytest-xdist the test itself starts the child, and it is scheduled first, so one worker waits on it
+    while the others run the rest."""
+    if (os.cpu_count() or 1) < 8 or _XDIST_WORKERS:
         return
     for item in session.items:
         if item.name == _INTERP_TEST:
@@ -46,8 +56,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_collection_modifyitems(config, items):
     import torch
-    # the interpreter suite's test last: where its child started at collection, the rest of the suite ran beside it
-    items.sort(key=lambda it: it.name == _INTERP_TEST)
+    # the interpreter suite's test last: where its child started at collection, the rest of the suite ran beside
+    # it; under xdist first, so that a worker starts the child at once
+    items.sort(key=lambda it: (it.name == _INTERP_TEST) != bool(_XDIST_WORKERS))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -27,7 +27,8 @@ def start_child() -> None:
     suite; otherwise the test below starts it and waits."""
     if _CHILD:
         return
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}   # the child is no worker
+    env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.setdefault("HYPOTHESIS_PROFILE", "ci")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(SUITE)]
     log = tempfile.TemporaryFile(mode="w+")
