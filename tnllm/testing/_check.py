@@ -101,6 +101,8 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
         body()
         ok = stats["bad"] == 0
         dname = {v: k for k, v in tt.DTYPES.items()}[dt]
+        print(f"  {dname}: {stats['n']} cases, {stats['bad']} failing ({time.perf_counter() - t0:.0f} s so far)",
+              file=sys.stderr, flush=True)
         rows.append([dname, str(stats["n"]), f"{tol:.0e}"] + [_fmt(worst[n]) if seen[n] else "-" for n in tt.QUANTITIES]
                     + ["pass" if ok else f"FAIL ({stats['bad']})"])
     if edges:
@@ -121,6 +123,9 @@ def run_check(fn: Callable | None = None, *, op: str | None = None, device: str 
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
     note = ("; edges: a NaN/inf in q, k or v at t leaves o and dq before t and dk, dv after t bit-identical; "
             "s = inf is lambda = 0; a NaN or negative s raises") if edges else ""
+    if any(dt in (torch.float16, torch.bfloat16) for dt in dtypes):
+        note += (f"; fp16/bf16: a case above tol passes within {tt.COND_FACTOR:g}x the oracle's own change under a "
+                 "unit-roundoff perturbation of the inputs")
     print(f"({time.perf_counter() - t0:.1f} s; worst relative error per quantity over the cases{note})", file=file)
     for f in failures:
         print("failed:", f, file=file)
