@@ -72,8 +72,8 @@ def pytest_runtest_logreport(report):
     at once (outcome, seconds, test id; a failure's report follows), so a run cut off by a time limit still
     says what ran, how long each test took and why one failed."""
     path = os.environ.get("TNLLM_TEST_LOG")
-    if not path or (report.when != "call" and report.passed):
-        return
+    if not path or (report.when != "call" and report.passed) or getattr(report, "node", None) is not None:
+        return          # (under xdist the controller sees each worker's reports again, with .node set)
     with open(path, "a") as f:
         f.write(f"{report.outcome} {report.duration:.2f}s {report.when} {report.nodeid}\n")
         if report.failed:

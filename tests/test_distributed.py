@@ -213,7 +213,7 @@ def test_torchrun_tnllm_train_equals_one_process_and_resumes_on_other_world(tmp_
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
     common = ["--preset", "tiny", "--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", "4",
               "--eval-every", "0", "--eval-batches", "2", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress",
-              "--no-plot"]
+              "--no-plot", "--device", "cpu"]     # gloo on CPU also on a GPU host (its ranks would outnumber GPUs)
     one, par = tmp_path / "one", tmp_path / "par"
     from tnllm.cli import main
     assert main(["train", *common, "--out", str(one)]) == 0

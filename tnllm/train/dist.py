@@ -92,6 +92,10 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         from datetime import timedelta
         kw["timeout"] = timedelta(seconds=timeout_s)
     if backend == "nccl":
+        n = torch.cuda.device_count()
+        if lr >= n:
+            raise ValueError(f"LOCAL_RANK {lr} has no GPU: this machine has {n} CUDA device(s); start at most {n} "
+                             "processes per node (torchrun --nproc-per-node), or train on CPU (--device cpu, gloo)")
         torch.cuda.set_device(lr)
         kw["device_id"] = torch.device("cuda", lr)
     dist.init_process_group(backend=backend, **kw)
@@ -188,12 +192,12 @@ class DistributedTrainer(Trainer):
         if ac not in AC_MODES:
             raise ValueError(f"`ac` must be one of {AC_MODES}, got {ac!r}")
         mixed_precision(mp)                                # validates the name
-        g_rank, world, _ = init_distributed()
+        on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        g_rank, world, _ = init_distributed("nccl" if on_gpu else "gloo")
         if not is_initialized():                           # e.g. `tnllm train --tp 2` without torchrun
             raise ValueError("--fsdp / --tp need a torchrun launch: torchrun --nproc-per-node N -m tnllm train "
                              "--fsdp A --tp B ... (RANK / WORLD_SIZE are not set)")
         self.dims = ParallelDims.resolve(world, fsdp, tp)
-        on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
         self.mesh = build_mesh(self.dims, "cuda" if on_gpu else "cpu")
         fn = functools.partial(parallelize, world_mesh=self.mesh, ac=ac, compile=cfg.compile, mp_policy=mp)
         super().__init__(dataclasses.replace(cfg, compile=False), parallelize=fn,
