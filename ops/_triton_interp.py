@@ -2,9 +2,9 @@
 
 In the interpreter every scalar (a program id, an int kernel argument and whatever is computed from them) is
 a one-element 1-d numpy array, and ``range(0, n)`` over one calls the tensor's ``__index__``, which Triton 3.6
-defines as ``int(data)``: NumPy >= 2.? refuses that for a 1-d array ("only 0-dimensional arrays can be
-converted to Python scalars"), so every kernel with a runtime loop bound fails there. Later Triton releases
-squeeze the array first; ``patch()`` installs that same definition on the releases that lack it. It changes
+defines as ``int(data)``: NumPy 2 refuses that for a 1-d array (2.4.6: "only 0-dimensional arrays can be
+converted to Python scalars"), so every kernel with a runtime loop bound fails there. Triton 3.9 squeezes the
+array first; ``patch()`` installs that same definition on the releases that lack it. It changes
 nothing outside the interpreter and nothing for a compiled kernel.
 """
 from __future__ import annotations

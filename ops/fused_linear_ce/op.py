@@ -33,6 +33,12 @@ def auto_chunk_tokens(n: int, vocab: int, d: int) -> int:
     return min(n, 1 << (per - 1).bit_length())
 
 
+def _mean_scale(count: Tensor, mean: bool, acc: torch.dtype) -> Tensor:
+    """The factor of the loss's gradient, a 0-dim ``acc`` tensor: 1 / ``count`` (the rows not ignored) for the
+    mean (all rows ignored: 1, the gradients being zero then, as F.cross_entropy gives), 1 for the sum."""
+    return 1.0 / count.clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=count.device)
+
+
 def _no_autocast(device: torch.device):
     if device.type in _AUTOCAST_DEVICES:
         return torch.autocast(device.type, enabled=False)
@@ -52,8 +58,7 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
         count = valid.sum()
         loss = torch.zeros((), dtype=acc, device=x.device)
         if need_grad:
-            # the mean's gradient: 1 / count (all rows ignored: zero gradients, as F.cross_entropy gives)
-            scale = (1.0 / count.clamp(min=1).to(acc)) if mean else torch.ones((), dtype=acc, device=x.device)
+            scale = _mean_scale(count, mean, acc)
             dx = torch.empty_like(x)
             dw = torch.zeros(weight.shape, dtype=acc, device=x.device)
         else:
@@ -108,9 +113,7 @@ def _setup_context(ctx, inputs, output):
     ctx.need_grad = need_grad
     # dx comes out of the forward without the mean's 1 / count (see _fused_impl): kept here, in fp32
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = (1.0 / (target != ignore_index).sum().clamp(min=1).to(acc)) if mean else \
-        torch.ones((), dtype=acc, device=target.device)
-    ctx.save_for_backward(dx, dw, scale)
+    ctx.save_for_backward(dx, dw, _mean_scale((target != ignore_index).sum(), mean, acc))
 
 
 def _backward(ctx, g_loss, _g_dx, _g_dw):

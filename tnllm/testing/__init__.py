@@ -40,8 +40,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["TOL", "QUANTITIES", "DTYPES", "rel_err", "Case", "cases", "make_inputs", "evaluate", "oracle",
-           "fp64_loop", "case_errors", "check_case", "perturbation_errors", "beyond_tolerance", "COND_FACTOR", "assert_forms_agree", "assert_edge_semantics",
-           "assert_nonfinite_causal", "nonfinite_cases", "poisoned_allocations", "run_check"]
+           "fp64_loop", "case_errors", "check_case", "perturbation_errors", "beyond_tolerance", "COND_FACTOR",
+           "assert_forms_agree", "assert_edge_semantics", "assert_nonfinite_causal", "nonfinite_cases",
+           "poisoned_allocations", "run_check"]
 
 # One tolerance per input dtype: the largest relative error (rel_err) allowed against the fp64 oracle
 # for every quantity (the state and its gradient are fp32 for low-precision inputs, and held to the
