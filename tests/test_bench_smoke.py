@@ -142,3 +142,29 @@ def test_varlen_bench_cpu(tmp_path):
     for name in ("varlen", "loop"):
         assert max(rows[name]["check_rel_err_vs_padded"].values()) < 1e-5, rows[name]
     assert "padded / varlen: fwd" in out
+
+
+def test_teacher_forced_agreement_separates_near_ties_from_real_disagreement():
+    import torch
+    from tnllm.bench_decode import teacher_forced
+    V = 64
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(V, generator=g)
+    noise = 1e-3 * torch.randn(V, generator=g)
+
+    def const(logits):
+        return lambda tok: logits[None].clone()
+    tie = base.clone()
+    tie[1], tie[2] = 10.0, 10.0 - 1e-4              # a near-tie between tokens 1 and 2
+    flip = tie + noise
+    flip[1], flip[2] = 10.0 - 1e-4, 10.0            # swapped by errors of the noise's size
+    clear = base.clone()
+    clear[1] = 10.0                                  # token 1 leads by far more than the noise
+    wrong = clear + noise
+    wrong[5] = 11.0                                  # a real disagreement
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    assert teacher_forced(const(clear), const(clear), ids, 3) == (1.0, 1.0, 0.0)
+    agree, beyond, worst = teacher_forced(const(tie), const(flip), ids, 3)
+    assert agree == 0.0 and beyond == 1.0 and 0 < worst < 0.01
+    agree, beyond, worst = teacher_forced(const(clear), const(wrong), ids, 3)
+    assert agree == 0.0 and beyond == 0.0

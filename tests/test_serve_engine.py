@@ -213,3 +213,48 @@ def test_failure_after_the_prefill_ends_only_the_admitted_requests(model, monkey
     results = _run(eng, [(PROMPTS[0], p, "a"), (PROMPTS[1], p, "b")])
     assert results["a"][2] == ["error"] and results["b"][2] == ["error"] and "sampling broke" in eng.error
     assert eng.stats["finished"] == 0 and sorted(eng._free) == [0, 1, 2, 3]     # their slots are free again
+
+
+def test_a_device_failure_stops_the_engine_and_ends_every_stream(model, monkeypatch):
+    """A failing step whose slots cannot even be reset (a sticky CUDA error: every later launch fails) stops the
+    engine: the running and the waiting requests all get an error event (none hangs), the engine reports not
+    alive (``/health`` 503) and new requests are refused with EngineStopped."""
+    from tnllm.serve.engine import EngineStopped
+    eng = Engine(model, TOK, max_batch=2, max_queue=4)
+    steps = [0]
+    real_step = eng.slots.step
+
+    def step(tokens):
+        steps[0] += 1
+        if steps[0] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_step(tokens)
+
+    def free(row):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(eng.slots, "step", step)
+    monkeypatch.setattr(eng.slots, "free", free)
+    p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results, done = {}, threading.Event()
+    items = [(PROMPTS[i % 4], p, i) for i in range(5)]          # 2 running, 3 waiting
+
+    def deliver(events):
+        for tag, ev in events:
+            if ev.finish_reason:
+                results[tag] = ev
+                if len(results) == len(items):
+                    done.set()
+    eng.deliver = deliver
+    eng.start()
+    try:
+        eng.submit(items)
+        assert done.wait(60), f"streams left hanging: {sorted(set(range(5)) - set(results))}"
+        assert all(ev.finish_reason == "error" for ev in results.values())
+        assert "illegal memory access" in results[0].error
+        assert any("the engine stopped" in ev.error for ev in results.values())
+        eng._thread.join(10)
+        assert not eng.alive and eng.snapshot()["alive"] is False
+        with pytest.raises(EngineStopped):
+            eng.submit([(PROMPTS[0], p, "late")])
+    finally:
+        eng.stop()

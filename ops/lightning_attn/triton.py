@@ -306,11 +306,14 @@ def _last_unit(x: Tensor) -> Tensor:
     """``x`` itself when its last stride is 1 and its base and row strides are 16-byte aligned, else a
     contiguous copy. The model's layouts (views of the fused qkvu projection) pass as they are; a view
     with a misaligned start or row stride (e.g. ``t[..., 1:D + 1]`` of a wider tensor) faulted on the
-    H200 (illegal memory access in the backward sweeps), so it is copied first."""
+    H200 (illegal memory access in the backward sweeps), so it is copied first. The copy is a ``clone``:
+    ``contiguous()`` returns such a view itself when every dimension but the last has size 1 (T = 1 at
+    B = H = 1: ``is_contiguous`` ignores the strides of size-1 dimensions), and that view, misaligned,
+    gave wrong outputs in bf16 and illegal memory accesses in fp16 on the H200 (triton 3.6)."""
     es = x.element_size()
     unit = x.stride(-1) == 1 or x.shape[-1] == 1
     aligned = x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1])
-    return x if unit and aligned else x.contiguous()
+    return x if unit and aligned else x.clone(memory_format=torch.contiguous_format)
 
 
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,

@@ -290,15 +290,25 @@ class Engine:
                 self._release(r)
             for r in victims:
                 r.done = True
-        self.deliver([(r.tag, Event("", [], "error", "the server is shutting down")) for r in victims
-                      if not r.cancelled])
+        why = self.error.splitlines()[0] if self.error and self.error.startswith("the engine stopped") else \
+            "the server is shutting down"
+        self.deliver([(r.tag, Event("", [], "error", why)) for r in victims if not r.cancelled])
 
     def _release(self, r: Request) -> None:
-        """Free r's slot (under the lock)."""
+        """Free r's slot (under the lock). If the slot cannot be reset (the device failed: a CUDA error is
+        sticky, every later launch fails too), the engine stops: every request still in flight ends with an
+        error event, ``/health`` answers 503 and new requests are refused, instead of the thread dying and its
+        streams hanging."""
         r.done = True
         if r.row is not None and self._active.get(r.row) is r:
             del self._active[r.row]
-            self.slots.free(r.row)
+            try:
+                self.slots.free(r.row)
+            except Exception as e:
+                if self._running:
+                    self.error = f"the engine stopped: a slot could not be reset: {type(e).__name__}: {e}"
+                self._running = False
+                return                                  # the row's state is unknown: never handed out again
             heapq.heappush(self._free, r.row)
 
     def _prefill(self, admit: list[Request], events: list) -> None:

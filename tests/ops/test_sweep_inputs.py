@@ -1,0 +1,30 @@
+"""The Triton sweep's input preparation (``_last_unit``), on CPU: what reaches a kernel launch is 16-byte
+aligned with a unit last stride, for every layout, including views whose only non-unit dimension is the last
+(T = 1, B = H = 1), which ``contiguous()`` hands back unchanged. Such a misaligned view gave wrong bf16
+outputs and fp16 illegal memory accesses on the H200 (tests/gpu::test_t1_wide_k_narrow_v_cuda)."""
+import pytest
+import torch
+
+from tnllm.ops.lightning_attn.triton import _last_unit
+
+
+def layouts(B, H, T, D, dt):
+    base = torch.randn(B, H, T, D + 3).to(dt)
+    yield "padded", base[..., 1:D + 1]                                    # start 1 element in, row stride D + 3
+    yield "bthd", torch.randn(B, T, H, D).to(dt).transpose(1, 2)          # the model's layout: aligned, no copy
+    yield "contiguous", torch.randn(B, H, T, D).to(dt)
+    yield "strided_last", torch.randn(B, H, T, 2 * D).to(dt)[..., ::2]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 128), (1, 1, 1, 16), (2, 3, 1, 64), (1, 1, 5, 48), (2, 2, 7, 128)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
+def test_launch_inputs_aligned_with_unit_last_stride(shape, dt):
+    for name, x in layouts(*shape, dt):
+        y = _last_unit(x)
+        es = y.element_size()
+        assert torch.equal(y, x), name
+        assert y.stride(-1) == 1 or y.shape[-1] == 1, name
+        assert y.data_ptr() % 16 == 0, (name, shape, y.data_ptr() % 16)
+        assert all((st * es) % 16 == 0 for st in y.stride()[:-1]), (name, y.stride())
+        if name == "bthd" and (shape[-1] * es) % 16 == 0:
+            assert y.data_ptr() == x.data_ptr(), "an aligned view must not be copied"
