@@ -136,7 +136,8 @@ class Engine:
         self._next_id = 0
         self._running = False
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self.error: str | None = None                      # the last failure's traceback
+        self.stopped: str | None = None                    # why the engine stopped itself (a device failure)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0, "steps": 0,
                       "prefill_batches": 0, "prefill_tokens": 0, "generated_tokens": 0}
 
@@ -228,7 +229,8 @@ class Engine:
     def snapshot(self) -> dict:
         with self._cv:
             return {"slots": self.max_batch, "busy": len(self._active), "queued": len(self._waiting),
-                    "max_queue": self.max_queue, "alive": self.alive, **self.stats}
+                    "max_queue": self.max_queue, "alive": self.alive, **self.stats,
+                    **({"stopped": self.stopped} if self.stopped else {})}
 
     # -- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -290,8 +292,7 @@ class Engine:
                 self._release(r)
             for r in victims:
                 r.done = True
-        why = self.error.splitlines()[0] if self.error and self.error.startswith("the engine stopped") else \
-            "the server is shutting down"
+        why = (self.stopped or "the server is shutting down").splitlines()[0]
         self.deliver([(r.tag, Event("", [], "error", why)) for r in victims if not r.cancelled])
 
     def _release(self, r: Request) -> None:
@@ -306,7 +307,8 @@ class Engine:
                 self.slots.free(r.row)
             except Exception as e:
                 if self._running:
-                    self.error = f"the engine stopped: a slot could not be reset: {type(e).__name__}: {e}"
+                    self.stopped = f"the engine stopped: a slot could not be reset: {type(e).__name__}: {e}"
+                    print(f"tnllm serve: {self.stopped}; the first error:\n{self.error}", file=sys.stderr, flush=True)
                 self._running = False
                 return                                  # the row's state is unknown: never handed out again
             heapq.heappush(self._free, r.row)
