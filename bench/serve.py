@@ -185,12 +185,18 @@ def main(argv=None):
             time.sleep(0.2)
         startup = time.time() - t0
         # warm-up: a few requests, so lazy imports and the first graph replays are not measured
-        run_level(url, min(4, batch), min(4, batch), 1, tuple(a.prompt_len), (4, 4), vocab, a.seed + 99)
+        warm = run_level(url, min(4, batch), min(4, batch), 1, tuple(a.prompt_len), (4, 4), vocab, a.seed + 99)
+        if warm["failures"]:
+            print(f"warm-up: {warm['failures']} of {warm['requests']} requests failed: {warm['first_errors'][:1]}; "
+                  f"server health: {_get(url + '/health')}", flush=True)
         for c in a.concurrency:
             procs = a.client_procs or max(1, c // 64)
             row = run_level(url, c, a.requests or 4 * c, procs, tuple(a.prompt_len), tuple(a.max_tokens), vocab,
                             a.seed + c)
-            row.update(server_cmd=" ".join(cmd[1:]), startup_s=startup, max_batch=batch)
+            row.update(server_cmd=" ".join(cmd[1:]), startup_s=startup, max_batch=batch,
+                       warmup_failures=warm["failures"])
+            if row["failures"]:
+                row["server_health"] = _get(url + "/health")      # names why an engine stopped itself
             rows.append(row)
             f = lambda d: "/".join("-" if v is None else f"{v * 1e3:.1f}" for v in d.values())   # noqa: E731
             print(f"concurrency {c:>4}: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:,.0f} tok/s, "
