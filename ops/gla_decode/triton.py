@@ -20,6 +20,10 @@ The counters are a persistent int32 buffer per device, zero between calls (each 
 at 0). Calls on one device must therefore not run concurrently on two streams. Inside CUDA-graph
 capture the cached buffer is reused when it is large enough (run the step once before capturing,
 as ``CudaGraphDecoder`` does with its warm-up); otherwise the graph gets its own zeroed buffer.
+A captured graph holds the buffer's address, so a buffer once handed out is never freed: when a
+larger batch needs a larger one, the old one is retired (kept alive, still zero), not dropped. (It
+was dropped before: ``SlotBatch`` captures one graph per bucket of rows, ascending, so the graphs of
+the small buckets kept the address of a freed buffer whose memory later allocations reused.)
 
 The state is updated in place (``state_out`` is ``state``) or written to a separate buffer.
 
@@ -145,6 +149,7 @@ def _kernels():
 
 _KERNELS = None
 _COUNTERS: dict = {}
+_RETIRED: list = []      # counter buffers replaced by larger ones: captured graphs may still use them
 
 
 def _get_kernels():
@@ -166,6 +171,8 @@ def _counters(device: torch.device, B: int) -> Tensor:
         return buf
     if _capturing(device):          # memory allocated in capture belongs to the graph: keep it uncached
         return torch.zeros(B, dtype=torch.int32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)
     buf = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
     _COUNTERS[key] = buf
     return buf

@@ -110,3 +110,32 @@ def test_packed_prefill_rows_then_graph_steps(dtype):
     assert [S.data_ptr() for S in g.states] == ptrs
     for Sg, Se in zip(g.states, e.states):
         assert rel(Sg[rows], Se[rows]) <= tol
+
+
+def test_graphs_of_small_buckets_survive_a_larger_bucket_capture():
+    """256 slots: the capture of buckets 128 and 256 needs a larger ticket-counter buffer for the fused decode
+    kernel than the graphs of buckets 1-64 were captured with. Those graphs keep the old buffer's address, so
+    the old buffer must stay alive: here the freed small blocks are then filled with garbage, and the small
+    buckets' graph steps must still equal the eager step (with a dropped buffer the counters start at the
+    garbage, the SRMSNorm is skipped or the garbage's owner is overwritten)."""
+    from tnllm.ops.gla_decode import triton as gla_tri
+    m = _model(torch.float32)
+    g, e = SlotBatch(m, 256), SlotBatch(m, 256, cuda_graph=False)
+    g.warmup()
+    assert sorted(g._graphs)[-1] == 256
+    assert gla_tri._COUNTERS[("cuda", torch.cuda.current_device())].numel() >= 256
+    junk = [torch.full((n,), 12345, dtype=torch.int32, device="cuda") for n in (64, 128) for _ in range(400)]
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 8, 40):
+        for row in range(rows):
+            ids = torch.randint(3, 259, (4 + row,), generator=gen)
+            g.prefill_into(row, ids)
+            e.prefill_into(row, ids)
+        for _ in range(3):
+            tok = torch.randint(3, 259, (rows,), generator=gen).cuda()
+            lg, le = g.step(tok).clone(), e.step(tok).clone()
+            assert rel(lg, le) <= 1e-5, rows
+        for row in range(rows):
+            g.free(row)
+            e.free(row)
+    assert all(bool((j == 12345).all()) for j in junk), "a graph wrote into memory it does not own"
