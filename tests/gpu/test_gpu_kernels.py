@@ -134,9 +134,48 @@ def test_many_heads_grid():
     check(70000, 1, 20, 16, 16, torch.float16, True, rates=(0.5,))
 
 
-def test_split_path_small_batch_long_sequence():
-    """B*H small: the launcher splits the sequence (state pre-pass); compare one long head."""
+def test_long_single_head():
+    """One long head (B*H = 1) through the default op (one split unless AUTO_SPLIT is on)."""
     check(1, 1, 6000, 64, 64, torch.bfloat16, True, rates=(0.01,))
+
+
+SPLIT_CASES = [(1, 1, 6000, 64, 64, "bf16"), (2, 4, 3000, 128, 128, "bf16"), (1, 2, 2000, 128, 128, "fp32"),
+               (1, 2, 1500, 256, 128, "bf16"), (1, 3, 1000, 48, 80, "fp16")]
+
+
+@pytest.mark.parametrize("B,H,T,Dk,Dv,dt", SPLIT_CASES, ids=lambda x: str(x))
+def test_split_launches_equal_one_split_cuda(B, H, T, Dk, Dv, dt):
+    """The sequence-split launches (a pre-pass writes each split's local state, each split folds the earlier
+    ones into its start) against the one-split launch of the same inputs: outputs, final state and every
+    gradient, for 2, 5 and 16 splits, allocations NaN-poisoned. AUTO_SPLIT may be turned on once this passes."""
+    from tnllm.ops.lightning_attn import triton as tri
+    dtype = DT[dt]
+    case = tt.Case(B, H, T, Dk, Dv, dtype, device="cuda", rates=tuple(0.01 + 0.3 * h for h in range(H)),
+                   state=True, seed=T + H)
+    q, k, v, s, S0, do, dS = tt.make_inputs(case)
+    q, k, v, S0 = q.detach(), k.detach(), v.detach(), S0.detach().float()
+    do = do.to(dtype).contiguous()
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    with tt.poisoned_allocations():
+        ref = (*tri.lightning_attn_fwd_triton(q, k, v, s, S0),
+               *tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, S0))
+        for n in (2, 5, 16):
+            cfg = tri.SweepConfig(**{**tri.default_config(min(Dk, 128), min(Dv, 128), dtype).__dict__, "n_split": n})
+            got = (*tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg),
+                   *tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, S0, cfgs={x: cfg for x in ("dq", "dk", "dv")}))
+            for name, a, b in zip(("o", "S", "dq", "dk", "dv", "dS0"), got, ref):
+                assert torch.isfinite(a).all(), (n, name)
+                assert rel(a, b) <= tol, (n, name, rel(a, b))
+
+
+def test_auto_split_op_matches_oracle_cuda(monkeypatch):
+    """The default op with AUTO_SPLIT on (small B*H: the sequence is split automatically) against the oracle."""
+    from tnllm.ops.lightning_attn import triton as tri
+    monkeypatch.setattr(tri, "AUTO_SPLIT", True)
+    assert tri.auto_split(1, tri.triton.cdiv(6000, 64), tri._num_sms(torch.device("cuda"))) > 1
+    check(1, 1, 6000, 64, 64, torch.bfloat16, True, rates=(0.01,))
+    check(2, 4, 3000, 128, 128, torch.bfloat16, True)
+    check(1, 2, 1500, 256, 128, torch.bfloat16, True)
 
 
 def test_compile_fullgraph_cuda():

@@ -99,6 +99,25 @@ def test_slow_decay_long_split():
           cfg=tri.SweepConfig(BC=16, CHUNK=64, n_split=5))
 
 
+def test_auto_split_through_the_launchers(monkeypatch):
+    """AUTO_SPLIT on, 8 SMs: 2 programs (B*H = 2, one DC tile) over 10 chunks of 64 -> 2 splits, chosen by the
+    launcher itself (no SweepConfig): outputs, states and gradients against the oracle."""
+    class Spy:                      # counts the split pre-pass launches
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+    spy = Spy(tri._la_local_state_kernel)
+    monkeypatch.setattr(tri, "_la_local_state_kernel", spy)
+    monkeypatch.setattr(tri, "AUTO_SPLIT", True)
+    monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
+    assert tri.auto_split(2, 10, 8) == 2
+    check(1, 2, 600, 16, 16, torch.float32, seed=9, state=True)
+    assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
+
+
 def test_kernels_property():
     for cfg in (None, tri.SweepConfig(BC=16, CHUNK=16, n_split=3)):
         tt.assert_forms_agree(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float32, torch.float16),

@@ -28,3 +28,18 @@ def test_launch_inputs_aligned_with_unit_last_stride(shape, dt):
         assert all((st * es) % 16 == 0 for st in y.stride()[:-1]), (name, y.stride())
         if name == "bthd" and (shape[-1] * es) % 16 == 0:
             assert y.data_ptr() == x.data_ptr(), "an aligned view must not be copied"
+
+
+def test_auto_split_policy():
+    from tnllm.ops.lightning_attn.triton import auto_split
+    sms = 132
+    assert auto_split(256, 128, sms) == 1            # B8 H16 D128 (2 tiles of 64): the GPU is full
+    assert auto_split(132, 4096, sms) == 1
+    assert auto_split(64, 512, sms) == 5             # B2 H16 T32768 D128: about two programs per SM
+    assert auto_split(1, 94, sms) == 16              # one long head: at most 16 splits
+    assert auto_split(8, 7, sms) == 1                # under 8 chunks: not worth a pre-pass
+    assert auto_split(8, 12, sms) == 3               # every split at least 4 chunks long
+    for programs in (1, 3, 17, 64, 131):
+        for n_chunks in (8, 9, 31, 100, 10_000):
+            k = auto_split(programs, n_chunks, sms)
+            assert 1 <= k <= 16 and (k == 1 or n_chunks // k >= 4)
