@@ -88,6 +88,11 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from tnllm.ops.lightning_attn import triton as tri
         tri.NONFINITE_MODE = int(name[len("tnllm_nf"):])   # read at each launch (forward and backward)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name == "tnllm_autosplit":   # the public op with the automatic sequence split forced on (AUTO_SPLIT)
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        tri.AUTO_SPLIT = True        # read at each launch; restored by main after this implementation's record
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -157,7 +162,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         step()
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
-    if name == "tnllm" or name.startswith("tnllm_nf"):   # the benchmarked kernels vs the blocked form in fp32 on the same inputs
+    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit")):   # vs the blocked form in fp32, same inputs
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
@@ -308,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--nonfinite-modes", default="", help="comma list of the sweep kernel's NF modes to time as "
                     "tnllm_nf<m> (0: unsafe, no masking; 1: prefix-count dot; 2: running sum; 3: branch + running sum)")
+    ap.add_argument("--auto-split", action="store_true", help="also time the public op with the automatic sequence "
+                    "split forced on (tnllm_autosplit; AUTO_SPLIT in ops/lightning_attn/triton.py)")
     ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
     ap.add_argument("--png", default="docs/attention.png")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -346,12 +353,13 @@ def main(argv=None):
     path = os.path.join(a.out, "attention.json")
     recs = []
     from tnllm.ops.lightning_attn import triton as tri
-    nf_default = tri.NONFINITE_MODE
+    nf_default, split_default = tri.NONFINITE_MODE, tri.AUTO_SPLIT
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
             names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers \
-                + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m]
+                + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m] \
+                + (["tnllm_autosplit"] if a.auto_split else [])
             for name in names:
                 if name == "fla_chunk" and shape_name not in a.fla_shapes.split(","):
                     continue
@@ -367,6 +375,8 @@ def main(argv=None):
                 if name.startswith("tnllm_nf"):
                     from tnllm.ops.lightning_attn import triton as tri
                     tri.NONFINITE_MODE = nf_default
+                if name == "tnllm_autosplit":
+                    tri.AUTO_SPLIT = split_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
