@@ -25,6 +25,11 @@ import traceback
 
 import torch
 
+import benchutil  # bench/ is on sys.path: the scripts run from it
+from benchutil import bench, decay_rates, log
+from benchutil import empty_cache as _empty_cache
+from benchutil import sync as _sync
+
 SHAPES = {   # name: (B, H, T, Dk, Dv)
     "main": (8, 16, 8192, 128, 128),
     "d64": (8, 16, 8192, 64, 64),
@@ -33,30 +38,9 @@ SHAPES = {   # name: (B, H, T, Dk, Dv)
     "t32k": (2, 16, 32768, 128, 128),
     "tiny": (1, 2, 100, 16, 8),       # --device cpu
 }
+
 DEV = "cuda"                          # --device
 PEERS = ["naive", "sdpa_cudnn", "sdpa_flash", "fla_chunk", "lightning_attn2"]
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def bench(fn, grad_to_none=None, warmup=25, rep=100):
-    if DEV != "cuda":                 # CPU: median of a few wall-clock calls
-        ts = []
-        for i in range(3 + 5):
-            t = time.perf_counter()
-            fn()
-            if i >= 3:
-                ts.append((time.perf_counter() - t) * 1e3)
-        return sorted(ts)[len(ts) // 2]
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-
-
-def _sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:
@@ -67,11 +51,6 @@ def copy_bandwidth() -> float:
     nbytes = 2 * x.numel() * x.element_size()
     del x, y
     return nbytes / (ms * 1e-3)
-
-
-def decay_rates(H: int) -> torch.Tensor:
-    """ALiBi slopes of layer 0 (the fastest decay of the model): s_h = 2^(-8(h+1)/H)."""
-    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=DEV)
 
 
 def make_impl(name: str, B, H, T, Dk, Dv, dtype):
@@ -181,11 +160,6 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
     del q, k, v, do, fn
     _empty_cache()
     return rec
-
-
-def _empty_cache():
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
 
 
 def prune_fla_autotune(max_configs: int):
@@ -321,7 +295,7 @@ def main(argv=None):
                     help="cpu: the same code at the tiny shape with the naive peer (default shapes/peers then tiny/naive)")
     a = ap.parse_args(argv)
     global DEV
-    DEV = a.device
+    DEV = benchutil.DEV = a.device
     if DEV == "cpu":
         if a.shapes == ",".join(SHAPES):
             a.shapes = "tiny"

@@ -30,34 +30,12 @@ import traceback
 
 import torch
 
+import benchutil  # bench/ is on sys.path: the scripts run from it
+from benchutil import bench, decay_rates, log
+from benchutil import empty_cache as _empty_cache
+
+
 DEV = "cuda"
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def bench(fn, grad_to_none=None, warmup=25, rep=100):
-    if DEV != "cuda":                 # CPU: median of a few wall-clock calls
-        ts = []
-        for i in range(2 + 3):
-            t = time.perf_counter()
-            fn()
-            if i >= 2:
-                ts.append((time.perf_counter() - t) * 1e3)
-        return sorted(ts)[len(ts) // 2]
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-
-
-def _empty_cache():
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-
-
-def decay_rates(H: int) -> torch.Tensor:
-    """ALiBi slopes of layer 0 (the fastest decay of the model): s_h = 2^(-8(h+1)/H)."""
-    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=DEV)
 
 
 def draw_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -121,11 +99,11 @@ def run_one(name, lengths, H, D, dtype, seed, ref=None):
         torch.cuda.synchronize()
     warm_s = time.time() - t0
     with torch.no_grad():
-        fwd = bench(lambda: fn(q, k, v))
+        fwd = bench(lambda: fn(q, k, v), cpu_warmup=2, cpu_reps=3)
 
     def step():
         fn(q, k, v).backward(do)
-    fb = bench(step, grad_to_none=[q, k, v])
+    fb = bench(step, grad_to_none=[q, k, v], cpu_warmup=2, cpu_reps=3)
     for x in (q, k, v):
         x.grad = None
     if DEV == "cuda":
@@ -189,7 +167,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = ap.parse_args(argv)
     global DEV
-    DEV = a.device
+    DEV = benchutil.DEV = a.device
     cpu = DEV == "cpu"
     N = a.n_seqs or (4 if cpu else 64)
     lo, hi = a.min_len or (16 if cpu else 256), a.max_len or (100 if cpu else 8192)

@@ -1,0 +1,43 @@
+"""Helpers shared by the GPU benchmark scripts (attention.py, varlen.py): the device they time on (``DEV``,
+set from ``--device``), the timer, and the decay rates of the benchmarked shapes."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+DEV = "cuda"          # the scripts set it from --device before timing anything
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, grad_to_none=None, warmup=25, rep=100, cpu_warmup=3, cpu_reps=5) -> float:
+    """Milliseconds per call: ``triton.testing.do_bench``'s median on CUDA; on CPU the median of ``cpu_reps``
+    wall-clock calls after ``cpu_warmup`` (a smoke-test timing, not a measurement)."""
+    if DEV != "cuda":
+        ts = []
+        for i in range(cpu_warmup + cpu_reps):
+            t = time.perf_counter()
+            fn()
+            if i >= cpu_warmup:
+                ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def decay_rates(H: int) -> torch.Tensor:
+    """ALiBi slopes of layer 0 (the fastest decay of the model): s_h = 2^(-8(h+1)/H)."""
+    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=DEV)
