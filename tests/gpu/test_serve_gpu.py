@@ -139,3 +139,26 @@ def test_graphs_of_small_buckets_survive_a_larger_bucket_capture():
             g.free(row)
             e.free(row)
     assert all(bool((j == 12345).all()) for j in junk), "a graph wrote into memory it does not own"
+
+
+def test_http_server_under_load_cuda(tmp_path):
+    """`tnllm serve` on CUDA as the serving benchmark runs it (a real server process, HTTP clients, CUDA graphs of
+    every bucket of 256 slots), at a small size: no request may fail. On the H200 the 385M server's engine had
+    stopped on a CUDA error during its first requests (docs/benchmarks.md, serving)."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--device", "cuda", "--preset", "tiny",
+                        "--concurrency", "8", "64", "--requests", "64", "--max-batch", "256", "--prompt-len", "4",
+                        "40", "--max-tokens", "4", "24", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, cwd=root)
+    log = (tmp_path / "serve_server.log").read_text() if (tmp_path / "serve_server.log").exists() else ""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + log[-3000:]
+    rows = json.loads((tmp_path / "serve.json").read_text())
+    assert [x["concurrency"] for x in rows] == [8, 64]
+    for x in rows:
+        assert x["failures"] == 0 and x["warmup_failures"] == 0 and x["tokens_per_s"] > 0, x
