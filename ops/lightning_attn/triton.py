@@ -282,7 +282,8 @@ def _la_sweep_kernel(
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Tiles and launch parameters of one sweep. ``n_split=0``: one split (see _sweep)."""
+    """Tiles and launch parameters of one sweep. ``n_split=0``: automatic (see _sweep, auto_split).
+    ``num_stages=1`` gave a wrong output at T = 1 on the H200 (triton 3.6); no default uses it."""
     BC: int = 64
     CHUNK: int = 64
     num_warps: int = 4
