@@ -42,10 +42,12 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
+    global row_rms_rsqrt          # a jit kernel looks its callees up among the module's globals
     import triton
     import triton.language as tl
     from .._triton_interp import patch as _patch_interpreter
     _patch_interpreter()
+    from .._triton_rows import row_rms_rsqrt
 
     @triton.jit
     def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, X, sq_b, sy_b, sx_b, eps,
@@ -70,12 +72,7 @@ def _kernels():
         rn = 1.0
         if NORM:
             # the folded input norm: qkvu = x W^T times rsqrt(mean(x^2) + eps), rounded to the input dtype
-            dd = tl.arange(0, BD)
-            acc = tl.zeros([BD], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                xx = tl.load(X + b * sx_b + d0 + dd, mask=d0 + dd < D, other=0.0).to(tl.float32)
-                acc += xx * xx
-            rn = tl.rsqrt(tl.sum(acc, 0) / D + eps)
+            rn = row_rms_rsqrt(X + b * sx_b, eps, D, BD)
             q = (q.to(tl.float32) * rn).to(DT)
             k = (k.to(tl.float32) * rn).to(DT)
             v = (v * rn).to(DT).to(tl.float32)

@@ -16,10 +16,12 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
+    global row_rms_rsqrt          # a jit kernel looks its callees up among the module's globals
     import triton
     import triton.language as tl
     from .._triton_interp import patch as _patch_interpreter
     _patch_interpreter()
+    from .._triton_rows import row_rms_rsqrt
 
     @triton.jit
     def sglu_gate_kernel(L12, X, OUT, s_b, sx_b, so_b, eps, G: tl.constexpr, BG: tl.constexpr, NG: tl.constexpr,
@@ -32,12 +34,7 @@ def _kernels():
         DT = a.dtype
         c = tl.load(L12 + b * s_b + G + cols, mask=m, other=0.0)
         if NORM:
-            dd = tl.arange(0, BD)
-            acc = tl.zeros([BD], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                xx = tl.load(X + b * sx_b + d0 + dd, mask=d0 + dd < D, other=0.0).to(tl.float32)
-                acc += xx * xx
-            rn = tl.rsqrt(tl.sum(acc, 0) / D + eps)
+            rn = row_rms_rsqrt(X + b * sx_b, eps, D, BD)
             a = (a.to(tl.float32) * rn).to(DT)
             c = (c.to(tl.float32) * rn).to(DT)
         af = a.to(tl.float32)
