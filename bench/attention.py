@@ -347,7 +347,6 @@ def main(argv=None):
                         traceback.print_exc(limit=1)
                         _empty_cache()
                 if name.startswith("tnllm_nf"):
-                    from tnllm.ops.lightning_attn import triton as tri
                     tri.NONFINITE_MODE = nf_default
                 if name == "tnllm_autosplit":
                     tri.AUTO_SPLIT = split_default

@@ -256,10 +256,11 @@ class Bench:
         ref_model = self.tnl if int8 else model
         dec = self._decoder(model, 1, policy, path)
         agree, clear, worst = teacher_forced(_eager_stepper(ref_model, 1, self.dev), dec.step,
-                                      _prompt(self.cfg.vocab_size, 1, 8, self.dev), self.a.check_tokens)
+                                             _prompt(self.cfg.vocab_size, 1, 8, self.dev), self.a.check_tokens)
         self.row(section="check", model=name, policy=policy, path=path, batch=1, tokens=self.a.check_tokens,
                  greedy_agreement=round(agree, 4), agreement_beyond_near_ties=round(clear, 4),
-                 max_rel_logit_diff=float(f"{worst:.3g}"), reference="eager model.step (aten), model dtype weights" if int8 else "eager model.step (aten)")
+                 max_rel_logit_diff=float(f"{worst:.3g}"),
+                 reference="eager model.step (aten), model dtype weights" if int8 else "eager model.step (aten)")
         del dec
 
     def tnl_decode(self, model, name, batch, policy, path):
@@ -310,8 +311,9 @@ class Bench:
         """Greedy agreement of the int8 model with the model-dtype one (eager ``model.step``, teacher-forced,
         batch 4) and both validation losses."""
         B, n = 4, self.a.check_tokens
-        agree, clear, worst = teacher_forced(_eager_stepper(self.tnl, B, self.dev, None), _eager_stepper(self.tnl8, B, self.dev, None),
-                                      _prompt(self.cfg.vocab_size, B, 8, self.dev), n)
+        agree, clear, worst = teacher_forced(_eager_stepper(self.tnl, B, self.dev, None),
+                                             _eager_stepper(self.tnl8, B, self.dev, None),
+                                             _prompt(self.cfg.vocab_size, B, 8, self.dev), n)
         base, q = self.val_loss(self.tnl), self.val_loss(self.tnl8)
         self.row(section="int8", model="tnl_int8", batch=B, tokens=n, greedy_agreement=round(agree, 4),
                  agreement_beyond_near_ties=round(clear, 4),

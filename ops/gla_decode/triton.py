@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._device import num_sms as _num_sms
 from ..norm import EPS
 
 ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
@@ -173,12 +174,6 @@ def _counters(device: torch.device, B: int) -> Tensor:
     buf = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
     _COUNTERS[key] = buf
     return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
 
 
 def block_v(B: int, H: int, e: int, Dk: int, num_sms: int) -> int:

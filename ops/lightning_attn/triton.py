@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
 
 _patch_interpreter()
@@ -301,17 +302,6 @@ def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
     if programs >= num_sms or n_chunks < 8:
         return 1
     return max(1, min(-(-2 * num_sms // programs), n_chunks // 4, 16))
-
-
-_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
 
 
 def _pow2(n: int) -> int:

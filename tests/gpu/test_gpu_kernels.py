@@ -6,6 +6,7 @@ tolerance table ``tt.TOL``; NaN-poisoned allocations so unwritten elements fail;
 (non-finite inputs stay causal, s = inf, bad s) on CUDA; the memoised decay check under CUDA graph
 capture.
 """
+import dataclasses
 import math
 
 import pytest
@@ -160,7 +161,7 @@ def test_split_launches_equal_one_split_cuda(B, H, T, Dk, Dv, dt):
         ref = (*tri.lightning_attn_fwd_triton(q, k, v, s, S0),
                *tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, S0))
         for n in (2, 5, 16):
-            cfg = tri.SweepConfig(**{**tri.default_config(min(Dk, 128), min(Dv, 128), dtype).__dict__, "n_split": n})
+            cfg = dataclasses.replace(tri.default_config(min(Dk, 128), min(Dv, 128), dtype), n_split=n)
             got = (*tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg),
                    *tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, S0, cfgs={x: cfg for x in ("dq", "dk", "dv")}))
             for name, a, b in zip(("o", "S", "dq", "dk", "dv", "dS0"), got, ref):
