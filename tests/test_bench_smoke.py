@@ -170,3 +170,18 @@ def test_teacher_forced_agreement_separates_near_ties_from_real_disagreement():
     assert agree == 0.0 and beyond == 1.0 and 0 < worst < 0.01
     agree, beyond, worst = teacher_forced(const(clear), const(wrong), ids, 3)
     assert agree == 0.0 and beyond == 0.0
+
+
+def test_decode_profile_bench_cpu(tmp_path):
+    """The per-stage profile of the fused decode step: every stage of every layer is timed once per step."""
+    out = run([BENCH / "decode_profile.py", "--device", "cpu", "--preset", "tiny", "--steps", "2",
+               "--out", tmp_path / "p"], tmp_path)
+    res = json.loads((tmp_path / "p" / "decode_profile.json").read_text())
+    stages = {s["stage"]: s for s in res["stages"]}
+    assert list(stages) == ["embed", "qkvu", "mixer", "out", "l12", "sglu", "l3", "head"]
+    n_layers = 2                                                   # the tiny preset
+    assert stages["embed"]["calls_per_step"] == 1 and stages["head"]["calls_per_step"] == 1
+    assert all(stages[s]["calls_per_step"] == n_layers for s in ("qkvu", "mixer", "out", "l12", "sglu", "l3"))
+    assert all(s["us_per_step"] > 0 for s in res["stages"]) and res["replay_ms_per_token"] > 0
+    assert stages["qkvu"]["bytes"] == n_layers * 4 * 64 * 64 * 2          # [4d, d] bf16 per layer
+    assert "| mixer | 2 |" in out

@@ -1,0 +1,186 @@
+"""Where the time of one fused decode step goes: kernel by kernel and stage by stage (torch.profiler).
+
+The fused step (``CudaGraphDecoder(decode_path="fused")``, ``tnllm/compile/fused_step.py``) is run eagerly,
+outside a CUDA graph, with a ``record_function`` range around each stage of every layer (embed; per layer
+qkvu, mixer, out, l12, sglu, l3; head). Device time per stage is the summed time of the kernels it
+launched; the stage's floor is the bytes it must read once (its weight, and for the mixer the fp32 state
+read and written) at ``--bandwidth`` GB/s. A second table lists each kernel name with its count and time
+per step (which GEMM kernels cuBLAS picked, how long each takes).
+
+Outside a graph, the gaps between kernels are the host's; inside the graph that ``CudaGraphDecoder``
+replays they nearly vanish, so the graph replay's ms/token (printed beside the profile) is the real
+step time, and sum(kernel time) is the part that fewer launches cannot remove.
+
+    python bench/decode_profile.py --device cuda --preset 385M --batch 1 --out $OUT       # H200, ~1 min
+    python bench/decode_profile.py --device cpu --preset tiny --steps 2 --out /tmp/dp    # smoke test
+
+Writes ``decode_profile.json`` and ``decode_profile.md`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from tnllm import TransNormerConfig, TransNormerLLM
+from tnllm.compile import CudaGraphDecoder
+from tnllm.ops.gla_decode import gla_decode_step
+from tnllm.ops.sglu import sglu_gate
+
+STAGES = ("embed", "qkvu", "mixer", "out", "l12", "sglu", "l3", "head")
+
+
+def profiled_step(fused, ids, states, position):
+    """``FusedDecodeStep.__call__`` with a profiler range around each stage (the same calls, in order)."""
+    m = fused.model
+    with record_function("embed"):
+        x = m.model.embed_tokens(ids)
+        if m.model.embed_scale != 1.0:
+            x = x * m.model.embed_scale
+    for i, layer in enumerate(m.model.layers):
+        tm, glu = layer.token_mixer, layer.channel_mixer
+        theta = fused._theta[i]
+        with record_function("qkvu"):
+            qkvu = F.linear(x, tm.qkvu_proj.weight)
+        with record_function("mixer"):
+            y, _ = gla_decode_step(qkvu, states[i], tm.s, theta, position if theta is not None else None,
+                                   tm.act_name, inplace=True, norm_input=x)
+        with record_function("out"):
+            x = fused._add_projection(x, y, tm.out_proj.weight)
+        with record_function("l12"):
+            l12 = F.linear(x, fused._w12[i])
+        with record_function("sglu"):
+            g = sglu_gate(l12, x, fused.glu_act)
+        with record_function("l3"):
+            x = fused._add_projection(x, g, glu.l3.weight)
+    with record_function("head"):
+        return m.head(x)
+
+
+def stage_bytes(model, batch: int, state_bytes: int) -> dict[str, int]:
+    """The bytes each stage must move once: its weights (model dtype), the mixer's state in and out."""
+    def nb(w):
+        return w.numel() * w.element_size()
+    layers = model.model.layers
+    t, c = layers[0].token_mixer, layers[0].channel_mixer
+    n = len(layers)
+    return {"embed": batch * nb(model.model.embed_tokens.weight[0]), "qkvu": n * nb(t.qkvu_proj.weight),
+            "mixer": n * 2 * state_bytes, "out": n * nb(t.out_proj.weight),
+            "l12": n * (nb(c.l1.weight) + nb(c.l2.weight)), "sglu": 0, "l3": n * nb(c.l3.weight),
+            "head": nb(model.lm_head.weight)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="385M")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--steps", type=int, default=20, help="profiled steps (after 3 warm-up steps)")
+    ap.add_argument("--bandwidth", type=float, default=4250.0, help="GB/s for the floors (H200 HBM3e: 4250)")
+    ap.add_argument("--out", default="bench/results/decode_profile")
+    a = ap.parse_args(argv)
+    if a.batch < 1 or a.steps < 1:
+        ap.error("--batch and --steps must be >= 1")
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    dtype = getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = TransNormerLLM(TransNormerConfig.from_preset(a.preset)).to(dtype).eval()
+    dec = CudaGraphDecoder(model, a.batch, cuda_graph=cuda, decode_path="fused")
+    g = torch.Generator(device=dev).manual_seed(0)
+    dec.reset([torch.randn(s.shape, generator=g, device=dev) * 0.05 for s in dec.states], position=1024)
+    ids = torch.ones(a.batch, dtype=torch.int64, device=dev)
+
+    # the graph replay, as the decoder runs it (the real step time)
+    dec.step(ids)
+    run = dec.graph.replay if dec.graph is not None else dec.replay
+    for _ in range(3):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = max(a.steps, 50) if cuda else a.steps
+    for _ in range(reps):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    replay_ms = (time.perf_counter() - t) * 1e3 / reps
+
+    # the eager step under the profiler, one range per stage
+    states = [torch.randn(s.shape, generator=g, device=dev) * 0.05 for s in dec.states]
+    position = torch.full((a.batch,), 1024, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        for _ in range(3):
+            profiled_step(dec.fused, ids, states, position)
+        if cuda:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(a.steps):
+                profiled_step(dec.fused, ids, states, position)
+            if cuda:
+                torch.cuda.synchronize()
+
+    def dev_us(e):        # device time of an event (kernels under it); CPU time on a CPU run
+        v = getattr(e, "device_time_total", None) if cuda else None
+        if v is None and cuda:
+            v = getattr(e, "cuda_time_total", 0.0)
+        return float(v) if cuda else float(e.cpu_time_total)
+
+    avg = {e.key: e for e in prof.key_averages()}
+    nbytes = stage_bytes(model, a.batch, dec.states[0].numel() * dec.states[0].element_size())
+    stages = []
+    for s in STAGES:
+        e = avg.get(s)
+        us = dev_us(e) / a.steps if e is not None else 0.0
+        floor_us = nbytes[s] / (a.bandwidth * 1e3)
+        stages.append({"stage": s, "us_per_step": round(us, 2), "bytes": nbytes[s], "floor_us": round(floor_us, 2),
+                       "pct_floor": round(100 * floor_us / us, 1) if us > 0 and floor_us > 0 else None,
+                       "calls_per_step": (e.count // a.steps) if e is not None else 0})
+    kernels = []
+    if cuda:
+        per = defaultdict(lambda: [0, 0.0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = per[e.name]
+                k[0] += 1
+                k[1] += float(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
+        for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+            kernels.append({"kernel": name[:110], "per_step": round(n / a.steps, 2), "us_per_step": round(us / a.steps, 2),
+                            "us_each": round(us / n, 2)})
+    total_us = sum(s["us_per_step"] for s in stages)
+    floor_total = sum(s["floor_us"] for s in stages)
+    res = {"preset": a.preset, "batch": a.batch, "dtype": a.dtype, "device": str(dev),
+           "gpu": torch.cuda.get_device_name(dev) if cuda else None, "torch": torch.__version__,
+           "replay_ms_per_token": round(replay_ms, 4), "kernel_ms_per_step": round(total_us / 1e3, 4),
+           "kernels_per_step": round(sum(k["per_step"] for k in kernels), 1) if cuda else None,
+           "floor_ms": round(floor_total / 1e3, 4), "bandwidth_gbs": a.bandwidth, "stages": stages, "kernels": kernels}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "decode_profile.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    unit = "device us" if cuda else "CPU us"
+    lines = [f"# fused decode step, {a.preset} B{a.batch} {a.dtype} on {res['gpu'] or dev}",
+             "", f"graph replay: {replay_ms:.4f} ms/token; summed {unit} per step: {total_us / 1e3:.4f} ms "
+             f"({res['kernels_per_step']} kernels); floor at {a.bandwidth:.0f} GB/s: {floor_total / 1e3:.4f} ms", "",
+             f"| stage | calls/step | {unit}/step | floor us | % of floor |", "|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['calls_per_step']} | {s['us_per_step']} | {s['floor_us']} | "
+              f"{s['pct_floor'] if s['pct_floor'] is not None else '-'} |" for s in stages]
+    if kernels:
+        lines += ["", "| kernel | per step | us/step | us each |", "|---|---|---|---|"]
+        lines += [f"| `{k['kernel']}` | {k['per_step']} | {k['us_per_step']} | {k['us_each']} |" for k in kernels[:25]]
+    text = "\n".join(lines)
+    with open(os.path.join(a.out, "decode_profile.md"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
