@@ -117,7 +117,11 @@ def main(argv=None):
     # the eager step under the profiler, one range per stage
     states = [torch.randn(s.shape, generator=g, device=dev) * 0.05 for s in dec.states]
     position = torch.full((a.batch,), 1024, dtype=torch.int64, device=dev)
-    with torch.no_grad():
+    with torch.no_grad():     # the profiled twin must compute what the fused step computes
+        st1, st2 = [S.clone() for S in states], [S.clone() for S in states]
+        want, got = dec.fused(ids, st1, position), profiled_step(dec.fused, ids, st2, position)
+        if not (torch.equal(want, got) and all(torch.equal(x, y) for x, y in zip(st1, st2))):
+            raise SystemExit("decode_profile: profiled_step no longer matches FusedDecodeStep (update it)")
         for _ in range(3):
             profiled_step(dec.fused, ids, states, position)
         if cuda:
