@@ -7,10 +7,10 @@
 * ``quantize_int8(model)``: the decoder layers' Linear weights to torchao int8 weight-only (optional
   dependency, ``pip install 'tnllm[int8]'``).
 """
-from .decode import DECODE_PATHS, CudaGraphDecoder
+from .decode import DECODE_PATHS, CudaGraphDecoder, resolve_decode_path
 from .fused_step import FusedDecodeStep, fused_unsupported
 from .quant import quantize_int8, torchao_available
 from .policy import MODES, compile_model, is_compiled
 
-__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder", "DECODE_PATHS", "FusedDecodeStep",
+__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder", "DECODE_PATHS", "resolve_decode_path", "FusedDecodeStep",
            "fused_unsupported", "quantize_int8", "torchao_available"]

@@ -41,6 +41,31 @@ DECODE_PATHS = ("auto", "aten", "kernel", "fused")
 from .policy import check_mode
 
 
+def resolve_decode_path(model, path: str = "auto") -> str:
+    """The decode path ``path`` names for ``model`` (module docstring): ``"auto"`` resolved by the model's
+    device, dtype and layers; an explicit path the model cannot run is a ValueError saying why."""
+    if path not in DECODE_PATHS:
+        raise ValueError(f"`decode_path` must be one of {DECODE_PATHS}, got {path!r}")
+    mixers = [layer.token_mixer for layer in model.model.layers]
+    if path == "fused":
+        why = fused_unsupported(model)
+        if why is not None:
+            raise ValueError(f"decode_path='fused' cannot run this model: {why}")
+    if path == "kernel":
+        for i, tm in enumerate(mixers):
+            why = tm.kernel_unsupported()
+            if why is not None:
+                raise ValueError(f"decode_path='kernel': layer {i} cannot use the fused decode kernel: {why}")
+    if path != "auto":
+        return path
+    w = model.lm_head.weight
+    if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "aten"
+    if fused_unsupported(model) is None:
+        return "fused"
+    return "kernel" if all(tm.kernel_unsupported() is None for tm in mixers) else "aten"
+
+
 class CudaGraphDecoder:
     """Batched decode with static state buffers (and a CUDA graph on CUDA).
 
@@ -65,11 +90,9 @@ class CudaGraphDecoder:
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"`warmup` must be an int >= 1, got {warmup!r}")
         check_mode(mode)
-        if decode_path not in DECODE_PATHS:
-            raise ValueError(f"`decode_path` must be one of {DECODE_PATHS}, got {decode_path!r}")
         self.model = model.eval()
         self.device = model.lm_head.weight.device
-        self.decode_path = self._resolve_path(decode_path)
+        self.decode_path = resolve_decode_path(model, decode_path)
         self.batch_size = batch_size
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -87,26 +110,6 @@ class CudaGraphDecoder:
             else self._step_inplace
         self._warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-
-    def _resolve_path(self, path: str) -> str:
-        mixers = [layer.token_mixer for layer in self.model.model.layers]
-        if path == "fused":
-            why = fused_unsupported(self.model)
-            if why is not None:
-                raise ValueError(f"decode_path='fused' cannot run this model: {why}")
-        if path == "kernel":
-            for i, tm in enumerate(mixers):
-                why = tm.kernel_unsupported()
-                if why is not None:
-                    raise ValueError(f"decode_path='kernel': layer {i} cannot use the fused decode kernel: {why}")
-        if path != "auto":
-            return path
-        dt = self.model.lm_head.weight.dtype
-        if self.device.type != "cuda" or dt not in (torch.float16, torch.bfloat16, torch.float32):
-            return "aten"
-        if fused_unsupported(self.model) is None:
-            return "fused"
-        return "kernel" if all(tm.kernel_unsupported() is None for tm in mixers) else "aten"
 
     # -- the step, on the buffers --------------------------------------------------------------
     @torch.no_grad()

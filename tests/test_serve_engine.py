@@ -258,3 +258,28 @@ def test_a_device_failure_stops_the_engine_and_ends_every_stream(model, monkeypa
             eng.submit([(PROMPTS[0], p, "late")])
     finally:
         eng.stop()
+
+
+def test_decode_paths_of_the_slot_step():
+    """The slot step's ``decode_path``: "auto" is model.step on CPU (bit-identical to generate); "fused"
+    (the CUDA default where the model allows it) runs ``FusedDecodeStep`` on the slot buffers, in place, to
+    the aten step's logits and states at fp32 roundings; an unknown path is refused by name."""
+    torch.manual_seed(0)
+    m = TransNormerLLM(TransNormerConfig.from_preset("tiny", init_std=0.3)).eval()
+    a, f = SlotBatch(m, 4), SlotBatch(m, 4, decode_path="fused")
+    assert a.decode_path == "aten" and a._fused is None and f.decode_path == "fused"
+    for sb in (a, f):
+        sb.prefill_rows([0, 1, 2], PROMPTS[:3])
+    ptrs = [S.data_ptr() for S in f.states]
+    for tokens in ([7, 8, 9], [3, 4, 5, 6], [10]):
+        t = torch.tensor(tokens)
+        la, lf = a.step(t).clone(), f.step(t).clone()
+        torch.testing.assert_close(lf, la, rtol=1e-5, atol=1e-5)
+    assert [S.data_ptr() for S in f.states] == ptrs
+    for Sa, Sf in zip(a.states, f.states):           # relative RMS error of each layer's state
+        assert float((Sf - Sa).norm() / Sa.norm()) < 1e-5
+    assert f.position.tolist() == a.position.tolist() == [4 + 3, 9 + 2, 1 + 2, 1]        # prompt length + steps
+    with pytest.raises(ValueError, match="decode_path"):
+        SlotBatch(m, 2, decode_path="fast")
+    eng = Engine(m, TOK, max_batch=2, decode_path="fused")
+    assert eng.slots.decode_path == "fused"

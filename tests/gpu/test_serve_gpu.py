@@ -55,7 +55,21 @@ def test_graph_step_equals_eager(dtype):
     assert int(g.position[2]) == 0 and all(float(S[2].abs().max()) == 0 for S in g.states)
 
 
-def test_engine_cuda_equals_generate():
+def _first_gap_is_a_near_tie(m, ids, got, want, rel_gap=1e-4) -> bool:
+    """Where two greedy continuations first differ, the reference's top two logits are within ``rel_gap``
+    of each other (relative to the largest magnitude): a rounding of the fused step's order may pick either."""
+    j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.no_grad():
+        lg = m(torch.tensor([ids + want[:j]], device="cuda"))[0, -1].double()
+    top = lg.topk(2).values
+    return bool(top[0] - top[1] <= rel_gap * lg.abs().max())
+
+
+@pytest.mark.parametrize("decode_path", ["kernel", "fused"])
+def test_engine_cuda_equals_generate(decode_path):
+    """Continuous batching on CUDA gives each request ``tnllm.generate``'s tokens. The kernel path is the
+    model.step that generate runs: every request exact, sampled ones too. The fused step (the serving default on
+    CUDA) differs from model.step at fp32 roundings: greedy requests agree up to a near-tie."""
     m, tok = _model(), ByteTokenizer()
     got, finished = {}, []
 
@@ -65,10 +79,12 @@ def test_engine_cuda_equals_generate():
             if ev.finish_reason:
                 finished.append(tag)
 
-    eng = Engine(m, tok, max_batch=4, max_queue=32, deliver=deliver).start()
+    eng = Engine(m, tok, max_batch=4, max_queue=32, deliver=deliver, decode_path=decode_path).start()
+    assert eng.slots.decode_path == decode_path
     cases = []
     for i in range(12):
-        p = SamplingParams(max_tokens=10 + 7 * (i % 5), temperature=0.0 if i % 3 == 0 else 0.9, top_p=0.9,
+        greedy = i % 3 == 0 or decode_path == "fused"
+        p = SamplingParams(max_tokens=10 + 7 * (i % 5), temperature=0.0 if greedy else 0.9, top_p=0.9,
                            seed=i, ignore_eos=True)
         cases.append(([1] + tok.encode(f"prompt number {i} " * (1 + i % 4)), p, i))
     for c in cases:
@@ -79,10 +95,16 @@ def test_engine_cuda_equals_generate():
         time.sleep(0.01)
     eng.stop()
     assert len(finished) == len(cases)
+    exact = 0
     for ids, p, i in cases:
         want = generate(m, torch.tensor([ids]), p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                         seed=p.seed)[0, len(ids):].tolist()
-        assert got[i] == want, i
+        if decode_path == "kernel" or got[i] == want:
+            assert got[i] == want, i
+            exact += 1
+        else:
+            assert len(got[i]) == len(want) and _first_gap_is_a_near_tie(m, ids, got[i], want), i
+    assert exact >= len(cases) - 1                  # a near-tie is rare: at most one request meets one
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -35,6 +35,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads; default: torch's own choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (per slot-count bucket)")
+    p.add_argument("--decode-path", choices=("auto", "aten", "kernel", "fused"), default="auto",
+                   help="how the decode step runs: auto (the fused step on CUDA where the model allows it, "
+                        "else model.step), aten (model.step, bit-identical to tnllm.generate), kernel (the "
+                        "token mixer as one Triton kernel), fused (six device operations per layer)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
     p.add_argument("--model-name", default=None,
                    help="the model id of /v1/models (default: the checkpoint folder's name, or tnllm-PRESET)")
@@ -81,7 +85,8 @@ def build_server(model, tokenizer, name: str, a):
     from .app import CompletionServer
     from .engine import Engine
     engine = Engine(model, tokenizer, max_batch=a.max_batch, max_queue=a.max_queue, prefill_budget=a.prefill_budget,
-                    cuda_graph=False if a.no_cuda_graph else None, compile=a.compile)
+                    cuda_graph=False if a.no_cuda_graph else None, compile=a.compile,
+                    decode_path=a.decode_path)
     engine.start()
     return CompletionServer(engine, tokenizer, name, max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
                             max_positions=getattr(model.config, "max_position_embeddings", None))

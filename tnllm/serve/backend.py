@@ -19,9 +19,13 @@ generated length): per-layer states [n_slots, H, Dk, Dv] fp32 (fp64 for an fp64 
 * ``free(row)``: zeroes the row's state and position (an idle row then steps a pad token from a zero
   state, which keeps it finite whatever the weights).
 
-The step is the model's public ``model.step(ids, RecurrentState(states, position), inplace=True)``: the state
-carries one position per row, so rows at different positions step together, and each layer's new state is
-written straight into the slot buffers (no copy of the state per step).
+The step is one of the decode paths of ``tnllm.compile.CudaGraphDecoder`` (``decode_path``): by default on
+CUDA ``FusedDecodeStep`` (six device operations per layer, the two norms folded into the kernels), where the
+model allows it; else the model's public ``model.step(ids, RecurrentState(states, position), inplace=True)``.
+Either way the state carries one position per row, so rows at different positions step together, and each
+layer's new state is written straight into the slot buffers (no copy of the state per step). On CPU, and for
+fp64 weights, the default is ``model.step`` (bit-identical to ``tnllm.generate``); the fused step's roundings
+differ from it at the dtype's epsilon.
 """
 from __future__ import annotations
 
@@ -48,9 +52,12 @@ class SlotBatch:
         cuda_graph: capture the step in CUDA graphs; default True on CUDA, False elsewhere.
         compile: ``torch.compile`` the step (``fullgraph``, static shapes: one graph per bucket); on CUDA
             the compiled step is what the CUDA graphs capture.
+        decode_path: ``"auto"`` (default), ``"aten"``, ``"kernel"`` or ``"fused"``, as in
+            ``CudaGraphDecoder``; ``self.decode_path`` is the path chosen.
     """
 
-    def __init__(self, model, n_slots: int, *, cuda_graph: bool | None = None, compile: bool = False):
+    def __init__(self, model, n_slots: int, *, cuda_graph: bool | None = None, compile: bool = False,
+                 decode_path: str = "auto"):
         from tnllm.model import TransNormerLLM
         if not isinstance(model, TransNormerLLM):
             raise TypeError(f"`model` must be a TransNormerLLM (the Transformer baseline has a growing KV cache, "
@@ -65,6 +72,10 @@ class SlotBatch:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"`cuda_graph=True` needs the model on a CUDA device, it is on {self.device}")
+        from tnllm.compile.decode import resolve_decode_path
+        from tnllm.compile.fused_step import FusedDecodeStep
+        self.decode_path = resolve_decode_path(model, decode_path)
+        self._fused = FusedDecodeStep(model) if self.decode_path == "fused" else None
         dev = self.device
         self.states = list(model.zero_state(n_slots, dev))
         self.position = torch.zeros(n_slots, dtype=torch.int64, device=dev)
@@ -92,12 +103,16 @@ class SlotBatch:
     # -- the step over the first `rows` rows, on the buffers -------------------------------------
     @torch.no_grad()
     def _step_rows(self, rows: int) -> None:
-        state = RecurrentState([S[:rows] for S in self.states], self.position[:rows])   # views of the buffers
-        logits, new = self.model.step(self.ids[:rows], state, inplace=True)
-        self.logits[:rows].copy_(logits)
-        for buf, S in zip(state, new):
-            if S.data_ptr() != buf.data_ptr():      # a layer that could not update in place (none today)
-                buf.copy_(S)
+        states = [S[:rows] for S in self.states]                        # views of the buffers
+        if self._fused is not None:
+            self.logits[:rows].copy_(self._fused(self.ids[:rows], states, self.position[:rows]))
+        else:
+            logits, new = self.model.step(self.ids[:rows], RecurrentState(states, self.position[:rows]), inplace=True,
+                                          decode_kernel=self.decode_path == "kernel")
+            self.logits[:rows].copy_(logits)
+            for buf, S in zip(states, new):
+                if S.data_ptr() != buf.data_ptr():      # a layer that could not update in place (none today)
+                    buf.copy_(S)
         self.position[:rows].add_(1)
 
     def _bucket(self, rows: int) -> int:

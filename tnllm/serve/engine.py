@@ -110,17 +110,18 @@ class Engine:
         prefill_budget: prompt tokens prefilled between two decode steps while other rows are busy
             (at least one prompt is always admitted): bounds the pause a burst of new prompts puts on
             the running streams.
-        cuda_graph, compile: passed to ``SlotBatch``.
+        cuda_graph, compile, decode_path: passed to ``SlotBatch`` (``decode_path`` "auto": the fused step on
+            CUDA where the model allows it, ``model.step`` elsewhere).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  deliver: Callable[[list], None] | None = None, prefill_budget: int = 4096,
-                 cuda_graph: bool | None = None, compile: bool = False):
+                 cuda_graph: bool | None = None, compile: bool = False, decode_path: str = "auto"):
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
         if not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an int >= 1, got {prefill_budget!r}")
-        self.slots = SlotBatch(model, max_batch, cuda_graph=cuda_graph, compile=compile)
+        self.slots = SlotBatch(model, max_batch, cuda_graph=cuda_graph, compile=compile, decode_path=decode_path)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
