@@ -63,6 +63,30 @@ def profiled_step(fused, ids, states, position):
         return m.head(x)
 
 
+def attribute_kernels(gpu_events, steps: int):
+    """Per-stage and per-kernel device time from the device timeline: ``gpu_events`` is a list of (name, start,
+    end) in microseconds, holding both the kernels and the ``record_function`` ranges as the profiler puts
+    them on the device (a range named like a stage spans its kernels). Each kernel is given to the stage
+    range that contains its start; a range's own span (which includes idle gaps while the host launches) is
+    not counted. Returns ({stage: (us per step, kernels per step)}, [kernel rows, longest first])."""
+    ranges = sorted((s, e, n) for n, s, e in gpu_events if n in STAGES)
+    per_stage = {s: [0.0, 0] for s in STAGES}
+    per_kernel = defaultdict(lambda: [0, 0.0])
+    j = 0
+    for name, start, end in sorted(((n, s, e) for n, s, e in gpu_events if n not in STAGES), key=lambda t: t[1]):
+        while j < len(ranges) and ranges[j][1] < start:
+            j += 1
+        if j < len(ranges) and ranges[j][0] <= start:
+            per_stage[ranges[j][2]][0] += end - start
+            per_stage[ranges[j][2]][1] += 1
+        k = per_kernel[name]
+        k[0] += 1
+        k[1] += end - start
+    rows = [{"kernel": n[:110], "per_step": round(c / steps, 2), "us_per_step": round(us / steps, 2),
+             "us_each": round(us / c, 2)} for n, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])]
+    return {s: (us / steps, c / steps) for s, (us, c) in per_stage.items()}, rows
+
+
 def stage_bytes(model, batch: int, state_bytes: int) -> dict[str, int]:
     """The bytes each stage must move once: its weights (model dtype), the mixer's state in and out."""
     def nb(w):
@@ -133,33 +157,23 @@ def main(argv=None):
             if cuda:
                 torch.cuda.synchronize()
 
-    def dev_us(e):        # device time of an event (kernels under it); CPU time on a CPU run
-        v = getattr(e, "device_time_total", None) if cuda else None
-        if v is None and cuda:
-            v = getattr(e, "cuda_time_total", 0.0)
-        return float(v) if cuda else float(e.cpu_time_total)
-
-    avg = {e.key: e for e in prof.key_averages()}
     nbytes = stage_bytes(model, a.batch, dec.states[0].numel() * dec.states[0].element_size())
+    if cuda:
+        gpu = [(e.name, float(e.time_range.start), float(e.time_range.end)) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+        per_stage, kernels = attribute_kernels(gpu, a.steps)
+    else:                   # no device timeline: each range's CPU time
+        avg = {e.key: e for e in prof.key_averages()}
+        per_stage = {s: (avg[s].cpu_time_total / a.steps, avg[s].count / a.steps) if s in avg else (0.0, 0.0)
+                     for s in STAGES}
+        kernels = []
     stages = []
     for s in STAGES:
-        e = avg.get(s)
-        us = dev_us(e) / a.steps if e is not None else 0.0
+        us, n = per_stage.get(s, (0.0, 0.0))
         floor_us = nbytes[s] / (a.bandwidth * 1e3)
         stages.append({"stage": s, "us_per_step": round(us, 2), "bytes": nbytes[s], "floor_us": round(floor_us, 2),
                        "pct_floor": round(100 * floor_us / us, 1) if us > 0 and floor_us > 0 else None,
-                       "calls_per_step": (e.count // a.steps) if e is not None else 0})
-    kernels = []
-    if cuda:
-        per = defaultdict(lambda: [0, 0.0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                k = per[e.name]
-                k[0] += 1
-                k[1] += float(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
-        for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-            kernels.append({"kernel": name[:110], "per_step": round(n / a.steps, 2), "us_per_step": round(us / a.steps, 2),
-                            "us_each": round(us / n, 2)})
+                       ("kernels_per_step" if cuda else "calls_per_step"): round(n, 2)})
     total_us = sum(s["us_per_step"] for s in stages)
     floor_total = sum(s["floor_us"] for s in stages)
     res = {"preset": a.preset, "batch": a.batch, "dtype": a.dtype, "device": str(dev),
@@ -174,8 +188,9 @@ def main(argv=None):
     lines = [f"# fused decode step, {a.preset} B{a.batch} {a.dtype} on {res['gpu'] or dev}",
              "", f"graph replay: {replay_ms:.4f} ms/token; summed {unit} per step: {total_us / 1e3:.4f} ms "
              f"({res['kernels_per_step']} kernels); floor at {a.bandwidth:.0f} GB/s: {floor_total / 1e3:.4f} ms", "",
-             f"| stage | calls/step | {unit}/step | floor us | % of floor |", "|---|---|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['calls_per_step']} | {s['us_per_step']} | {s['floor_us']} | "
+             f"| stage | {'kernels' if cuda else 'calls'}/step | {unit}/step | floor us | % of floor |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['kernels_per_step' if cuda else 'calls_per_step']} | {s['us_per_step']} | {s['floor_us']} | "
               f"{s['pct_floor'] if s['pct_floor'] is not None else '-'} |" for s in stages]
     if kernels:
         lines += ["", "| kernel | per step | us/step | us each |", "|---|---|---|---|"]

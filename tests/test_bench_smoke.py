@@ -184,4 +184,32 @@ def test_decode_profile_bench_cpu(tmp_path):
     assert all(stages[s]["calls_per_step"] == n_layers for s in ("qkvu", "mixer", "out", "l12", "sglu", "l3"))
     assert all(s["us_per_step"] > 0 for s in res["stages"]) and res["replay_ms_per_token"] > 0
     assert stages["qkvu"]["bytes"] == n_layers * 4 * 64 * 64 * 2          # [4d, d] bf16 per layer
-    assert "| mixer | 2 |" in out
+    assert "| mixer | 2.0 |" in out
+
+
+def test_decode_profile_gives_each_kernel_to_its_stage():
+    """On CUDA the stages' times are summed from the kernels inside each stage's device range (the range's own
+    span holds the host's launch gaps, and the profiler lists the ranges among the device events)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("decode_profile", BENCH / "decode_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ev = [("qkvu", 0.0, 30.0), ("gemv", 1.0, 5.0), ("mixer", 40.0, 50.0), ("gla", 41.0, 44.0),
+          ("qkvu", 100.0, 190.0), ("gemv", 180.0, 186.0), ("stray", 60.0, 61.0), ("gla", 195.0, 196.0)]
+    per_stage, kernels = mod.attribute_kernels(ev, steps=2)
+    assert per_stage["qkvu"] == (5.0, 1.0) and per_stage["mixer"] == (1.5, 0.5) and per_stage["l3"] == (0.0, 0.0)
+    rows = {k["kernel"]: k for k in kernels}
+    assert set(rows) == {"gemv", "gla", "stray"}               # the ranges are not kernels
+    assert rows["gemv"] == {"kernel": "gemv", "per_step": 1.0, "us_per_step": 5.0, "us_each": 5.0}
+
+
+def test_gemv_bench_cpu(tmp_path):
+    """Every GEMM of a layer and the head, each way, at the preset's shapes; each way computes x + y W^T."""
+    out = run([BENCH / "gemv.py", "--device", "cpu", "--preset", "tiny", "--batch", "1", "3", "--calls", "2",
+               "--replays", "1", "--out", tmp_path / "g"], tmp_path)
+    rows = json.loads((tmp_path / "g" / "gemv.json").read_text())["rows"]
+    assert {(r["gemm"], r["way"]) for r in rows} == {
+        ("qkvu", "linear"), ("l12", "linear"), ("head", "linear"),
+        *((g, w) for g in ("out", "l3") for w in ("addmm_", "linear+add_", "linear"))}
+    assert len(rows) == 2 * 9 and all(r["us"] > 0 and r["rel_err"] < 1e-2 for r in rows)
+    assert "| l3 | 96 x 64 | 3 | addmm_ |" in out

@@ -1,0 +1,109 @@
+"""The decode step's GEMMs at decode batch sizes, three ways: the residual add inside the GEMM (``x.addmm_(y, W^T)``,
+what ``FusedDecodeStep`` does for out_proj and l3), the GEMM then a separate add (``x.add_(F.linear(y, W))``), and
+the bare GEMM (``F.linear(y, W)``). cuBLAS picks its kernel by the call, so the fused epilogue can cost more than
+the add it saves; this measures it at the preset's layer shapes.
+
+On CUDA each call is captured ``--calls`` times in one CUDA graph and replayed (microseconds per call =
+elapsed / (replays * calls)); GB/s is the weight's bytes over that time. On CPU: wall-clock means (a smoke test).
+
+    python bench/gemv.py --device cuda --preset 385M --batch 1 64 --out $OUT       # H200, ~15 s
+    python bench/gemv.py --device cpu --preset tiny --batch 1 --calls 2 --replays 2 --out /tmp/g
+
+Writes ``gemv.json`` under ``--out`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tnllm import TransNormerConfig
+
+WAYS = ("addmm_", "linear+add_", "linear")
+
+
+def shapes(cfg) -> dict[str, tuple[int, int, bool]]:
+    """name: (in features K, out features N, residual?) of each GEMM of one layer and the head."""
+    d, g = cfg.decoder_embed_dim, cfg.glu_dim
+    return {"qkvu": (d, 4 * d, False), "out": (d, d, True), "l12": (d, 2 * g, False), "l3": (g, d, True),
+            "head": (d, cfg.vocab_size, False)}
+
+
+def time_us(fn, cuda: bool, calls: int, replays: int) -> float:
+    if not cuda:
+        fn()
+        t = time.perf_counter()
+        for _ in range(calls * replays):
+            fn()
+        return (time.perf_counter() - t) * 1e6 / (calls * replays)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="385M")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--out", default="bench/results/gemv")
+    a = ap.parse_args(argv)
+    if min(a.batch) < 1 or a.calls < 1 or a.replays < 1:
+        ap.error("--batch, --calls and --replays must be >= 1")
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    cuda = dev.type == "cuda"
+    cfg = TransNormerConfig.from_preset(a.preset)
+    rows = []
+    for name, (K, N, residual) in shapes(cfg).items():
+        w = torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5
+        for B in a.batch:
+            y = torch.randn(B, K, device=dev, dtype=dtype)
+            x = torch.zeros(B, N, device=dev, dtype=dtype)
+            fns = {"addmm_": lambda: x.addmm_(y, w.t()), "linear+add_": lambda: x.add_(F.linear(y, w)),
+                   "linear": lambda: F.linear(y, w)}
+            ref = x.double() + y.double() @ w.double().t()
+            for way in (WAYS if residual else ("linear",)):
+                x.zero_()
+                got = fns[way]() if way == "linear" else (fns[way](), x)[1]
+                want = (y.double() @ w.double().t()) if way == "linear" else ref
+                err = float((got.double() - want).norm() / want.norm())
+                us = time_us(fns[way], cuda, a.calls, a.replays)
+                rows.append({"gemm": name, "K": K, "N": N, "batch": B, "way": way, "us": round(us, 2),
+                             "gbs": round(w.numel() * w.element_size() / (us * 1e3), 1), "rel_err": float(f"{err:.3g}")})
+    os.makedirs(a.out, exist_ok=True)
+    meta = {"preset": a.preset, "dtype": a.dtype, "device": str(dev), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(dev) if cuda else None}
+    with open(os.path.join(a.out, "gemv.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"# GEMMs of one {a.preset} layer and the head, {a.dtype}, {meta['gpu'] or dev}")
+    print("| gemm | K x N | batch | way | us | weight GB/s | rel err |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['gemm']} | {r['K']} x {r['N']} | {r['batch']} | {r['way']} | {r['us']} | {r['gbs']} | {r['rel_err']} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
