@@ -25,43 +25,17 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tnllm import TransNormerConfig, TransNormerLLM
 from tnllm.compile import CudaGraphDecoder
-from tnllm.ops.gla_decode import gla_decode_step
-from tnllm.ops.sglu import sglu_gate
 
 STAGES = ("embed", "qkvu", "mixer", "out", "l12", "sglu", "l3", "head")
 
 
 def profiled_step(fused, ids, states, position):
-    """``FusedDecodeStep.__call__`` with a profiler range around each stage (the same calls, in order)."""
-    m = fused.model
-    with record_function("embed"):
-        x = m.model.embed_tokens(ids)
-        if m.model.embed_scale != 1.0:
-            x = x * m.model.embed_scale
-    for i, layer in enumerate(m.model.layers):
-        tm, glu = layer.token_mixer, layer.channel_mixer
-        theta = fused._theta[i]
-        with record_function("qkvu"):
-            qkvu = F.linear(x, tm.qkvu_proj.weight)
-        with record_function("mixer"):
-            y, _ = gla_decode_step(qkvu, states[i], tm.s, theta, position if theta is not None else None,
-                                   tm.act_name, inplace=True, norm_input=x)
-        with record_function("out"):
-            x = fused._add_projection(x, y, tm.out_proj.weight)
-        with record_function("l12"):
-            l12 = F.linear(x, fused._w12[i])
-        with record_function("sglu"):
-            g = sglu_gate(l12, x, fused.glu_act)
-        with record_function("l3"):
-            x = fused._add_projection(x, g, glu.l3.weight)
-    with record_function("head"):
-        return m.head(x)
-
+    """``FusedDecodeStep`` with a profiler range around each stage (the step's own ``stage`` hook)."""
+    return fused(ids, states, position, stage=record_function)
 
 def attribute_kernels(gpu_events, steps: int):
     """Per-stage and per-kernel device time from the device timeline: ``gpu_events`` is a list of (name, start,
@@ -141,11 +115,11 @@ def main(argv=None):
     # the eager step under the profiler, one range per stage
     states = [torch.randn(s.shape, generator=g, device=dev) * 0.05 for s in dec.states]
     position = torch.full((a.batch,), 1024, dtype=torch.int64, device=dev)
-    with torch.no_grad():     # the profiled twin must compute what the fused step computes
+    with torch.no_grad():     # the ranges must not change what the step computes
         st1, st2 = [S.clone() for S in states], [S.clone() for S in states]
         want, got = dec.fused(ids, st1, position), profiled_step(dec.fused, ids, st2, position)
         if not (torch.equal(want, got) and all(torch.equal(x, y) for x, y in zip(st1, st2))):
-            raise SystemExit("decode_profile: profiled_step no longer matches FusedDecodeStep (update it)")
+            raise SystemExit("decode_profile: the step with profiler ranges differs from the step without")
         for _ in range(3):
             profiled_step(dec.fused, ids, states, position)
         if cuda:

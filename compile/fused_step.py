@@ -28,6 +28,8 @@ Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -143,17 +145,34 @@ class FusedDecodeStep:
         return x + F.linear(y, w)
 
     @torch.no_grad()
-    def __call__(self, ids: Tensor, states, position: Tensor) -> Tensor:
+    def __call__(self, ids: Tensor, states, position: Tensor, stage=None) -> Tensor:
+        """``stage``: None, or a function of a stage name ("embed"; per layer "qkvu", "mixer", "out", "l12",
+        "sglu", "l3"; "head") returning a context manager entered around that stage (a profiler range:
+        bench/decode_profile.py); the same calls either way."""
         m = self.model
-        x = m.model.embed_tokens(ids)
-        if m.model.embed_scale != 1.0:
-            x = x * m.model.embed_scale
+        with _stage(stage, "embed"):
+            x = m.model.embed_tokens(ids)
+            if m.model.embed_scale != 1.0:
+                x = x * m.model.embed_scale
         for i, layer in enumerate(m.model.layers):
             tm, glu = layer.token_mixer, layer.channel_mixer
             theta = self._theta[i]
-            y, _ = gla_decode_step(F.linear(x, tm.qkvu_proj.weight), states[i], tm.s, theta,
-                                   position if theta is not None else None, tm.act_name, inplace=True, norm_input=x)
-            x = self._add_projection(x, y, tm.out_proj.weight)
-            g = sglu_gate(F.linear(x, self._w12[i]), x, self.glu_act)
-            x = self._add_projection(x, g, glu.l3.weight)
-        return m.head(x)
+            with _stage(stage, "qkvu"):
+                qkvu = F.linear(x, tm.qkvu_proj.weight)
+            with _stage(stage, "mixer"):
+                y, _ = gla_decode_step(qkvu, states[i], tm.s, theta, position if theta is not None else None,
+                                       tm.act_name, inplace=True, norm_input=x)
+            with _stage(stage, "out"):
+                x = self._add_projection(x, y, tm.out_proj.weight)
+            with _stage(stage, "l12"):
+                l12 = F.linear(x, self._w12[i])
+            with _stage(stage, "sglu"):
+                g = sglu_gate(l12, x, self.glu_act)
+            with _stage(stage, "l3"):
+                x = self._add_projection(x, g, glu.l3.weight)
+        with _stage(stage, "head"):
+            return m.head(x)
+
+
+def _stage(stage, name: str):
+    return contextlib.nullcontext() if stage is None else stage(name)
