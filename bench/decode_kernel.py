@@ -26,12 +26,12 @@ import argparse
 import json
 import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
+from benchutil import GraphTimer  # bench/ is on sys.path: the scripts run from it
 from tnllm import TransNormerConfig
 from tnllm.model import decay_rates
 from tnllm.ops.gla_decode import gla_decode_naive, gla_decode_step
@@ -72,41 +72,6 @@ def tail_fused(qkvu, S, s, theta, pos, act):
     return gla_decode_step(qkvu, S, s, theta, pos, act, inplace=True)[0]
 
 
-class Timer:
-    def __init__(self, dev, calls: int, replays: int, warmup: int):
-        self.dev, self.calls, self.replays, self.warmup = dev, calls, replays, warmup
-
-    def __call__(self, fn) -> float:
-        """Seconds per call of ``fn`` (a no-argument closure over static buffers)."""
-        if self.dev.type != "cuda":
-            for _ in range(self.warmup):
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(self.calls):
-                fn()
-            return (time.perf_counter() - t0) / self.calls
-        side = torch.cuda.Stream(self.dev)
-        side.wait_stream(torch.cuda.current_stream(self.dev))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn()
-        torch.cuda.current_stream(self.dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(self.calls):
-                fn()
-        g.replay()
-        torch.cuda.synchronize(self.dev)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(self.replays):
-            g.replay()
-        b.record()
-        b.synchronize()
-        del g
-        return a.elapsed_time(b) / 1e3 / (self.replays * self.calls)
-
-
 def count_kernels(fn, dev) -> int | None:
     """Device activities (kernels, memsets, copies) of one call, outside any graph."""
     if dev.type != "cuda":
@@ -145,7 +110,7 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, a.dtype)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    timer = Timer(dev, a.calls, a.replays, a.warmup)
+    timer = GraphTimer(dev, a.calls, a.replays, a.warmup)
     # one code object compiled for every shape here: never fall back to eager for too many recompiles
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

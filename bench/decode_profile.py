@@ -21,21 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tnllm import TransNormerConfig, TransNormerLLM
+from tnllm.bench_decode import time_loop
 from tnllm.compile import CudaGraphDecoder
 
 STAGES = ("embed", "qkvu", "mixer", "out", "l12", "sglu", "l3", "head")
 
-
-def profiled_step(fused, ids, states, position):
-    """``FusedDecodeStep`` with a profiler range around each stage (the step's own ``stage`` hook)."""
-    return fused(ids, states, position, stage=record_function)
 
 def attribute_kernels(gpu_events, steps: int):
     """Per-stage and per-kernel device time from the device timeline: ``gpu_events`` is a list of (name, start,
@@ -100,34 +96,24 @@ def main(argv=None):
     # the graph replay, as the decoder runs it (the real step time)
     dec.step(ids)
     run = dec.graph.replay if dec.graph is not None else dec.replay
-    for _ in range(3):
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    reps = max(a.steps, 50) if cuda else a.steps
-    for _ in range(reps):
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-    replay_ms = (time.perf_counter() - t) * 1e3 / reps
+    replay_ms = time_loop(run, max(a.steps, 50) if cuda else a.steps, 3, dev) * 1e3
 
     # the eager step under the profiler, one range per stage
     states = [torch.randn(s.shape, generator=g, device=dev) * 0.05 for s in dec.states]
     position = torch.full((a.batch,), 1024, dtype=torch.int64, device=dev)
     with torch.no_grad():     # the ranges must not change what the step computes
         st1, st2 = [S.clone() for S in states], [S.clone() for S in states]
-        want, got = dec.fused(ids, st1, position), profiled_step(dec.fused, ids, st2, position)
+        want, got = dec.fused(ids, st1, position), dec.fused(ids, st2, position, stage=record_function)
         if not (torch.equal(want, got) and all(torch.equal(x, y) for x, y in zip(st1, st2))):
             raise SystemExit("decode_profile: the step with profiler ranges differs from the step without")
         for _ in range(3):
-            profiled_step(dec.fused, ids, states, position)
+            dec.fused(ids, states, position, stage=record_function)
         if cuda:
             torch.cuda.synchronize()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             for _ in range(a.steps):
-                profiled_step(dec.fused, ids, states, position)
+                dec.fused(ids, states, position, stage=record_function)
             if cuda:
                 torch.cuda.synchronize()
 

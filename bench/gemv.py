@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchutil import GraphTimer  # bench/ is on sys.path: the scripts run from it
 from tnllm import TransNormerConfig
 
 WAYS = ("addmm_", "linear+add_", "linear")
@@ -31,34 +31,6 @@ def shapes(cfg) -> dict[str, tuple[int, int, bool]]:
     d, g = cfg.decoder_embed_dim, cfg.glu_dim
     return {"qkvu": (d, 4 * d, False), "out": (d, d, True), "l12": (d, 2 * g, False), "l3": (g, d, True),
             "head": (d, cfg.vocab_size, False)}
-
-
-def time_us(fn, cuda: bool, calls: int, replays: int) -> float:
-    if not cuda:
-        fn()
-        t = time.perf_counter()
-        for _ in range(calls * replays):
-            fn()
-        return (time.perf_counter() - t) * 1e6 / (calls * replays)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def main(argv=None):
@@ -76,6 +48,7 @@ def main(argv=None):
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     cuda = dev.type == "cuda"
     cfg = TransNormerConfig.from_preset(a.preset)
+    timer = GraphTimer(dev, a.calls, a.replays, warmup=3)
     rows = []
     for name, (K, N, residual) in shapes(cfg).items():
         w = torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5
@@ -90,7 +63,7 @@ def main(argv=None):
                 got = fns[way]() if way == "linear" else (fns[way](), x)[1]
                 want = (y.double() @ w.double().t()) if way == "linear" else ref
                 err = float((got.double() - want).norm() / want.norm())
-                us = time_us(fns[way], cuda, a.calls, a.replays)
+                us = timer(fns[way]) * 1e6
                 rows.append({"gemm": name, "K": K, "N": N, "batch": B, "way": way, "us": round(us, 2),
                              "gbs": round(w.numel() * w.element_size() / (us * 1e3), 1), "rel_err": float(f"{err:.3g}")})
     os.makedirs(a.out, exist_ok=True)

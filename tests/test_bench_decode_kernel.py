@@ -7,7 +7,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "decode_kernel.py"
 
 
-def test_decode_kernel_bench_cpu_smoke(tmp_path):
+def test_decode_kernel_bench_cpu_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))     # as when the script runs: bench/ is on sys.path
     spec = importlib.util.spec_from_file_location("decode_kernel_bench", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
