@@ -12,5 +12,5 @@ from .fused_step import FusedDecodeStep, fused_unsupported
 from .quant import quantize_int8, torchao_available
 from .policy import MODES, compile_model, is_compiled
 
-__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder", "DECODE_PATHS", "resolve_decode_path", "FusedDecodeStep",
-           "fused_unsupported", "quantize_int8", "torchao_available"]
+__all__ = ["compile_model", "is_compiled", "MODES", "CudaGraphDecoder", "DECODE_PATHS", "resolve_decode_path",
+           "FusedDecodeStep", "fused_unsupported", "quantize_int8", "torchao_available"]
