@@ -5,10 +5,10 @@ launches where cuBLAS runs each GEMM as one kernel):
 
     qkvu = x Wqkvu^T                       # GEMM on the un-normalised residual x
     y    = gla_decode(qkvu, S, norm_input=x)   # Triton: token norm folded in, act, LRPE, S update, o, SRMSNorm, * u
-    x   += y Wout^T                        # one GEMM that also adds the residual (addmm_, beta = 1)
+    x    = residual_gemv(x, y, Wout)       # x + y Wout^T: Triton up to 4 rows (cuBLAS addmm above), residual inside
     l12  = x W12^T                         # l1 and l2 as one GEMM over a [2g, d] stacked weight
     g    = sglu_gate(l12, norm_input=x)    # Triton: channel norm folded in, act(a) * b
-    x   += g W3^T                          # GEMM + residual
+    x   += g W3^T                          # GEMM + residual (addmm_, beta = 1)
 
 SRMSNorm has no weight, so srms_norm(x) W^T = r(x) (x W^T) with r the per-row scale: the two norms
 become a scale inside the kernels that read the projection. The roundings differ from ``model.step``
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tnllm.ops.gemv import residual_gemv
 from tnllm.ops.gla_decode import gla_decode_step
 from tnllm.ops.sglu import sglu_gate
 
@@ -138,10 +139,12 @@ class FusedDecodeStep:
         return n
 
     @staticmethod
-    def _add_projection(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """x + y w^T: one GEMM that accumulates into x (in place) for a plain weight, else linear + add."""
+    def _add_projection(x: Tensor, y: Tensor, w: Tensor, gemv: bool = True) -> Tensor:
+        """x + y w^T for a plain weight: ``residual_gemv`` (``gemv``; out_proj: H200 batch 1, 4.3 against
+        cuBLAS addmm's 7.3 us in the step's profile) or cuBLAS ``addmm_`` in place (l3: the Triton kernel,
+        with or without the gate inside, measured slower there); for a torchao weight its GEMM, then an add."""
         if _plain(w):
-            return x.addmm_(y, w.t())
+            return residual_gemv(x, y, w) if gemv else x.addmm_(y, w.t())
         return x + F.linear(y, w)
 
     @torch.no_grad()
@@ -169,7 +172,7 @@ class FusedDecodeStep:
             with _stage(stage, "sglu"):
                 g = sglu_gate(l12, x, self.glu_act)
             with _stage(stage, "l3"):
-                x = self._add_projection(x, g, glu.l3.weight)
+                x = self._add_projection(x, g, glu.l3.weight, gemv=False)
         with _stage(stage, "head"):
             return m.head(x)
 

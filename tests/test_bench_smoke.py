@@ -204,12 +204,14 @@ def test_decode_profile_gives_each_kernel_to_its_stage():
 
 
 def test_gemv_bench_cpu(tmp_path):
-    """Every GEMM of a layer and the head, each way, at the preset's shapes; each way computes x + y W^T."""
+    """Every GEMM of a layer and the head, each way, at the preset's shapes; each way computes x + y W^T (l3 also
+    with the SGLU gate)."""
     out = run([BENCH / "gemv.py", "--device", "cpu", "--preset", "tiny", "--batch", "1", "3", "--calls", "2",
                "--replays", "1", "--out", tmp_path / "g"], tmp_path)
     rows = json.loads((tmp_path / "g" / "gemv.json").read_text())["rows"]
     assert {(r["gemm"], r["way"]) for r in rows} == {
         ("qkvu", "linear"), ("l12", "linear"), ("head", "linear"),
-        *((g, w) for g in ("out", "l3") for w in ("addmm_", "linear+add_", "linear"))}
-    assert len(rows) == 2 * 9 and all(r["us"] > 0 and r["rel_err"] < 1e-2 for r in rows)
+        *((g, w) for g in ("out", "l3") for w in ("addmm_", "linear+add_", "linear", "residual_gemv")),
+        ("l3", "sglu_gate+addmm_"), ("l3", "residual_gemv(gate)")}
+    assert len(rows) == 2 * 13 and all(r["us"] > 0 and r["rel_err"] < 1e-2 for r in rows)
     assert "| l3 | 96 x 64 | 3 | addmm_ |" in out

@@ -14,6 +14,7 @@ from tnllm import RecurrentState, TransNormerConfig, TransNormerLLM  # noqa: E40
 from tnllm.compile import CudaGraphDecoder  # noqa: E402
 from tnllm.ops.gla_decode import op as gla_op  # noqa: E402
 from tnllm.ops.gla_decode import triton as gla_tri  # noqa: E402
+from tnllm.ops.gemv import op as gemv_op  # noqa: E402
 from tnllm.ops.sglu import op as sglu_op  # noqa: E402
 
 V = 259
@@ -23,10 +24,12 @@ V = 259
 def triton_on_cpu():
     gla_op.use_triton_on_cpu(True)
     sglu_op.use_triton_on_cpu(True)
+    gemv_op.use_triton_on_cpu(True)
     gla_tri._COUNTERS.clear()
     yield
     gla_op.use_triton_on_cpu(False)
     sglu_op.use_triton_on_cpu(False)
+    gemv_op.use_triton_on_cpu(False)
 
 
 def _model(seed=0):
