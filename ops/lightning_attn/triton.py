@@ -62,9 +62,9 @@ MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
-# The automatic sequence split for small B*H (auto_split). Off until the split launches pass on the GPU
-# (tests/gpu/test_gpu_kernels.py::test_split_launches_equal_one_split_cuda); the interpreter tests hold them on CPU.
-AUTO_SPLIT = False
+# The automatic sequence split for small B*H (auto_split): on. H200, B2 H16 T32768 D128 bf16 fwd+bwd 6.29 ->
+# 3.78 ms (bench/attention.py --auto-split, docs/benchmarks.md); False gives one split at every shape.
+AUTO_SPLIT = True
 
 
 @triton.jit
@@ -295,11 +295,12 @@ class SweepConfig:
 
 def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when
-    the programs already fill the GPU (``programs >= num_sms``) or the sequence is short (< 8 chunks); else
-    enough splits for about two programs per SM, each split at least 4 chunks long, at most 16. A split
-    costs a pre-pass over its Bm and C rows, so it pays only where SMs would otherwise idle (B2 H16 T32k:
-    64 programs on 132 SMs -> 5 splits)."""
-    if programs >= num_sms or n_chunks < 8:
+    the programs fill at least half the SMs (``2 * programs > num_sms``) or the sequence is short (< 8
+    chunks); else enough splits for about two programs per SM, each split at least 4 chunks long, at most
+    16. A split costs a pre-pass over its Bm and C rows, so it pays only where most SMs would otherwise
+    idle. H200 (132 SMs), bf16 fwd+bwd: B2 H16 T32k D128 (64 programs -> 5 splits) 6.29 -> 3.78 ms; at 128
+    programs (B8 H16 D64, one tile) 3 splits were slower, 1.30 -> 1.70 ms, so those run unsplit."""
+    if 2 * programs > num_sms or n_chunks < 8:
         return 1
     return max(1, min(-(-2 * num_sms // programs), n_chunks // 4, 16))
 
