@@ -11,6 +11,8 @@ d = H * e, so the fused kernel reads o through its strides and never materialise
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -95,14 +97,7 @@ def _kernels():
     return triton, fwd_kernel, bwd_kernel
 
 
-_KERNELS = None
-
-
-def _get_kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _kernels()
-    return _KERNELS
+_get_kernels = functools.cache(_kernels)     # built (and triton imported) at the first launch
 
 
 def _warps(n: int) -> int:

@@ -12,6 +12,8 @@ op uses this kernel only up to ``op.MAX_ROWS`` rows.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +77,7 @@ def _kernels():
     return triton, residual_gemv_kernel
 
 
-_KERNELS = None
-
-
-def _get_kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _kernels()
-    return _KERNELS
+_get_kernels = functools.cache(_kernels)     # built (and triton imported) at the first launch
 
 
 def supported(x: Tensor) -> bool:

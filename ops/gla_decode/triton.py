@@ -32,6 +32,8 @@ and scales its q, k, v (and the last program u) by x's SRMSNorm scale before any
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -145,16 +147,9 @@ def _kernels():
     return triton, gla_decode_kernel
 
 
-_KERNELS = None
+_get_kernels = functools.cache(_kernels)     # built (and triton imported) at the first launch
 _COUNTERS: dict = {}
 _RETIRED: list = []      # counter buffers replaced by larger ones: captured graphs may still use them
-
-
-def _get_kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _kernels()
-    return _KERNELS
 
 
 def _capturing(device: torch.device) -> bool:

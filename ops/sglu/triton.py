@@ -6,6 +6,8 @@ input dtype, then the product is rounded, as the model's ``act(l1 x) * l2 x`` do
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -48,14 +50,7 @@ def _kernels():
     return triton, sglu_gate_kernel
 
 
-_KERNELS = None
-
-
-def _get_kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _kernels()
-    return _KERNELS
+_get_kernels = functools.cache(_kernels)     # built (and triton imported) at the first launch
 
 
 def supported(l12: Tensor) -> bool:
