@@ -23,7 +23,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import random
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -126,12 +126,6 @@ def _get(url):
     return httpx.get(url, timeout=30).json()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -154,11 +148,9 @@ def main(argv=None):
     from tnllm.config import TransNormerConfig
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     batch = a.max_batch or max(a.concurrency)
     src = ["--ckpt", a.ckpt] if a.ckpt else ["--preset", a.preset]
-    cmd = [sys.executable, "-m", "tnllm", "serve", *src, "--port", str(port), "--device", a.device, "--dtype",
+    cmd = [sys.executable, "-m", "tnllm", "serve", *src, "--port", "0", "--device", a.device, "--dtype",
            a.dtype, "--max-batch", str(batch), "--max-queue", str(max(a.concurrency) * 2), "--log-level",
            "warning", "--max-prompt-tokens", str(max(a.prompt_len)), *[x for s in a.server_arg for x in s.split()]]
     if a.ckpt:
@@ -169,14 +161,17 @@ def main(argv=None):
     log = open(out / "serve_server.log", "w")
     print(" ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    rows = []
+    rows, url = [], None
     try:
         t0 = time.time()
         while True:
             if server.poll() is not None:
                 raise SystemExit(f"server exited with {server.returncode}; see {out / 'serve_server.log'}")
+            if url is None:  # port 0: the server names the free port it took on its ready line
+                m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", (out / "serve_server.log").read_text(errors="replace"))
+                url = f"http://127.0.0.1:{m.group(1)}" if m else None
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if url is not None and httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -2,7 +2,7 @@
 driven by the ``openai`` client and by raw httpx requests."""
 import asyncio
 import json
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -28,31 +28,32 @@ EOS = TOK.eos_id
 LONG = 10 ** 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``python -m tnllm serve ...`` as a subprocess; ready once /health answers 200."""
 
     def __init__(self, ckpt, *args, timeout=120.0):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(ckpt).parent / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tnllm", "serve", "--ckpt", str(ckpt), "--port",
-                                      str(self.port), "--log-level", "warning", "--model-name", NAME, "--threads", "1",
+        # port 0: the server takes a free port itself and names it on its ready line (no race with other
+        # workers' servers between choosing a port here and binding it there)
+        self.log_path = Path(ckpt).parent / f"server-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tnllm", "serve", "--ckpt", str(ckpt), "--port", "0",
+                                      "--log-level", "warning", "--model-name", NAME, "--threads", "1",
                                       *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        t0 = time.time()
+        t0, self.url = time.time(), None
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if self.url is None:
+                m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.output())
+                if m:
+                    self.port = int(m.group(1))
+                    self.url = f"http://127.0.0.1:{self.port}"
+            if self.url is not None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
             if time.time() - t0 > timeout:
                 self.close()
                 raise RuntimeError(f"the server did not come up in {timeout}s:\n{self.output()}")
@@ -60,9 +61,8 @@ class Server:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        # read through a file of its own: seeking the shared descriptor would move the server's write offset
+        return self.log_path.read_text(errors="replace")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health").json()
@@ -472,11 +472,18 @@ def test_text_stream_holds_partial_characters_and_stop_prefixes():
 def test_cli_errors(tmp_path, capsys):
     from tnllm.baseline import TransformerLM
     from tnllm.cli import main
-    assert main(["serve", "--ckpt", str(tmp_path / "nope")]) == 2
+    import socket
+    assert main(["serve", "--ckpt", str(tmp_path / "nope"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     save_model(TransformerLM(TransNormerConfig.from_preset("tiny")), tmp_path / "tf")
     TOK.save(tmp_path / "tf")
-    assert main(["serve", "--ckpt", str(tmp_path / "tf"), "--device", "cpu"]) == 2
+    assert main(["serve", "--ckpt", str(tmp_path / "tf"), "--device", "cpu", "--port", "0"]) == 2
     assert "TransNormerLLM" in capsys.readouterr().err
     assert main(["serve", "--preset", "tiny", "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    with socket.socket() as busy:  # a taken port fails at once, before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--preset", "tiny", "--port", str(port)]) == 2
+        assert f"--host/--port: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

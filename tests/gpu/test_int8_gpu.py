@@ -22,7 +22,10 @@ def _model(seed=0):
     return m.to("cuda", torch.bfloat16)
 
 
-def _agreement(ref, other, B=3, T=6, n=24):
+def _agreement(ref, other, B=3, T=6, n=24, margin=0.0):
+    """Greedy agreement of ``other`` with ``ref`` fed ``ref``'s tokens, over the positions where ``ref``'s
+    top-1 logit leads its top-2 by more than ``margin`` times its largest |logit| (a near-tie may go either
+    way under another summation order; those positions are not counted, but at least half must count)."""
     ids = torch.randint(1, 1024, (B, T), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
     sa, agree, lr = ref.zero_state(B), [], None
     for t in range(T + n):
@@ -31,8 +34,13 @@ def _agreement(ref, other, B=3, T=6, n=24):
             lr, sa = ref.step(tok, sa, decode_kernel=False)
         lo = other(tok)
         if t >= T - 1:
-            agree.append(float((lr.argmax(-1) == lo.argmax(-1)).float().mean()))
-    return sum(agree) / len(agree)
+            top = lr.float().topk(2, -1).values
+            decided = (top[:, 0] - top[:, 1]) > margin * lr.float().abs().amax(-1)
+            agree.append(torch.where(decided, (lr.argmax(-1) == lo.argmax(-1)).float(), -1.0))
+    agree = torch.stack(agree)  # 1 agreed, 0 disagreed, -1 not counted
+    counted = agree >= 0
+    assert counted.float().mean() >= 0.5, f"only {int(counted.sum())} of {agree.numel()} positions decided"
+    return float(agree[counted].mean())
 
 
 @pytest.mark.parametrize("policy,path", [("graph", "kernel"), ("compiled+graph", "kernel"),
@@ -40,7 +48,7 @@ def _agreement(ref, other, B=3, T=6, n=24):
 def test_int8_decoder_paths(policy, path):
     m = quantize_int8(_model(1))
     dec = CudaGraphDecoder(m, 3, compile=policy.startswith("compiled"), decode_path=path)
-    assert _agreement(m, dec.step) >= 0.97
+    assert _agreement(m, dec.step, margin=0.01) >= 0.97
     assert dec.graph is not None
 
 

@@ -9,6 +9,7 @@ The web stack (starlette, uvicorn) is the ``serve`` extra: ``pip install "tnllm[
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 
@@ -20,7 +21,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", help="serve a randomly initialised model of this preset (for benchmarks) with "
                                       "the byte tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: a free one, which the ready line names)")
     p.add_argument("--max-batch", type=int, default=16, help="slots: requests decoded together")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more get HTTP 503")
@@ -107,6 +108,8 @@ def serve(a) -> int:
         _positive("threads", a.threads)
         import torch
         torch.set_num_threads(a.threads)
+    sock = _bind(a.host, a.port)
+    port = sock.getsockname()[1]
     t0 = time.perf_counter()
     model, tokenizer, name = load_for_serving(a)
     server = build_server(model, tokenizer, name, a)
@@ -114,6 +117,22 @@ def serve(a) -> int:
     print(f"tnllm serve: {name} ({model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype}) on "
           f"{slots.device}, {a.max_batch} slots of {slots.state_bytes_per_slot() / 2**20:.2f} MiB state each"
           f"{', CUDA graphs' if slots.cuda_graph else ''}; ready in {time.perf_counter() - t0:.1f}s; "
-          f"http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(server.app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=3)
+          f"http://{a.host}:{port}/v1", file=sys.stderr, flush=True)
+    config = uvicorn.Config(server.app, log_level=a.log_level, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening address taken before the (slow) model load, so a busy port fails at once and port 0
+    gets a free one whose number the ready line prints; connections are accepted once uvicorn starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host/--port: cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
