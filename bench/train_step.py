@@ -100,6 +100,44 @@ def matmul_params(m) -> int:
     return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
 
 
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(t in n for t in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "splitk")):
+        return "gemm"
+    if any(t in n for t in ("lightning", "_la_", "sweep", "attn", "flash")):
+        return "attention"
+    if n in ("fwd_kernel", "bwd_kernel") or "norm" in n:
+        return "norm"
+    if "adam" in n or "multi_tensor" in n:
+        return "optimizer"
+    if n.startswith("triton_") or "triton" in n:
+        return "inductor"
+    return "other"
+
+
+def profile_step(step, cuda: bool) -> dict:
+    """Device time of one ``step()`` per kernel name (summed over launches) and per kind."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = ev.device_time if cuda else ev.cpu_time
+        r = rows.setdefault(ev.name, dict(name=ev.name, kind=kernel_kind(ev.name), ms=0.0, count=0))
+        r["ms"] += t / 1e3
+        r["count"] += 1
+    kernels = sorted(rows.values(), key=lambda r: -r["ms"])
+    kinds = {}
+    for r in kernels:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["ms"]
+    return dict(kernels=kernels, kinds_ms=kinds, kernel_ms_total=sum(kinds.values()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", default="tnllm", choices=["tnllm", "naive", "sdpa"])
@@ -114,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--loss-chunk-tokens", type=int, default=None,
                     help="rows per chunk of the fused loss (default: about B*T*d/V, a power of two)")
     ap.add_argument("--out", default="runs/train")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, one more step under torch.profiler: device time per kernel and per "
+                         "kind (GEMM, attention, inductor fusions, optimizer, other) into train_profile.json")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the same step (autocast bf16 on CPU, wall-clock timing, no memory statistics)")
     a = ap.parse_args(argv)
@@ -190,6 +231,15 @@ def main(argv=None):
                loss=float(loss.detach()), compiled=not a.no_compile, device=dev, torch=torch.__version__)
     print(json.dumps(rec), flush=True)
     os.makedirs(a.out, exist_ok=True)
+    if a.profile:
+        prof = profile_step(step, cuda)
+        prof.update(impl=a.impl, loss_impl=a.loss, preset=a.preset, B=a.B, T=a.T, step_ms=ms)
+        print(json.dumps({k: prof[k] for k in ("kinds_ms", "kernel_ms_total")}), flush=True)
+        for r in prof["kernels"][:25]:
+            print(f"{r['ms']:9.3f} ms  x{r['count']:<5d} {r['kind']:10s} {r['name'][:110]}", flush=True)
+        tag = f"{a.impl}_{a.loss}_T{a.T}_B{a.B}"
+        with open(os.path.join(a.out, f"train_profile_{tag}.json"), "w") as f:
+            json.dump(prof, f, indent=1)
     with open(os.path.join(a.out, "train_step.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
