@@ -1,8 +1,9 @@
 """``tnllm::fused_linear_cross_entropy``: the loss of ``x @ weight.T`` against ``target`` computed over
 chunks of rows, so the [N, V] logits never exist.
 
-Per chunk of rows: logits [c, V] in fp32 (fp64 for fp64 inputs), their logsumexp, the loss terms, and, in
-the same pass, the softmax gradient (softmax - onehot); the chunk's ``dx`` rows are written and ``dW``
+Per chunk of rows: logits [c, V], their logsumexp, the loss terms, and, in the same pass, the softmax
+gradient (softmax - onehot): on CUDA one Triton kernel over the matmul's logits, in place (``triton.py``);
+elsewhere torch ops on fp32 logits (fp64 for fp64 inputs); the chunk's ``dx`` rows are written and ``dW``
 accumulated in fp32. The forward returns the loss together with both gradients (``dx`` without the mean's
 1 / count, which would push fp16 values into the subnormal range; ``dW`` with it, applied in fp32), and the
 backward only scales them by the incoming gradient (the head's matmuls run three
@@ -33,6 +34,36 @@ def auto_chunk_tokens(n: int, vocab: int, d: int) -> int:
     return min(n, 1 << (per - 1).bit_length())
 
 
+TRITON_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def triton_chunk_tokens(n: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk on the Triton path when none is given: the largest power of two whose [c, V] logits
+    (in the matmul's dtype, the only copy) take at most ``TRITON_CHUNK_BYTES`` (at least 1, at most N)."""
+    per = max(1, TRITON_CHUNK_BYTES // max(1, vocab * itemsize))
+    return max(1, min(n, 1 << (per.bit_length() - 1)))
+
+
+_TRITON_ON_CPU = False
+
+
+def use_triton_on_cpu(enable: bool = True) -> None:
+    """Run the Triton row kernel on CPU tensors too (tests under ``TRITON_INTERPRET=1``), or not."""
+    global _TRITON_ON_CPU
+    _TRITON_ON_CPU = bool(enable)
+
+
+def _use_triton(x: Tensor) -> bool:
+    from . import triton as tri
+    if not tri.supported(x.dtype) or not (x.is_cuda or (_TRITON_ON_CPU and x.device.type == "cpu")):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _mean_scale(count: Tensor, mean: bool, acc: torch.dtype) -> Tensor:
     """The factor of the loss's gradient, a 0-dim ``acc`` tensor: 1 / ``count`` (the rows not ignored) for the
     mean (all rows ignored: 1, the gradients being zero then, as F.cross_entropy gives), 1 for the sum."""
@@ -51,7 +82,11 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
     n, d = x.shape
     vocab = weight.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
+    fast = _use_triton(x)
+    if chunk_tokens > 0:
+        c = chunk_tokens
+    else:
+        c = triton_chunk_tokens(n, vocab, x.element_size()) if fast else auto_chunk_tokens(n, vocab, d)
     with _no_autocast(x.device):
         w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         valid = target != ignore_index
@@ -64,6 +99,20 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
         else:
             dx, dw = x.new_empty(0), weight.new_empty(0)
         for i in range(0, n, c):
+            if fast:
+                # logits in the matmul's dtype; one kernel turns them into the loss terms and, in place, the
+                # unscaled softmax gradient; the two matmuls read that buffer
+                from .triton import ce_rows_triton
+                xc = x[i:i + c]
+                g = xc @ w.T
+                loss = loss + ce_rows_triton(g, target[i:i + c], ignore_index, grad=need_grad).sum()
+                if need_grad:
+                    torch.mm(g, w, out=dx[i:i + c])
+                    if g.dtype == acc:
+                        dw.addmm_(g.T, xc)
+                    else:
+                        dw.add_(g.T @ xc)
+                continue
             xc, vc = x[i:i + c], valid[i:i + c]
             tc = torch.where(vc, target[i:i + c], 0).unsqueeze(1)       # ignored rows pick class 0, masked below
             logits = (xc @ w.T).to(acc)                                  # [c, V]
@@ -144,13 +193,19 @@ def fused_linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, ignore
         target: [N] int64 class indices in [0, V), or ``ignore_index``.
         ignore_index: rows with this target add nothing to the loss or the gradients and are not counted
             in the mean.
-        chunk_tokens: rows per chunk (the peak extra memory is a [chunk_tokens, V] fp32 logits tensor);
-            None: about N * d / V rows, a power of two (one chunk's logits are about the size of ``x``).
+        chunk_tokens: rows per chunk (the peak extra memory is one chunk's [chunk_tokens, V] logits);
+            None: on the Triton path (CUDA, fp16/bf16/fp32) the largest power of two whose logits in the
+            matmul's dtype take at most 256 MiB; elsewhere about N * d / V rows, a power of two (one
+            chunk's fp32 logits are then about the size of ``x``).
         reduction: "mean" (over the rows not ignored; all rows ignored gives NaN with zero gradients,
             as ``F.cross_entropy`` does) or "sum" (0 with zero gradients when all are ignored).
 
-    Logits, logsumexp and the softmax gradient are fp32 (fp64 for fp64 inputs); for bf16/fp16 the matmuls
-    run in the input dtype and ``dW`` is accumulated over chunks in fp32. The gradients are computed in
+    On CUDA (fp16, bf16, fp32) each chunk is three matmuls around one Triton kernel: the logits in the
+    input dtype (as ``x @ weight.T`` rounds them), then per row the fp32 logsumexp and loss term, with the
+    softmax gradient written over the logits in place. Elsewhere (CPU, fp64) the chunk's logits are
+    upcast to fp32 (fp64 for fp64 inputs) and the same maths runs as torch ops. The matmuls run in the
+    input dtype and ``dW`` is accumulated over chunks in fp32. A target outside [0, V) gives a NaN loss
+    on the Triton path. The gradients are computed in
     the forward (when grad mode is on and ``x`` or ``weight`` requires grad), so the loss supports one
     backward and no double backward. Returns a 0-dim tensor: fp32, or fp64 for fp64 inputs.
     """

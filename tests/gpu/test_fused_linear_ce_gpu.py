@@ -71,3 +71,15 @@ def test_peak_memory_below_the_logits():
     extra = torch.cuda.max_memory_allocated() - base
     logits_fp32 = n * v * 4
     assert extra < logits_fp32 / 4, f"extra peak {extra / 2**30:.2f} GiB vs fp32 logits {logits_fp32 / 2**30:.2f} GiB"
+
+
+def test_the_triton_row_kernel_runs_and_flags_bad_classes():
+    from tnllm.ops.fused_linear_ce import op as ce_op
+    x, w, t = _case(3000, 256, 50257, torch.bfloat16, seed=3)      # a vocabulary that is not a multiple of the block
+    assert ce_op._use_triton(x)
+    got = _grads(fused_linear_cross_entropy, x, w, t, chunk_tokens=1024)
+    ref = _grads(fused_linear_cross_entropy_naive, x.double(), w.double(), t)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < TOL[torch.bfloat16]
+    t[5] = 50257                                                  # outside [0, V): NaN, not a plausible loss
+    assert torch.isnan(fused_linear_cross_entropy(x, w, t))
