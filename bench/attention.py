@@ -36,10 +36,12 @@ SHAPES = {   # name: (B, H, T, Dk, Dv)
     "lrpe": (8, 8, 8192, 256, 128),
     "t2k": (32, 16, 2048, 128, 128),
     "t32k": (2, 16, 32768, 128, 128),
+    "train": (2, 8, 8192, 128, 128),  # one layer of the 385M preset's training step at T 8192, B 2
     "tiny": (1, 2, 100, 16, 8),       # --device cpu
 }
 
 DEV = "cuda"                          # --device
+SWEEP_SHAPES: list = []               # --sweep-shapes (empty: every planned shape)
 PEERS = ["naive", "sdpa_cudnn", "sdpa_flash", "fla_chunk", "lightning_attn2"]
 
 
@@ -191,7 +193,12 @@ def sweep(out, dtype):
         "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1)]),
         "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2)]),
         "t32k": (("fwd", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 8)]),
+        "train": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 16),
+                                  SC(32, 64, 4, 2, 1), SC(32, 64, 4, 2, 2), SC(32, 64, 4, 2, 4), SC(32, 64, 4, 2, 8),
+                                  SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4)]),
     }
+    if SWEEP_SHAPES:
+        plans = {k: v for k, v in plans.items() if k in SWEEP_SHAPES}
     res = []
     for shape_name, (sweep_names, cands) in plans.items():
         B, H, T, Dk, Dv = SHAPES[shape_name]
@@ -285,6 +292,7 @@ def main(argv=None):
     ap.add_argument("--fla-max-configs", type=int, default=6)
     ap.add_argument("--fla-shapes", default="main", help="shapes at which fla runs (each new K/V autotunes)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-shapes", default="", help="comma list of the shapes --sweep times (default: all)")
     ap.add_argument("--nonfinite-modes", default="", help="comma list of the sweep kernel's NF modes to time as "
                     "tnllm_nf<m> (0: unsafe, no masking; 1: prefix-count dot; 2: running sum; 3: branch + running sum)")
     ap.add_argument("--auto-split", action="store_true", help="also time the public op with the automatic sequence "
@@ -310,6 +318,8 @@ def main(argv=None):
     if a.sweep:
         if DEV != "cuda":
             ap.error("--sweep times the Triton kernels: it needs --device cuda")
+        global SWEEP_SHAPES
+        SWEEP_SHAPES = [x for x in a.sweep_shapes.split(",") if x]
         sweep(a.out, dtype)
         return
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"

@@ -127,6 +127,8 @@ def profile_step(step, cuda: bool) -> dict:
     for ev in prof.events():
         if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        if getattr(ev, "is_user_annotation", False) or ev.name.startswith(("Optimizer.", "ProfilerStep")):
+            continue                     # a range on the GPU timeline, not a kernel: its kernels count already
         t = ev.device_time if cuda else ev.cpu_time
         r = rows.setdefault(ev.name, dict(name=ev.name, kind=kernel_kind(ev.name), ms=0.0, count=0))
         r["ms"] += t / 1e3
