@@ -62,8 +62,8 @@ MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
-# The automatic sequence split for small B*H (auto_split): on. H200, B2 H16 T32768 D128 bf16 fwd+bwd 6.29 ->
-# 3.78 ms (bench/attention.py --auto-split, docs/benchmarks.md); False gives one split at every shape.
+# The automatic sequence split for small B*H (auto_split): on (bench/attention.py --auto-split and --sweep,
+# docs/benchmarks.md); False gives one split at every shape.
 AUTO_SPLIT = True
 
 
@@ -296,13 +296,25 @@ class SweepConfig:
 def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when
     the programs fill at least half the SMs (``2 * programs > num_sms``) or the sequence is short (< 8
-    chunks); else enough splits for about two programs per SM, each split at least 4 chunks long, at most
-    16. A split costs a pre-pass over its Bm and C rows, so it pays only where most SMs would otherwise
-    idle. H200 (132 SMs), bf16 fwd+bwd: B2 H16 T32k D128 (64 programs -> 5 splits) 6.29 -> 3.78 ms; at 128
-    programs (B8 H16 D64, one tile) 3 splits were slower, 1.30 -> 1.70 ms, so those run unsplit."""
+    chunks). Else the split count k (at most 16, each split at least 4 chunks long) that minimises the
+    chunk steps of the slowest program, waves x chunks per split, counting two resident programs per SM
+    (waves = ceil(programs * k / (2 * num_sms))); ties go to more splits. Whole waves matter: on the H200
+    (132 SMs) at B2 H8 T8192 D128 (32 programs, 128 chunks; the 385M training step) the forward sweep took
+    0.161 ms with 4 splits, 0.240 with 9 (288 programs: a third wave almost empty) and 0.135 with 16
+    (bench/attention.py --sweep --sweep-shapes train). A split costs a pre-pass over its Bm and C rows, so
+    it pays only where most SMs would otherwise idle: at 128 programs (B8 H16 D64, one tile) 3 splits were
+    slower, 1.30 -> 1.70 ms fwd+bwd, so those run unsplit."""
     if 2 * programs > num_sms or n_chunks < 8:
         return 1
-    return max(1, min(-(-2 * num_sms // programs), n_chunks // 4, 16))
+    slots = 2 * num_sms
+    best_cost, best = None, 1
+    for k in range(1, min(16, n_chunks // 4) + 1):
+        cps = -(-n_chunks // k)
+        k_eff = -(-n_chunks // cps)                  # the splits _sweep actually launches
+        cost = -(-programs * k_eff // slots) * cps
+        if best_cost is None or cost <= best_cost:
+            best_cost, best = cost, k_eff
+    return best
 
 
 def _pow2(n: int) -> int:

@@ -37,8 +37,9 @@ def test_auto_split_policy():
     assert auto_split(132, 4096, sms) == 1
     assert auto_split(128, 128, sms) == 1            # B8 H16 D64 (one tile): 3 splits measured slower
     assert auto_split(67, 512, sms) == 1             # more than half the SMs busy
-    assert auto_split(66, 512, sms) == 4
-    assert auto_split(64, 512, sms) == 5             # B2 H16 T32768 D128: about two programs per SM
+    assert auto_split(66, 512, sms) == 16            # 1056 programs: 4 whole waves of 2 x 132
+    assert auto_split(64, 512, sms) == 16            # B2 H16 T32768 D128
+    assert auto_split(32, 128, sms) == 16            # B2 H8 T8192 D128 (the 385M training step): not 9 (3 waves)
     assert auto_split(1, 94, sms) == 16              # one long head: at most 16 splits
     assert auto_split(8, 7, sms) == 1                # under 8 chunks: not worth a pre-pass
     assert auto_split(8, 12, sms) == 3               # every split at least 4 chunks long
