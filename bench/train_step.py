@@ -12,7 +12,7 @@ own), and the loss (final norm, tied lm_head, cross entropy) compiled too. Time 
 steps after warm-up (compile), with CUDA events around the whole step (forward, backward, optimizer).
 ``--loss naive`` (default) materialises the [B, T, V] logits (bf16, then fp32 for the cross entropy);
 ``--loss fused`` runs the head + cross entropy as ``tnllm.ops.fused_linear_cross_entropy`` (chunks of
-``--loss-chunk-tokens`` rows, default: about B T d / V), so no [B, T, V] tensor exists.
+``--loss-chunk-tokens`` rows, default on CUDA: at most 256 MiB of logits per chunk), so no [B, T, V] tensor exists.
 
 MFU = model FLOPs per second / 989e12 (H200 dense bf16, datasheet). Model FLOPs per token =
 6 * (parameters in matmuls, lm_head included) + attention: softmax 6 * L * T * d (causal half of
@@ -152,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--loss", default="naive", choices=["naive", "fused"],
                     help="naive: whole logits + F.cross_entropy; fused: tnllm.ops.fused_linear_cross_entropy")
     ap.add_argument("--loss-chunk-tokens", type=int, default=None,
-                    help="rows per chunk of the fused loss (default: about B*T*d/V, a power of two)")
+                    help="rows per chunk of the fused loss (default: the op's own choice)")
     ap.add_argument("--out", default="runs/train")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, one more step under torch.profiler: device time per kernel and per "
