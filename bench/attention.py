@@ -41,7 +41,6 @@ SHAPES = {   # name: (B, H, T, Dk, Dv)
 }
 
 DEV = "cuda"                          # --device
-SWEEP_SHAPES: list = []               # --sweep-shapes (empty: every planned shape)
 PEERS = ["naive", "sdpa_cudnn", "sdpa_flash", "fla_chunk", "lightning_attn2"]
 
 
@@ -183,8 +182,9 @@ def prune_fla_autotune(max_configs: int):
     return n
 
 
-def sweep(out, dtype):
-    """Time the four tnllm sweeps (fwd, dq, dk, dv) at the main shapes under several configs."""
+def sweep(out, dtype, shapes=()):
+    """Time the four tnllm sweeps (fwd, dq, dk, dv) at the main shapes (or those named in ``shapes``)
+    under several configs."""
     from tnllm.ops.lightning_attn import triton as tri
     SC = tri.SweepConfig
     plans = {   # shape: (sweeps, candidate configs (BC, CHUNK, warps, stages, n_split)); plus the default
@@ -197,8 +197,8 @@ def sweep(out, dtype):
                                   SC(32, 64, 4, 2, 1), SC(32, 64, 4, 2, 2), SC(32, 64, 4, 2, 4), SC(32, 64, 4, 2, 8),
                                   SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4)]),
     }
-    if SWEEP_SHAPES:
-        plans = {k: v for k, v in plans.items() if k in SWEEP_SHAPES}
+    if shapes:
+        plans = {k: v for k, v in plans.items() if k in shapes}
     res = []
     for shape_name, (sweep_names, cands) in plans.items():
         B, H, T, Dk, Dv = SHAPES[shape_name]
@@ -318,9 +318,11 @@ def main(argv=None):
     if a.sweep:
         if DEV != "cuda":
             ap.error("--sweep times the Triton kernels: it needs --device cuda")
-        global SWEEP_SHAPES
-        SWEEP_SHAPES = [x for x in a.sweep_shapes.split(",") if x]
-        sweep(a.out, dtype)
+        names = [x for x in a.sweep_shapes.split(",") if x]
+        unknown = [x for x in names if x not in SHAPES]
+        if unknown:
+            ap.error(f"--sweep-shapes: unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
+        sweep(a.out, dtype, names)
         return
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     bw = copy_bandwidth()

@@ -23,7 +23,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import random
-import re
 import subprocess
 import sys
 import time
@@ -146,6 +145,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     import httpx
     from tnllm.config import TransNormerConfig
+    from tnllm.serve import ready_url
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     batch = a.max_batch or max(a.concurrency)
@@ -168,8 +168,7 @@ def main(argv=None):
             if server.poll() is not None:
                 raise SystemExit(f"server exited with {server.returncode}; see {out / 'serve_server.log'}")
             if url is None:  # port 0: the server names the free port it took on its ready line
-                m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", (out / "serve_server.log").read_text(errors="replace"))
-                url = f"http://127.0.0.1:{m.group(1)}" if m else None
+                url = ready_url((out / "serve_server.log").read_text(errors="replace"))
             try:
                 if url is not None and httpx.get(url + "/health", timeout=2).status_code == 200:
                     break

@@ -2,7 +2,6 @@
 driven by the ``openai`` client and by raw httpx requests."""
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ pytest.importorskip("uvicorn")
 from tnllm import TransNormerConfig, TransNormerLLM, generate  # noqa: E402
 from tnllm.tokenizer import ByteTokenizer  # noqa: E402
 from tnllm.checkpoints import load_model, save_model  # noqa: E402
+from tnllm.serve import ready_url  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-serve"
@@ -44,10 +44,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
             if self.url is None:
-                m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.output())
-                if m:
-                    self.port = int(m.group(1))
-                    self.url = f"http://127.0.0.1:{self.port}"
+                self.url = ready_url(self.output())
             if self.url is not None:
                 try:
                     if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:

@@ -77,12 +77,30 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _chunk_torch(xc: Tensor, w: Tensor, tc: Tensor, vc: Tensor, acc: torch.dtype,
+                 need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """One chunk as torch ops: (the loss terms' sum, the unscaled softmax gradient in x's dtype or None)."""
+    tc = torch.where(vc, tc, 0).unsqueeze(1)                            # ignored rows pick class 0, masked below
+    logits = (xc @ w.T).to(acc)                                          # [c, V]
+    lse = torch.logsumexp(logits, dim=1)
+    picked = logits.gather(1, tc).squeeze(1)
+    loss = torch.where(vc, lse - picked, 0).sum()
+    if not need_grad:
+        return loss, None
+    g = logits.sub_(lse.unsqueeze(1)).exp_()                             # softmax, in place of the logits
+    g.scatter_add_(1, tc, torch.full_like(picked, -1.0).unsqueeze(1))
+    g.mul_(vc.to(acc).unsqueeze(1))
+    return loss, g if g.dtype == xc.dtype else g.to(xc.dtype)
+
+
 def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, chunk_tokens: int, mean: bool,
                 need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     n, d = x.shape
     vocab = weight.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     fast = _use_triton(x)
+    if fast:
+        from .triton import ce_rows_triton
     if chunk_tokens > 0:
         c = chunk_tokens
     else:
@@ -99,39 +117,24 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
         else:
             dx, dw = x.new_empty(0), weight.new_empty(0)
         for i in range(0, n, c):
+            xc = x[i:i + c]
             if fast:
                 # logits in the matmul's dtype; one kernel turns them into the loss terms and, in place, the
-                # unscaled softmax gradient; the two matmuls read that buffer
-                from .triton import ce_rows_triton
-                xc = x[i:i + c]
+                # unscaled softmax gradient
                 g = xc @ w.T
                 loss = loss + ce_rows_triton(g, target[i:i + c], ignore_index, grad=need_grad).sum()
-                if need_grad:
-                    torch.mm(g, w, out=dx[i:i + c])
-                    if g.dtype == acc:
-                        dw.addmm_(g.T, xc)
-                    else:
-                        dw.add_(g.T @ xc)
-                continue
-            xc, vc = x[i:i + c], valid[i:i + c]
-            tc = torch.where(vc, target[i:i + c], 0).unsqueeze(1)       # ignored rows pick class 0, masked below
-            logits = (xc @ w.T).to(acc)                                  # [c, V]
-            lse = torch.logsumexp(logits, dim=1)
-            picked = logits.gather(1, tc).squeeze(1)
-            loss = loss + torch.where(vc, lse - picked, 0).sum()
+            else:
+                part, g = _chunk_torch(xc, w, target[i:i + c], valid[i:i + c], acc, need_grad)
+                loss = loss + part
             if not need_grad:
                 continue
-            g = logits.sub_(lse.unsqueeze(1)).exp_()                     # softmax, in place of the logits
-            g.scatter_add_(1, tc, torch.full_like(picked, -1.0).unsqueeze(1))
-            # not yet scaled by 1 / count: softmax / count (~1e-9 at V = 64k) underflows in fp16, and dx rows
-            # (bounded by 2 max|w|) stay in range; the backward applies 1 / count and the incoming gradient
-            g.mul_(vc.to(acc).unsqueeze(1))
-            gd = g if g.dtype == x.dtype else g.to(x.dtype)
-            torch.mm(gd, w, out=dx[i:i + c])                              # dx is contiguous: rows are a view
-            if gd.dtype == acc:
-                dw.addmm_(gd.T, xc)
+            # g is not yet scaled by 1 / count: softmax / count (~1e-9 at V = 64k) underflows in fp16, and dx
+            # rows (bounded by 2 max|w|) stay in range; the backward applies 1 / count and the incoming gradient
+            torch.mm(g, w, out=dx[i:i + c])                               # dx is contiguous: rows are a view
+            if g.dtype == acc:
+                dw.addmm_(g.T, xc)
             else:
-                dw.add_(gd.T @ xc)                                      # bf16/fp16 product, fp32 accumulation
+                dw.add_(g.T @ xc)                                        # bf16/fp16 product, fp32 accumulation
         if mean:
             loss = loss / count                                         # 0 / 0 = NaN when all rows are ignored
         if need_grad:

@@ -9,6 +9,7 @@ The web stack (starlette, uvicorn) is the ``serve`` extra: ``pip install "tnllm[
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 import time
@@ -121,6 +122,13 @@ def serve(a) -> int:
     config = uvicorn.Config(server.app, log_level=a.log_level, timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def ready_url(log: str) -> str | None:
+    """The base URL (``http://host:port``) that the ready line of ``tnllm serve`` names in its output ``log``, or
+    None before that line is written: how a parent process finds the port that ``--port 0`` took."""
+    m = re.search(r"; ready in [0-9.]+s; (http://\S+?:\d+)/v1", log)
+    return m.group(1) if m else None
 
 
 def _bind(host: str, port: int) -> socket.socket:
