@@ -73,6 +73,11 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from tnllm.ops.lightning_attn import triton as tri
         tri.AUTO_SPLIT = True        # read at each launch; restored by main after this implementation's record
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name == "tnllm_separate":   # the public op with the backward's dk and dv as two sweeps (FUSED_DKDV off)
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        tri.FUSED_DKDV = False       # read at each launch; restored by main after this implementation's record
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -142,7 +147,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         step()
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
-    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit")):   # vs the blocked form in fp32, same inputs
+    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate")):   # vs the blocked form in fp32, same inputs
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
@@ -197,6 +202,9 @@ def sweep(out, dtype, shapes=()):
                                   SC(32, 64, 4, 2, 1), SC(32, 64, 4, 2, 2), SC(32, 64, 4, 2, 4), SC(32, 64, 4, 2, 8),
                                   SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4)]),
     }
+    dkdv_cands = [SC(0, 64, 8, 2), SC(0, 64, 4, 2), SC(0, 32, 4, 2), SC(0, 32, 8, 2), SC(0, 64, 8, 3), SC(0, 32, 4, 3)]
+    for name in ("main", "d64", "lrpe", "t32k", "train"):   # the fused dk/dv sweep: (CHUNK, warps, stages) candidates
+        plans[name] = (plans[name][0] + ("dkdv",), plans[name][1])
     if shapes:
         plans = {k: v for k, v in plans.items() if k in shapes}
     res = []
@@ -211,6 +219,18 @@ def sweep(out, dtype, shapes=()):
         sweeps = {"fwd": (q, k, v, False, 0, S), "dq": (do, v, k, False, 0, None),
                   "dk": (v, do, q, True, -1, None), "dv": (k, q, do, True, -1, S)}
         for sw in sweep_names:
+            if sw == "dkdv":
+                dS0 = torch.empty(B, H, Dk, Dv, device="cuda")
+                for cfg in dkdv_cands + [tri.default_dkdv_config(Dk, Dv)]:
+                    try:
+                        ms = bench(lambda: tri._dkdv(q, k, v, do, s, None, dS0, cfg=cfg), warmup=10, rep=40)
+                    except Exception as e:   # out of resources etc.
+                        ms = float("nan")
+                        log("  fail", shape_name, sw, cfg, type(e).__name__, str(e)[:200])
+                    r = dict(shape=shape_name, sweep=sw, cfg=cfg.__dict__, ms=ms)
+                    res.append(r)
+                    log(json.dumps(r))
+                continue
             A, Bm, C, rev, e0, fin = sweeps[sw]
             cl = cands + [tri.default_config(A.shape[-1], C.shape[-1], dtype)]
             for cfg in cl:
@@ -297,6 +317,8 @@ def main(argv=None):
                     "tnllm_nf<m> (0: unsafe, no masking; 1: prefix-count dot; 2: running sum; 3: branch + running sum)")
     ap.add_argument("--auto-split", action="store_true", help="also time the public op with the automatic sequence "
                     "split forced on (tnllm_autosplit; AUTO_SPLIT in ops/lightning_attn/triton.py)")
+    ap.add_argument("--separate-dkdv", action="store_true", help="also time the public op with the backward's dk "
+                    "and dv as two sweeps (tnllm_separate; FUSED_DKDV in ops/lightning_attn/triton.py)")
     ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
     ap.add_argument("--png", default="docs/attention.png")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -339,13 +361,13 @@ def main(argv=None):
     path = os.path.join(a.out, "attention.json")
     recs = []
     from tnllm.ops.lightning_attn import triton as tri
-    nf_default, split_default = tri.NONFINITE_MODE, tri.AUTO_SPLIT
+    nf_default, split_default, fused_default = tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
             names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers \
                 + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m] \
-                + (["tnllm_autosplit"] if a.auto_split else [])
+                + (["tnllm_autosplit"] if a.auto_split else []) + (["tnllm_separate"] if a.separate_dkdv else [])
             for name in names:
                 if name == "fla_chunk" and shape_name not in a.fla_shapes.split(","):
                     continue
@@ -362,6 +384,8 @@ def main(argv=None):
                     tri.NONFINITE_MODE = nf_default
                 if name == "tnllm_autosplit":
                     tri.AUTO_SPLIT = split_default
+                if name == "tnllm_separate":
+                    tri.FUSED_DKDV = fused_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

@@ -65,6 +65,13 @@ TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut
 # The automatic sequence split for small B*H (auto_split): on (bench/attention.py --auto-split and --sweep,
 # docs/benchmarks.md); False gives one split at every shape.
 AUTO_SPLIT = True
+# The backward's dk and dv in one reverse sweep (_la_dkdv_kernel) for fp16 / bf16, else two sweeps (the dk and
+# dv sweeps of the docstring; fp32 always). "auto": fused where it was measured faster, Dk and Dv <= FUSED_MAX_D
+# (H200, bench/attention.py --separate-dkdv: B8 H16 T8192 D64 fwd+bwd 1.80 -> 1.48 ms; at D128 the fused sweep,
+# one program per head holding a [128, 128] fp32 state in 8 warps, took 1.34 ms against 0.51 + 0.51 for the two
+# sweeps, and equal at B2 H8, so D128 keeps two sweeps). True / False force it on / off.
+FUSED_DKDV = "auto"
+FUSED_MAX_D = 64
 
 
 @triton.jit
@@ -152,6 +159,21 @@ def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, 
 
 
 @triton.jit
+def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
+    """o + sc @ c for the masked intra-chunk scores sc [CHUNK, CHUNK]. NF 0: c as it is; NF 1: c's non-finite
+    entries zeroed for the product and the rows at and after them (in the frame) set to NaN (a prefix count
+    by one small dot, exact in fp16), so a non-finite c row never reaches an earlier row through 0 * inf."""
+    if NF == 0:
+        o += _mm(sc.to(c.dtype), c, IEEE)
+    else:
+        cfin = tl.abs(c.to(tl.float32)) < float("inf")
+        o += _mm(sc.to(c.dtype), tl.where(cfin, c, tl.zeros_like(c)), IEEE)
+        cnt = tl.dot(causal.to(tl.float16), (~cfin).to(tl.float16))
+        o = tl.where(cnt > 0, float("nan"), o)
+    return o
+
+
+@triton.jit
 def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
                   ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
                   IEEE: tl.constexpr, NF: tl.constexpr):
@@ -171,14 +193,7 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
         # masks are wheres, never products with 0: a NaN/inf in a row of A or Bm stays in its row
         # or column of the scores
         sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
-        o = _mm(a, S.to(a.dtype), IEEE) * qdec[:, None]
-        if NF == 0:
-            o += _mm(sc.to(c.dtype), c, IEEE)
-        else:
-            cfin = tl.abs(c.to(tl.float32)) < float("inf")
-            o += _mm(sc.to(c.dtype), tl.where(cfin, c, tl.zeros_like(c)), IEEE)
-            cnt = tl.dot(causal.to(tl.float16), (~cfin).to(tl.float16))
-            o = tl.where(cnt > 0, float("nan"), o)
+        o = _add_intra(_mm(a, S.to(a.dtype), IEEE) * qdec[:, None], sc, c, causal, IEEE, NF)
         tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(o_base.dtype.element_ty), mask=valid[:, None] & mc[None, :])
         cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
@@ -279,6 +294,97 @@ def _la_sweep_kernel(
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN)
+
+
+@triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
+                               "g0_b", "g0_h", "g0_r", "g0_c", "sf_b", "sf_h", "sf_r", "sf_c"])
+def _la_dkdv_kernel(
+    Q, K, V, DO, DK, DV, G0, SF, W, s_ptr, FL, CU, ORD,
+    T, H, n_split, chunks_per_split,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t,
+    sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
+    g0_b, g0_h, g0_r, g0_c, sf_b, sf_h, sf_r, sf_c,
+    DKW: tl.constexpr, DVW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_G0: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """dk and dv in one reverse sweep (the dk and dv sweeps of the module docstring share their state: the dk
+    sweep's is the transpose of the dv sweep's, G = sum lam^.. q^T do). A program per (b*h, split) holds the
+    whole [Dk, Dv] tile of G in fp32 and per chunk loads q, k, v, do once:
+        dk = ((v do^T) * D) q + lam^(i+1) v G^T,   dv = ((k q^T) * D) do + lam^(i+1) k G,
+        G <- lam^CHUNK G + (q * lam^(CHUNK-1-i))^T do,
+    and the last split writes SF = lam * G (the initial-state gradient). FL / REDO / NF / VARLEN as in
+    _la_sweep_kernel (NF masks q's non-finite entries in dk's intra product and do's in dv's)."""
+    pid = tl.program_id(0)
+    split = pid % n_split
+    bh = pid // n_split
+    h = bh % H
+    if VARLEN:
+        b = tl.load(ORD + bh // H).to(tl.int64)
+        bos = tl.load(CU + b).to(tl.int64)
+        T = (tl.load(CU + b + 1).to(tl.int64) - bos).to(tl.int32)
+        rq, rk, rv, rd, rdk, rdv = bos * sq_t, bos * sk_t, bos * sv_t, bos * sd_t, bos * sdk_t, bos * sdv_t
+    else:
+        b = (bh // H).to(tl.int64)
+        rq, rk, rv, rd, rdk, rdv = b * sq_b, b * sk_b, b * sv_b, b * sd_b, b * sdk_b, b * sdv_b
+    hh = h.to(tl.int64)
+    q_base = Q + rq + hh * sq_h
+    k_base = K + rk + hh * sk_h
+    v_base = V + rv + hh * sv_h
+    d_base = DO + rd + hh * sd_h
+    dk_base = DK + rdk + hh * sdk_h
+    dv_base = DV + rdv + hh * sdv_h
+    log_lam = -tl.load(s_ptr + h).to(tl.float32)
+    jk = tl.arange(0, BK)
+    jv = tl.arange(0, BV)
+    jj = tl.arange(0, CHUNK)
+    mk = jk < DKW
+    mv = jv < DVW
+    mS = mk[:, None] & mv[None, :]
+    G = _start_state(G0, W, b, h, bh, split, n_split, chunks_per_split, g0_b, g0_h, g0_r, g0_c, log_lam,
+                     jk, jv, mS, DKW, DVW, BK, BV, CHUNK, -1, HAS_G0)
+    diff = jj[:, None] - jj[None, :]
+    causal = diff >= 0
+    Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
+    n_chunks = tl.cdiv(T, CHUNK)
+    n0 = split * chunks_per_split
+    n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
+    last = split == n_split - 1
+    if REDO:            # only the programs whose flag is set run their chunks and store
+        run = tl.load(FL + pid) != 0
+        n1 = tl.where(run, n1, n0)
+        last = last & run
+    for n in range(n0, n1):
+        r0 = n * CHUNK
+        t, valid = _rows(r0, T, True, CHUNK)
+        vk = valid[:, None] & mk[None, :]
+        vv = valid[:, None] & mv[None, :]
+        q = tl.load(q_base + t[:, None] * sq_t + jk[None, :], mask=vk, other=0.0)
+        k = tl.load(k_base + t[:, None] * sk_t + jk[None, :], mask=vk, other=0.0)
+        v = tl.load(v_base + t[:, None] * sv_t + jv[None, :], mask=vv, other=0.0)
+        do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
+        es = tl.where(r0 == 0, -1, 0)               # the chunk at frame 0 takes G0 with lam^i, not lam^(i+1)
+        qdec = _lam_pow(log_lam, jj + 1 + es)
+        s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
+        dk = _add_intra(_mm(v, tl.trans(G).to(v.dtype), IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
+        tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty), mask=vk)
+        s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
+        dv = _add_intra(_mm(k, G.to(k.dtype), IEEE) * qdec[:, None], s2, do, causal, IEEE, NF)
+        tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
+        cl = tl.minimum(T - r0, CHUNK)
+        kexp = cl - 1 - jj
+        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
+        qd = (q * kdec[:, None]).to(q.dtype)
+        G = G * _lam_pow(log_lam, cl + es) + _mm(tl.trans(qd), do, IEEE)
+    if WRITE_FLAG:
+        tl.store(FL + pid, tl.sum((~(tl.abs(G) < float("inf"))).to(tl.int32)))
+    if last:
+        if VARLEN:      # an empty sequence passes its final-state gradient through unchanged
+            G = G * tl.where(T > 0, tl.exp(log_lam), 1.0)
+        else:
+            G = G * tl.exp(log_lam)
+        sf = SF + b * sf_b + hh * sf_h
+        tl.store(sf + jk[:, None] * sf_r + jv[None, :] * sf_c, G, mask=mS)
 
 
 @dataclass(frozen=True)
@@ -491,10 +597,99 @@ def _bwd_sweeps(do, dS, q, k, v, s, initial_state, NS: int, cfgs: dict | None, c
     kw = dict(cu=cu, order=order)
     dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
                 cfg=cfgs.get("dq"), **kw)
-    dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
-                cfg=cfgs.get("dk"), **kw)
-    dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
+    fused = FUSED_DKDV if FUSED_DKDV != "auto" else (Dk <= FUSED_MAX_D and Dv <= FUSED_MAX_D)
+    if fused and q.dtype != torch.float32:
+        dk, dv = _dkdv(q, k, v, do, s, G, dS0, cfg=cfgs.get("dkdv"), **kw)
+    else:
+        dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
+                    cfg=cfgs.get("dk"), **kw)
+        dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
+
+
+def default_dkdv_config(Dk: int, Dv: int) -> SweepConfig:
+    """Launch parameters of the fused dk/dv sweep (BC unused: a program holds the whole [Dk, Dv] state)."""
+    big = _pow2(Dk) * _pow2(Dv) > 64 * 128
+    return SweepConfig(BC=0, CHUNK=64, num_warps=8 if big else 4, num_stages=2)
+
+
+def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | None, dS0: Tensor, *,
+          cfg: SweepConfig | None = None, cu: Tensor | None = None, order: Tensor | None = None,
+          dk: Tensor | None = None, dv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """dk, dv (in do's dtype) by the fused reverse sweep, writing lam * G_final to ``dS0`` [NS, H, Dk, Dv] fp32.
+    G: the final-state gradient (fp32 view) or None. Widths over TILE_D are cut: Dk by row blocks of the
+    state (each gives its columns of dk and a partial dv, summed), Dv by column blocks (its columns of dv,
+    a partial dk)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    if dk is None:
+        dk = torch.empty(B, H, T, Dk, device=q.device, dtype=do.dtype)
+    if dv is None:
+        dv = torch.empty(B, H, T, Dv, device=q.device, dtype=do.dtype)
+    kw = dict(cfg=cfg, cu=cu, order=order)
+    if Dk > TILE_D:
+        for a0 in range(0, Dk, TILE_D):
+            sl = slice(a0, a0 + TILE_D)
+            part = None if a0 == 0 else torch.empty_like(dv)
+            _dkdv(q[..., sl], k[..., sl], v, do, s, None if G is None else G[..., sl, :], dS0[..., sl, :],
+                  dk=dk[..., sl], dv=dv if a0 == 0 else part, **kw)
+            if a0:
+                dv.add_(part)
+        return dk, dv
+    if Dv > TILE_D:
+        for c0 in range(0, Dv, TILE_D):
+            sl = slice(c0, c0 + TILE_D)
+            part = None if c0 == 0 else torch.empty_like(dk)
+            _dkdv(q, k, v[..., sl], do[..., sl], s, None if G is None else G[..., sl], dS0[..., sl],
+                  dk=dk if c0 == 0 else part, dv=dv[..., sl], **kw)
+            if c0:
+                dk.add_(part)
+        return dk, dv
+    cfg = cfg or default_dkdv_config(Dk, Dv)
+    q, k, v, do = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(do)
+    assert dk.stride(-1) == 1 and dv.stride(-1) == 1
+    BK, BV, CHUNK = _pow2(Dk), _pow2(Dv), cfg.CHUNK
+    n_chunks = triton.cdiv(T, CHUNK)
+    varlen = cu is not None
+    if varlen:
+        assert B == 1 and order is not None
+        n_split = 1
+    else:
+        n_split = cfg.n_split if cfg.n_split > 0 else (auto_split(B * H, n_chunks, _num_sms(q.device)) if AUTO_SPLIT else 1)
+    n_split = max(1, min(n_split, n_chunks))
+    cps = triton.cdiv(n_chunks, n_split)
+    n_split = triton.cdiv(n_chunks, cps)
+    s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
+    if n_split > 1:     # the earlier splits' local states of G (the dv sweep's: Bm = q, C = do, reverse frame)
+        W = torch.empty(B * H * (n_split - 1) * Dk * Dv, device=q.device, dtype=torch.float32)
+        BC = min(64, BV)
+        n_tiles = triton.cdiv(Dv, BC)
+        _la_local_state_kernel[(B * H * (n_split - 1) * n_tiles,)](
+            q, do, W, s32, T, H, n_tiles, n_split - 1, cps,
+            q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            DA=Dk, DC=Dv, BA=BK, BC=BC, CHUNK=CHUNK, REVERSE=True, IEEE=False, num_warps=4, num_stages=2)
+    else:
+        W = s32
+    g0 = G if G is not None else s32
+    g0_st = tuple(G.stride()) if G is not None else (0, 0, 0, 0)
+    NS = cu.shape[0] - 1 if varlen else B
+    grid = (NS * H * n_split,)
+    nf = cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE
+    fl = torch.empty(grid[0], device=q.device, dtype=torch.int32) if nf == 2 else s32
+    args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, cu if varlen else s32, order if varlen else s32,
+            T, H, n_split, cps,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            *g0_st, *dS0.stride())
+    kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, VARLEN=varlen,
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
+        _la_dkdv_kernel[grid](*args, NF=0, WRITE_FLAG=True, REDO=False, **kw)
+        _la_dkdv_kernel[grid](*args, NF=1, WRITE_FLAG=False, REDO=True, **kw)
+    else:
+        _la_dkdv_kernel[grid](*args, NF=nf, WRITE_FLAG=False, REDO=False, **kw)
+    return dk, dv
 
 
 # -- packed variable-length sequences -----------------------------------------------------------------

@@ -41,7 +41,7 @@ class _TritonFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, s, S0 = ctx.saved_tensors
-        cfgs = None if ctx.cfg is None else {n: ctx.cfg for n in ("dq", "dk", "dv")}
+        cfgs = None if ctx.cfg is None else {n: ctx.cfg for n in ("dq", "dk", "dv", "dkdv")}
         with tt.poisoned_allocations():
             dq, dk, dv, dS0 = tri.lightning_attn_bwd_triton(do.contiguous(), dS, q, k, v, s, S0, cfgs=cfgs)
         for x in (dq, dk, dv, dS0):
@@ -118,6 +118,82 @@ def test_auto_split_through_the_launchers(monkeypatch):
     assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
 
 
+class _Spy:
+    """Counts the launches of a kernel (``kernel[grid](...)``)."""
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def dkdv_spy(monkeypatch):
+    """The fused dk/dv sweep forced on at every width (the default takes it only for Dk, Dv <= 64), counted."""
+    spy = _Spy(tri._la_dkdv_kernel)
+    monkeypatch.setattr(tri, "_la_dkdv_kernel", spy)
+    monkeypatch.setattr(tri, "FUSED_DKDV", True)
+    return spy
+
+
+@pytest.mark.parametrize("Dk,Dv,fused", [(64, 64, True), (16, 48, True), (64, 128, False), (128, 128, False)], ids=str)
+def test_fused_dkdv_default_by_width(Dk, Dv, fused, monkeypatch):
+    """By default fp16 / bf16 take the fused sweep for Dk, Dv <= 64 and the two sweeps above; fp32 never fuses."""
+    spy = _Spy(tri._la_dkdv_kernel)
+    monkeypatch.setattr(tri, "_la_dkdv_kernel", spy)
+    for dtype, want in ((torch.float16, fused), (torch.float32, False)):
+        q, k, v, s, S0, do, dS = tt.make_inputs(tt.Case(1, 1, 20, Dk, Dv, dtype, rates=(0.3,), state=True, seed=1))
+        spy.launches = 0
+        tri.lightning_attn_bwd_triton(do, dS.float(), q.detach(), k.detach(), v.detach(), s, S0.detach().float())
+        assert (spy.launches > 0) == want, (dtype, Dk, Dv)
+
+
+@pytest.mark.parametrize("shape,cfg", [
+    ((1, 2, 63, 16, 32), None),
+    ((2, 1, 65, 32, 16), None),
+    ((1, 1, 257, 16, 16), None),
+    ((2, 2, 150, 20, 36), tri.SweepConfig(BC=16, CHUNK=16, n_split=3)),   # splits: G's local-state pre-pass
+    ((1, 2, 150, 16, 24), tri.SweepConfig(BC=16, CHUNK=32, n_split=8)),   # more splits than fit evenly
+    ((1, 2, 70, 136, 24), None),             # Dk over 128: state row blocks, partial dv summed
+    ((1, 2, 70, 24, 136), None),             # Dv over 128: column blocks, partial dk summed
+    ((1, 2, 40, 144, 144), None),
+], ids=str)
+@pytest.mark.parametrize("state", [False, True], ids=["nostate", "state"])
+def test_fused_dkdv_sweep(shape, cfg, state, dkdv_spy):
+    """fp16 / bf16 take dk and dv from one reverse sweep (_la_dkdv_kernel): outputs, final state and every
+    gradient against the fp64 oracle, at chunk tails, splits and wide heads."""
+    B, H, T, Dk, Dv = shape
+    check(B, H, T, Dk, Dv, torch.float16, seed=T + Dk + Dv, state=state, cfg=cfg)
+    assert dkdv_spy.launches >= 2, "the backward did not run the fused dk/dv sweep"
+
+
+def test_fused_dkdv_equals_the_two_sweeps(monkeypatch):
+    """The fused sweep against the two separate dk / dv sweeps on the same fp16 inputs (also through splits)."""
+    case = tt.Case(2, 2, 200, 32, 48, torch.float16, rates=(0.05, 1.5), state=True, seed=21)
+    q, k, v, s, S0, do, dS = tt.make_inputs(case)
+    q, k, v, S0 = q.detach(), k.detach(), v.detach(), S0.detach().float()
+    for cfg in (None, tri.SweepConfig(BC=16, CHUNK=32, n_split=3)):
+        cfgs = None if cfg is None else {n: cfg for n in ("dq", "dk", "dv", "dkdv")}
+        monkeypatch.setattr(tri, "FUSED_DKDV", True)
+        got = tri.lightning_attn_bwd_triton(do, dS.float(), q, k, v, s, S0, cfgs=cfgs)
+        monkeypatch.setattr(tri, "FUSED_DKDV", False)
+        ref = tri.lightning_attn_bwd_triton(do, dS.float(), q, k, v, s, S0, cfgs=cfgs)
+        for name, a, b in zip(("dq", "dk", "dv", "dS0"), got, ref):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert tt.rel_err(a, b.double()) <= 2e-3, name
+
+
+@pytest.mark.parametrize("nf", [1, 2], ids=["masked", "flagged"])
+def test_fused_dkdv_edge_semantics(nf, dkdv_spy):
+    """The fused sweep keeps NaN/inf causal (q's in dk, do's in dv: the two masked intra products) in fp16, in
+    both masking modes."""
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3, nonfinite=nf)),
+                             dtypes=(torch.float16,), max_examples=8, max_T=70, dims=(8, 16), bad_rates=False,
+                             names=("q", "k", "v", "do"))
+    assert dkdv_spy.launches > 0
+
+
 def test_kernels_property():
     for cfg in (None, tri.SweepConfig(BC=16, CHUNK=16, n_split=3)):
         tt.assert_forms_agree(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float32, torch.float16),
@@ -126,10 +202,10 @@ def test_kernels_property():
 
 @pytest.mark.parametrize("nf", [1, 2], ids=["masked", "flagged"])
 def test_kernels_edge_semantics(nf):
-    """NaN/inf at t stays causal in all four sweeps (forward and the three backward ones), s = inf is lambda = 0,
-    for each of the sweep's non-finite-safe masking modes."""
+    """NaN/inf at t (in q, k, v or the output gradient) stays causal in all four sweeps (forward and the three
+    backward ones), s = inf is lambda = 0, for each of the sweep's non-finite-safe masking modes."""
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3, nonfinite=nf)),
-                             dtypes=(torch.float32,), max_examples=6, max_T=70, dims=(8, 16))
+                             dtypes=(torch.float32,), max_examples=8, max_T=70, dims=(8, 16), names=("q", "k", "v", "do"))
 
 
 def test_unsafe_mode_is_unsafe():

@@ -336,15 +336,17 @@ def assert_forms_agree(fn: Callable, *, device: str = "cpu", dtypes: Iterable[to
 
 # -- edge semantics -------------------------------------------------------------------------------
 
-def nonfinite_cases(*, devices=("cpu",), dtypes=(torch.float32,), max_T: int = 150, **kw):
-    """A strategy of (Case, tensor name "q"/"k"/"v", position t, (b, h, d) element, value nan/inf/-inf)."""
+def nonfinite_cases(*, devices=("cpu",), dtypes=(torch.float32,), max_T: int = 150, names=("q", "k", "v"), **kw):
+    """A strategy of (Case, tensor name in ``names`` ("q", "k", "v", or "do": the output gradient), position t,
+    (b, h, d) element, value nan/inf/-inf). Plain autograd through a masked matmul does not keep a non-finite
+    do causal (0 * inf in the transposed product), so "do" is for forms with their own backward."""
     _, st = _hypothesis()
     base = cases(devices=devices, dtypes=dtypes, max_T=max_T, **kw)
 
     @st.composite
     def draw(dr):
         c = dr(base)
-        name = dr(st.sampled_from(["q", "k", "v"]))
+        name = dr(st.sampled_from(list(names)))
         D = c.Dk if name in ("q", "k") else c.Dv
         where = (dr(st.integers(0, c.B - 1)), dr(st.integers(0, c.H - 1)), dr(st.integers(0, c.T - 1)),
                  dr(st.integers(0, D - 1)))
@@ -354,12 +356,12 @@ def nonfinite_cases(*, devices=("cpu",), dtypes=(torch.float32,), max_T: int = 1
 
 def _poison(ins, name: str, where, value: float):
     q, k, v, s, S0, do, dS = ins
-    xs = {"q": q, "k": k, "v": v}
+    xs = {"q": q, "k": k, "v": v, "do": do}
     with torch.no_grad():
         t = xs[name].detach().clone()
         t[where] = value
-    xs[name] = t.requires_grad_()
-    return xs["q"], xs["k"], xs["v"], s, S0, do, dS
+    xs[name] = t.requires_grad_() if name != "do" else t
+    return xs["q"], xs["k"], xs["v"], s, S0, xs["do"], dS
 
 
 def _same(a: Tensor, b: Tensor, exact: bool, dtype: torch.dtype) -> bool:
@@ -371,9 +373,10 @@ def _same(a: Tensor, b: Tensor, exact: bool, dtype: torch.dtype) -> bool:
 
 
 def check_nonfinite_causal(fn: Callable, case: Case, name: str, where, value: float, exact: bool = True) -> None:
-    """A non-finite ``value`` in ``name`` (q, k or v) at position t = where[2] of head (b, h) leaves
-    every output before t, dq before t and dk, dv after t unchanged (bit-equal with ``exact``) and
-    finite, compared with the same run without it (the final state and dS0 see every position)."""
+    """A non-finite ``value`` in ``name`` (q, k, v, or the output gradient do) at position t = where[2] of
+    head (b, h) leaves every output before t, dq before t and dk, dv after t unchanged (bit-equal with
+    ``exact``) and finite, compared with the same run without it (the final state and dS0 see every
+    position)."""
     ins = make_inputs(case)
     clean = evaluate(fn, *ins)
     bad = evaluate(fn, *_poison(ins, name, where, value))
