@@ -218,33 +218,27 @@ def sweep(out, dtype, shapes=()):
         S = torch.empty(B, H, Dk, Dv, device="cuda")
         sweeps = {"fwd": (q, k, v, False, 0, S), "dq": (do, v, k, False, 0, None),
                   "dk": (v, do, q, True, -1, None), "dv": (k, q, do, True, -1, S)}
+        def time_cfg(sw, cfg, fn):
+            try:
+                ms = bench(fn, warmup=10, rep=40)
+            except Exception as e:   # out of resources etc.
+                ms = float("nan")
+                log("  fail", shape_name, sw, cfg, type(e).__name__, str(e)[:200])
+            r = dict(shape=shape_name, sweep=sw, cfg=cfg.__dict__, ms=ms)
+            res.append(r)
+            log(json.dumps(r))
+
         for sw in sweep_names:
             if sw == "dkdv":
                 dS0 = torch.empty(B, H, Dk, Dv, device="cuda")
                 for cfg in dkdv_cands + [tri.default_dkdv_config(Dk, Dv)]:
-                    try:
-                        ms = bench(lambda: tri._dkdv(q, k, v, do, s, None, dS0, cfg=cfg), warmup=10, rep=40)
-                    except Exception as e:   # out of resources etc.
-                        ms = float("nan")
-                        log("  fail", shape_name, sw, cfg, type(e).__name__, str(e)[:200])
-                    r = dict(shape=shape_name, sweep=sw, cfg=cfg.__dict__, ms=ms)
-                    res.append(r)
-                    log(json.dumps(r))
+                    time_cfg(sw, cfg, lambda: tri._dkdv(q, k, v, do, s, None, dS0, cfg=cfg))
                 continue
             A, Bm, C, rev, e0, fin = sweeps[sw]
-            cl = cands + [tri.default_config(A.shape[-1], C.shape[-1], dtype)]
-            for cfg in cl:
+            for cfg in cands + [tri.default_config(A.shape[-1], C.shape[-1], dtype)]:
                 if A.shape[-1] >= 256 and cfg.BC > 64:
                     continue
-                try:
-                    ms = bench(lambda: tri._sweep(A, Bm, C, s, None, reverse=rev, e0=e0, final=fin, cfg=cfg),
-                               warmup=10, rep=40)
-                except Exception as e:   # out of resources etc.
-                    ms = float("nan")
-                    log("  fail", shape_name, sw, cfg, type(e).__name__, str(e)[:200])
-                r = dict(shape=shape_name, sweep=sw, cfg=cfg.__dict__, ms=ms)
-                res.append(r)
-                log(json.dumps(r))
+                time_cfg(sw, cfg, lambda: tri._sweep(A, Bm, C, s, None, reverse=rev, e0=e0, final=fin, cfg=cfg))
         del q, k, v, do
         torch.cuda.empty_cache()
     with open(os.path.join(out, "sweep.json"), "w") as f:
