@@ -1,4 +1,5 @@
-"""Triton kernels for Lightning Attention on CUDA: one generic causal "sweep" used four times.
+"""Triton kernels for Lightning Attention on CUDA: one generic causal "sweep" used four times (and a fused
+dk/dv sweep, _la_dkdv_kernel, that replaces the backward's last two for narrow heads).
 
 Legend: B batch, H heads, T length, lam = exp(-s_h). All shapes [B, H, T, D].
 
@@ -67,9 +68,10 @@ TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut
 AUTO_SPLIT = True
 # The backward's dk and dv in one reverse sweep (_la_dkdv_kernel) for fp16 / bf16, else two sweeps (the dk and
 # dv sweeps of the docstring; fp32 always). "auto": fused where it was measured faster, Dk and Dv <= FUSED_MAX_D
-# (H200, bench/attention.py --separate-dkdv: B8 H16 T8192 D64 fwd+bwd 1.80 -> 1.48 ms; at D128 the fused sweep,
-# one program per head holding a [128, 128] fp32 state in 8 warps, took 1.34 ms against 0.51 + 0.51 for the two
-# sweeps, and equal at B2 H8, so D128 keeps two sweeps). True / False force it on / off.
+# (H200, bench/attention.py --sweep and --separate-dkdv: at B8 H16 T8192 D64 the fused sweep took 0.36 ms against
+# 0.25 + 0.25 for the two, the op's fwd+bwd 1.82 -> 1.57 ms; at D128 the fused sweep, one program per head holding
+# a [128, 128] fp32 state in 8 warps, took 1.34 ms against 0.51 + 0.51, and equal at B2 H8, so D128 keeps two
+# sweeps). True / False force it on / off.
 FUSED_DKDV = "auto"
 FUSED_MAX_D = 64
 
@@ -441,6 +443,34 @@ def _last_unit(x: Tensor) -> Tensor:
     return x if unit and aligned else x.clone(memory_format=torch.contiguous_format)
 
 
+def _split_plan(n_split: int, programs: int, n_chunks: int, device) -> tuple[int, int]:
+    """(splits, chunks per split) of a sweep: ``n_split`` <= 0 is automatic (one split unless AUTO_SPLIT, see
+    auto_split, for ``programs`` programs per split); every split non-empty, all but the last full."""
+    if n_split <= 0:
+        n_split = auto_split(programs, n_chunks, _num_sms(device)) if AUTO_SPLIT else 1
+    n_split = max(1, min(n_split, n_chunks))
+    cps = triton.cdiv(n_chunks, n_split)
+    return triton.cdiv(n_chunks, cps), cps
+
+
+def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *, BC: int, CHUNK: int,
+                  reverse: bool, ieee: bool, num_warps: int, num_stages: int) -> Tensor:
+    """The split pre-pass: each earlier split's local state [DA, DC] (fp32, flat [B * H * (n_split - 1) * DA * DC]),
+    or ``s32`` itself (never read) for one split."""
+    if n_split == 1:
+        return s32
+    B, H, T, DA = Bm.shape
+    DC = C.shape[-1]
+    W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
+    n_tiles = triton.cdiv(DC, BC)
+    _la_local_state_kernel[(B * H * (n_split - 1) * n_tiles,)](
+        Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps,
+        Bm.stride(0), Bm.stride(1), Bm.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages)
+    return W
+
+
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
            final: Tensor | None = None, sf_shift: bool = False, cfg: SweepConfig | None = None,
            out: Tensor | None = None, cu: Tensor | None = None, order: Tensor | None = None) -> Tensor:
@@ -491,24 +521,11 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         # one program walks one whole sequence: no split pre-pass (its local states would be per sequence)
         assert B == 1 and order is not None
         n_split = 1
-    if n_split <= 0:
-        # automatic: one split unless AUTO_SPLIT (see auto_split); SweepConfig(n_split=k) asks for k
-        n_split = auto_split(B * H * n_tiles, n_chunks, _num_sms(C.device)) if AUTO_SPLIT else 1
-    n_split = max(1, min(n_split, n_chunks))
-    cps = triton.cdiv(n_chunks, n_split)
-    n_split = triton.cdiv(n_chunks, cps)         # every split non-empty; all but the last full
+    n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device)
     s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
     ieee = A.dtype == torch.float32
-    if n_split > 1:
-        W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
-        grid = (B * H * (n_split - 1) * n_tiles,)
-        _la_local_state_kernel[grid](
-            Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps,
-            Bm.stride(0), Bm.stride(1), Bm.stride(2), C.stride(0), C.stride(1), C.stride(2),
-            DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        W = s32                                   # never read
+    W = _local_states(Bm, C, s32, n_split, cps, BC=BC, CHUNK=CHUNK, reverse=reverse, ieee=ieee,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     s0 = S0 if S0 is not None else s32
     s0_st = tuple(S0.stride()) if S0 is not None else (0, 0, 0, 0)
     # The final state is always stored (to scratch when unused): on triton 3.6 / H200 the variant
@@ -642,21 +659,11 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     assert dk.stride(-1) == 1 and dv.stride(-1) == 1
     BK, BV, CHUNK = _pow2(Dk), _pow2(Dv), cfg.CHUNK
     n_chunks = triton.cdiv(T, CHUNK)
-    n_split = cfg.n_split if cfg.n_split > 0 else (auto_split(B * H, n_chunks, _num_sms(q.device)) if AUTO_SPLIT else 1)
-    n_split = max(1, min(n_split, n_chunks))
-    cps = triton.cdiv(n_chunks, n_split)
-    n_split = triton.cdiv(n_chunks, cps)
+    n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device)
     s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
-    if n_split > 1:     # the earlier splits' local states of G (the dv sweep's: Bm = q, C = do, reverse frame)
-        W = torch.empty(B * H * (n_split - 1) * Dk * Dv, device=q.device, dtype=torch.float32)
-        BC = min(64, BV)
-        n_tiles = triton.cdiv(Dv, BC)
-        _la_local_state_kernel[(B * H * (n_split - 1) * n_tiles,)](
-            q, do, W, s32, T, H, n_tiles, n_split - 1, cps,
-            q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            DA=Dk, DC=Dv, BA=BK, BC=BC, CHUNK=CHUNK, REVERSE=True, IEEE=False, num_warps=4, num_stages=2)
-    else:
-        W = s32
+    # the earlier splits' local states of G: those of the dv sweep (Bm = q, C = do, reverse frame)
+    W = _local_states(q, do, s32, n_split, cps, BC=min(64, BV), CHUNK=CHUNK, reverse=True, ieee=False,
+                      num_warps=4, num_stages=2)
     g0 = G if G is not None else s32
     g0_st = tuple(G.stride()) if G is not None else (0, 0, 0, 0)
     grid = (B * H * n_split,)

@@ -63,6 +63,16 @@ def check(B, H, T, Dk, Dv, dtype, seed, state, cfg=None, rates=None, layout="con
     tt.check_case(functools.partial(triton_form, cfg=cfg), case)
 
 
+class _Spy:
+    """Counts the launches of a kernel (``kernel[grid](...)``)."""
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B,H,T,Dk,Dv", [
     (1, 2, 1, 16, 16), (1, 2, 63, 16, 32), (2, 1, 65, 32, 16), (1, 2, 130, 24, 40), (1, 1, 257, 16, 16),
@@ -102,30 +112,13 @@ def test_slow_decay_long_split():
 def test_auto_split_through_the_launchers(monkeypatch):
     """AUTO_SPLIT on, 8 SMs: 2 programs (B*H = 2, one DC tile) over 10 chunks of 64 -> 2 splits, chosen by the
     launcher itself (no SweepConfig): outputs, states and gradients against the oracle."""
-    class Spy:                      # counts the split pre-pass launches
-        def __init__(self, kernel):
-            self.kernel, self.launches = kernel, 0
-
-        def __getitem__(self, grid):
-            self.launches += 1
-            return self.kernel[grid]
-    spy = Spy(tri._la_local_state_kernel)
+    spy = _Spy(tri._la_local_state_kernel)          # counts the split pre-pass launches
     monkeypatch.setattr(tri, "_la_local_state_kernel", spy)
     monkeypatch.setattr(tri, "AUTO_SPLIT", True)
     monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
     assert tri.auto_split(2, 10, 8) == 2
     check(1, 2, 600, 16, 16, torch.float32, seed=9, state=True)
     assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
-
-
-class _Spy:
-    """Counts the launches of a kernel (``kernel[grid](...)``)."""
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.fixture
