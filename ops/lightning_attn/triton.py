@@ -68,10 +68,10 @@ TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut
 AUTO_SPLIT = True
 # The backward's dk and dv in one reverse sweep (_la_dkdv_kernel) for fp16 / bf16, else two sweeps (the dk and
 # dv sweeps of the docstring; fp32 always). "auto": fused where it was measured faster, Dk and Dv <= FUSED_MAX_D
-# (H200, bench/attention.py --sweep and --separate-dkdv: at B8 H16 T8192 D64 the fused sweep took 0.36 ms against
-# 0.25 + 0.25 for the two, the op's fwd+bwd 1.82 -> 1.57 ms; at D128 the fused sweep, one program per head holding
-# a [128, 128] fp32 state in 8 warps, took 1.34 ms against 0.51 + 0.51, and equal at B2 H8, so D128 keeps two
-# sweeps). True / False force it on / off.
+# (H200, bench/attention.py --sweep: at B8 H16 T8192 D64 the fused sweep took 0.36 ms against 0.25 + 0.25 for
+# the two in three calls; the op's fwd+bwd gain, --separate-dkdv, varied between calls. At D128 the fused sweep,
+# one program per head holding a [128, 128] fp32 state in 8 warps, took 1.34 ms against 0.51 + 0.51, and the
+# same at B2 H8, so D128 keeps two sweeps). True / False force it on / off.
 FUSED_DKDV = "auto"
 FUSED_MAX_D = 64
 
