@@ -16,7 +16,11 @@ writes every layer's new state straight into its buffer.
 * ``"fused"``: ``FusedDecodeStep`` (``fused_step.py``): six device operations per layer (the two norms folded into
   the kernels, l1 and l2 as one GEMM over a decode-time stacked copy of their weights, the residual
   adds inside the GEMMs); the roundings differ from ``model.step`` at the dtype's epsilon;
-* ``"auto"`` (default): ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every
+* ``"layer"``: ``FusedDecodeStep(layer_kernel=True)``: each layer one launch of the persistent kernel
+  ``tnllm::decode_layer_step`` on CUDA up to 4 rows (the fused step's maths; its other calls, and the CPU,
+  take the fused step);
+* ``"auto"`` (default): ``"layer"`` on CUDA at batch 1 where it was measured faster (``layer_pays``: the
+  385M-sized layers), else ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every
   layer can use the kernel, else ``"aten"``; on CPU ``"aten"`` (bit-identical to ``model.step``).
 
 A static batch of slots for continuous batching: ``reset_rows(rows)`` starts new sequences in some rows
@@ -34,23 +38,24 @@ from torch import Tensor
 
 from tnllm.model import RecurrentState, check_token_ids
 
-from .fused_step import FusedDecodeStep, fused_unsupported
+from .fused_step import FusedDecodeStep, fused_unsupported, layer_pays
 
-DECODE_PATHS = ("auto", "aten", "kernel", "fused")
+DECODE_PATHS = ("auto", "aten", "kernel", "fused", "layer")
 
 from .policy import check_mode
 
 
-def resolve_decode_path(model, path: str = "auto") -> str:
+def resolve_decode_path(model, path: str = "auto", batch_size: int | None = None) -> str:
     """The decode path ``path`` names for ``model`` (module docstring): ``"auto"`` resolved by the model's
-    device, dtype and layers; an explicit path the model cannot run is a ValueError saying why."""
+    device, dtype and layers (and ``batch_size``, the rows decoded together, where known); an explicit path the
+    model cannot run is a ValueError saying why."""
     if path not in DECODE_PATHS:
         raise ValueError(f"`decode_path` must be one of {DECODE_PATHS}, got {path!r}")
     mixers = [layer.token_mixer for layer in model.model.layers]
-    if path == "fused":
+    if path in ("fused", "layer"):
         why = fused_unsupported(model)
         if why is not None:
-            raise ValueError(f"decode_path='fused' cannot run this model: {why}")
+            raise ValueError(f"decode_path='{path}' cannot run this model: {why}")
     if path == "kernel":
         for i, tm in enumerate(mixers):
             why = tm.kernel_unsupported()
@@ -62,7 +67,7 @@ def resolve_decode_path(model, path: str = "auto") -> str:
     if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return "aten"
     if fused_unsupported(model) is None:
-        return "fused"
+        return "layer" if batch_size is not None and layer_pays(model, batch_size) else "fused"
     return "kernel" if all(tm.kernel_unsupported() is None for tm in mixers) else "aten"
 
 
@@ -76,7 +81,7 @@ class CudaGraphDecoder:
         compile: also ``torch.compile`` the step (``fullgraph``, static shapes) with ``mode``
             (fuses the small elementwise ops the graph would otherwise replay one by one).
         warmup: eager runs before capture (compiles, and lets cuBLAS pick its kernels).
-        decode_path: ``"auto"``, ``"aten"``, ``"kernel"`` or ``"fused"`` (module docstring);
+        decode_path: ``"auto"``, ``"aten"``, ``"kernel"``, ``"fused"`` or ``"layer"`` (module docstring);
             ``self.decode_path`` is the path chosen.
     """
 
@@ -92,7 +97,7 @@ class CudaGraphDecoder:
         check_mode(mode)
         self.model = model.eval()
         self.device = model.lm_head.weight.device
-        self.decode_path = resolve_decode_path(model, decode_path)
+        self.decode_path = resolve_decode_path(model, decode_path, batch_size)
         self.batch_size = batch_size
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -104,7 +109,8 @@ class CudaGraphDecoder:
         self.buffers = RecurrentState(self.states, self.position)     # views of the same tensors
         self.config = model.config
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
-        self.fused = FusedDecodeStep(model) if self.decode_path == "fused" else None
+        self.fused = FusedDecodeStep(model, layer_kernel=self.decode_path == "layer") \
+            if self.decode_path in ("fused", "layer") else None
         self.compiled = bool(compile)
         self._fn = torch.compile(self._step_inplace, fullgraph=True, dynamic=False, mode=mode) if compile \
             else self._step_inplace

@@ -24,6 +24,12 @@ the l1 and l2 weights (``extra_bytes``). torchao int8 weights (``tnllm.compile.q
 stacked exactly (their int8 rows and per-row scales side by side); their GEMMs go through torchao, and
 the residual add is a separate add.
 
+With ``layer_kernel=True`` (``CudaGraphDecoder(decode_path="layer")``) each layer is instead one launch of the
+persistent kernel ``tnllm::decode_layer_step`` (``tnllm.ops.decode_layer``: the same maths, its five stages
+separated by grid barriers inside the launch) wherever it applies (CUDA, plain weights, at most 4 rows); other
+calls take the six operations above. It reads l1 and l2 from the model's own weights, so it needs no stacked
+copy; the copy is still kept for the calls that fall back.
+
 Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, no tensor parallelism.
 """
 from __future__ import annotations
@@ -34,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tnllm.ops.decode_layer import decode_layer_step
+from tnllm.ops.decode_layer import op as layer_op
 from tnllm.ops.gemv import residual_gemv
 from tnllm.ops.gla_decode import gla_decode_step
 from tnllm.ops.sglu import sglu_gate
@@ -51,6 +59,27 @@ def fused_unsupported(model) -> str | None:
         if tm.norm_group is not None or (tm.lrpe is not None and tm.lrpe.theta_sharded):
             return f"layer {i} is split for tensor parallelism"
     return None
+
+
+def layer_pays(model, batch_size: int) -> bool:
+    """Whether ``decode_path="auto"`` takes the one-launch layer (``"layer"``) over the six operations: where it
+    was measured faster (H200, bf16, ``tnllm bench decode`` and ``bench/decode_layer.py``): CUDA, one row, plain
+    weights, and layers whose every GEMV stage is one weight tile per program (``one_fits``: the 385M layer, 0.59
+    against 0.77 ms per token). At 2 and 4 rows (each row re-reads the tiles) and for the 1B and 7B layers (row
+    blocks) the six operations were as fast or faster."""
+    if fused_unsupported(model) is not None or batch_size != 1:
+        return False
+    w = model.lm_head.weight
+    if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    cfg = model.config
+    for layer in model.model.layers:
+        tm, glu = layer.token_mixer, layer.channel_mixer
+        if not all(_plain(p) for p in (tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight, glu.l2.weight,
+                                       glu.l3.weight)):
+            return False
+    from tnllm.ops._device import num_sms
+    return layer_op.one_fits(1, cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, num_sms(w.device))
 
 
 def _plain(w: Tensor) -> bool:
@@ -78,11 +107,12 @@ class FusedDecodeStep:
     """``step(ids [B], states, position [B]) -> logits [B, V]``: one decode step in place on ``states``
     (per-layer fp32 [B, H, Dk, Dv]); ``position`` is each row's position (the LRPE angle). Module docstring."""
 
-    def __init__(self, model):
+    def __init__(self, model, layer_kernel: bool = False):
         why = fused_unsupported(model)
         if why is not None:
-            raise ValueError(f"decode_path='fused' cannot run this model: {why}")
+            raise ValueError(f"decode_path='{'layer' if layer_kernel else 'fused'}' cannot run this model: {why}")
         self.model = model
+        self.layer_kernel = bool(layer_kernel)
         self.glu_act = model.config.glu_act
         self._w12: list[Tensor | None] = [None] * len(model.model.layers)
         self._theta: list[Tensor | None] = [None] * len(model.model.layers)
@@ -138,6 +168,19 @@ class FusedDecodeStep:
                 n += sum(getattr(w, k).numel() * getattr(w, k).element_size() for k in w.__tensor_flatten__()[0])
         return n
 
+    def _layer_ok(self, x: Tensor) -> bool:
+        """Whether every layer can run as one ``decode_layer_step`` launch for the rows of ``x``: CUDA, plain
+        weights (not torchao's), at most ``MAX_ROWS`` rows (else the six-operation step is used)."""
+        on_device = x.device.type == "cuda" or (x.device.type == "cpu" and layer_op.TRITON_ON_CPU)
+        if not on_device or not 1 <= x.shape[0] <= layer_op.MAX_ROWS:
+            return False
+        for layer in self.model.model.layers:
+            tm, glu = layer.token_mixer, layer.channel_mixer
+            ws = (tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight, glu.l2.weight, glu.l3.weight)
+            if not all(_plain(w) and w.is_contiguous() and w.dtype == x.dtype for w in ws):
+                return False
+        return True
+
     @staticmethod
     def _add_projection(x: Tensor, y: Tensor, w: Tensor, gemv: bool = True) -> Tensor:
         """x + y w^T for a plain weight: ``residual_gemv`` (``gemv``; out_proj: H200 batch 1, 4.3 against
@@ -157,9 +200,18 @@ class FusedDecodeStep:
             x = m.model.embed_tokens(ids)
             if m.model.embed_scale != 1.0:
                 x = x * m.model.embed_scale
+        one_launch = self.layer_kernel and self._layer_ok(x)
+        if one_launch:
+            x = x.contiguous()           # updated in place by every layer's launch
         for i, layer in enumerate(m.model.layers):
             tm, glu = layer.token_mixer, layer.channel_mixer
             theta = self._theta[i]
+            if one_launch:
+                with _stage(stage, "layer"):
+                    decode_layer_step(x, states[i], tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight,
+                                      glu.l2.weight, glu.l3.weight, tm.s, theta, position if theta is not None else None,
+                                      tm.act_name, self.glu_act)
+                continue
             with _stage(stage, "qkvu"):
                 qkvu = F.linear(x, tm.qkvu_proj.weight)
             with _stage(stage, "mixer"):

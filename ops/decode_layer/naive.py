@@ -1,0 +1,102 @@
+"""The reference of one whole decoder layer's decode step (one token per row), in plain PyTorch.
+
+The maths of ``tnllm.compile.FusedDecodeStep`` for one layer, i.e. of the model's ``step`` with the two
+weight-free SRMSNorms folded in as per-row scales (srms_norm(x) W^T = r(x) x W^T, r = rsqrt(mean(x^2) + eps)):
+
+    qkvu = round(r(x) * x Wqkvu^T)                        # [B, 4h]: q | k | v | u, head-major
+    y    = gla_decode(qkvu, S)                            # act, LRPE, S <- lam S + k^T v, o = q S, srms_norm(o) * u
+    x    = round(x + y Wout^T)                            # the token mixer's residual
+    a, b = round(r(x) * x W1^T), round(r(x) * x W2^T)
+    g    = round(round(act(a)) * b)                       # SGLU
+    x    = round(x + g W3^T)                              # the channel mixer's residual
+
+Each product accumulates in fp32 (fp64 for fp64 inputs) and is rounded once to the model dtype, as a
+kernel with the scale and the residual in its epilogue does; the token mixer is ``gla_decode_naive``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..gla_decode.naive import ACTS, gla_decode_naive, norm_scale
+from ..norm import EPS
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                 s: Tensor, theta: Tensor | None, pos: Tensor | None, act: str, glu_act: str) -> tuple[int, ...]:
+    """Shapes, dtypes and devices of one layer's decode step; returns (B, d, H, Dk, e, g). Reads no data."""
+    name = "decode_layer_step"
+    named = (("x", x), ("state", state), ("wqkvu", wqkvu), ("wout", wout), ("w1", w1), ("w2", w2), ("w3", w3),
+             ("s", s))
+    for arg, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"{name}: `x` (the residual stream, one token per row) must be a float tensor [B, d], got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    B, d = x.shape
+    if state.dim() != 4 or state.shape[0] != B:
+        raise ValueError(f"{name}: `state` must have shape [B, H, Dk, e] with B = {B}, got {tuple(state.shape)}")
+    if state.dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32):
+        raise TypeError(f"{name}: `state` must be fp32 (fp64 with fp64 inputs), got {state.dtype}")
+    _, H, Dk, e = state.shape
+    h = H * e
+    for arg, w, shape in (("wqkvu", wqkvu, (4 * h, d)), ("wout", wout, (d, h))):
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name}: `{arg}` must have shape {shape} for x {tuple(x.shape)} and state "
+                             f"{tuple(state.shape)}, got {tuple(w.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != d or tuple(w2.shape) != tuple(w1.shape):
+        raise ValueError(f"{name}: `w1` and `w2` must both have shape [g, d] with d = {d}, got {tuple(w1.shape)} and "
+                         f"{tuple(w2.shape)}")
+    g = w1.shape[0]
+    if tuple(w3.shape) != (d, g):
+        raise ValueError(f"{name}: `w3` must have shape [d, g] = {(d, g)}, got {tuple(w3.shape)}")
+    for arg, t in named[2:7]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: `{arg}` must have x's dtype {x.dtype}, got {t.dtype}")
+    for arg, t in named[1:]:
+        if t.device != x.device:
+            raise ValueError(f"{name}: `{arg}` is on {t.device}, `x` on {x.device}")
+    if s.dim() != 1 or s.shape[0] != H or not s.is_floating_point():
+        raise ValueError(f"{name}: `s` (decay rates, lam = exp(-s)) must be a float tensor [H] = [{H}], got "
+                         f"{s.dtype} {tuple(s.shape)}")
+    lrpe = theta is not None
+    if Dk != (2 * e if lrpe else e):
+        raise ValueError(f"{name}: the state's key width Dk = {Dk} must be {'2e' if lrpe else 'e'} = "
+                         f"{2 * e if lrpe else e} {'with' if lrpe else 'without'} LRPE (`theta`)")
+    if lrpe:
+        if not isinstance(theta, Tensor) or tuple(theta.shape) != (H, 1, e) or not theta.is_floating_point():
+            got = f"{theta.dtype} {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
+            raise ValueError(f"{name}: `theta` (LRPE frequencies) must be a float tensor [H, 1, e] = {(H, 1, e)}, "
+                             f"got {got}")
+        if not isinstance(pos, Tensor) or tuple(pos.shape) != (B,) or pos.is_floating_point() or pos.dtype == torch.bool:
+            raise ValueError(f"{name}: with LRPE `pos` must be an integer tensor [B] = [{B}] (each row's position)")
+    for arg, a in (("act", act), ("glu_act", glu_act)):
+        if a not in ACTS:
+            raise ValueError(f"{name}: `{arg}` must be one of {sorted(ACTS)}, got {a!r}")
+    return B, d, H, Dk, e, g
+
+
+def _proj(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = x.to(acc) @ w.to(acc).t()
+    return (out if scale is None else out * scale).to(x.dtype)
+
+
+def decode_layer_naive(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                       s: Tensor, theta: Tensor | None = None, pos: Tensor | None = None, act: str = "silu",
+                       glu_act: str = "none", eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """(x_new [B, d] in x's dtype, S_new [B, H, Dk, e]) for one layer and one token per row (module docstring);
+    ``x`` and ``state`` are left alone."""
+    check_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    qkvu = _proj(x, wqkvu, norm_scale(x, eps))
+    y, S = gla_decode_naive(qkvu, state, s, theta, pos if theta is not None else None, act, eps=eps)
+    x = (x.to(acc) + y.to(acc) @ wout.to(acc).t()).to(x.dtype)
+    r = norm_scale(x, eps)
+    a, b = _proj(x, w1, r), _proj(x, w2, r)
+    g = (ACTS[glu_act](a.to(acc)).to(x.dtype).to(acc) * b.to(acc)).to(x.dtype)
+    x = (x.to(acc) + g.to(acc) @ w3.to(acc).t()).to(x.dtype)
+    return x, S

@@ -1,0 +1,110 @@
+"""``tnllm::decode_layer_step``: one decoder layer's decode step, in place on the residual ``x`` and the state.
+
+* CPU (and any non-CUDA device, fp64, more than ``MAX_ROWS`` rows, weights that are not plain contiguous
+  tensors): the reference form (``naive.py``).
+* CUDA: the persistent Triton kernel (``triton.py``), one launch per layer, imported lazily.
+* The fake kernel returns nothing (both outputs are the mutated inputs), so the op traces under
+  ``torch.compile(fullgraph=True)`` and is captured by CUDA graphs; no host sync, no data-dependent shapes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..norm import EPS
+from .naive import check_inputs, decode_layer_naive
+
+MAX_ROWS = 4        # the kernel's limit (triton.MAX_ROWS, repeated here so that triton is imported lazily)
+ONE_TILE = 32768     # the default LayerConfig.one_tile
+TRITON_ON_CPU = False   # set by use_triton_on_cpu: the op's CPU kernel is then the (staged) Triton launcher
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def one_fits(B: int, d: int, h: int, g: int, nprog: int, one_tile: int = ONE_TILE) -> bool:
+    """Whether every GEMV stage of a layer (width d, h = H * e, SGLU width g) gives each of ``nprog`` programs at
+    most 32 rows whose [rows, pow2(K)] weight tile has <= ``one_tile`` elements: the kernel's one-tile stages,
+    whose weight loads run ahead of the barriers (the 385M layer on 132 SMs: yes; 1B and 7B: no)."""
+    for N, K in ((4 * h, d), (d, h), (g, d), (d, g)):
+        br = max(2, _pow2(-(-N // nprog)))
+        if br > 32 or br * _pow2(K) > one_tile:
+            return False
+    return True
+
+
+def _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+    xn, S = decode_layer_naive(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    x.copy_(xn)
+    state.copy_(S)
+
+
+@torch.library.custom_op("tnllm::decode_layer_step", mutates_args=("x", "state"))
+def _decode_layer_step(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                       s: Tensor, theta: Optional[Tensor], pos: Optional[Tensor], act: str, glu_act: str) -> None:
+    _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+
+
+@_decode_layer_step.register_fake
+def _(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+    return None
+
+
+def _kernel_ok(x, state, weights) -> bool:
+    from . import triton as tri
+    return tri.supported(x, *weights) and x.is_contiguous() and state.is_contiguous()
+
+
+def _cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+    """The CUDA kernel of the op: the Triton launcher where it applies, else the reference form."""
+    if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
+        return _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    from . import triton as tri
+    tri.decode_layer_triton(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+
+
+_decode_layer_step.register_kernel("cuda")(_cuda)
+
+
+def decode_layer_step(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                      s: Tensor, theta: Tensor | None = None, pos: Tensor | None = None, act: str = "silu",
+                      glu_act: str = "none") -> Tensor:
+    """One decoder layer for one token per row, in place: ``x`` [B, d] (the residual stream in, the layer's output
+    out) and ``state`` [B, H, Dk, e] fp32 advance by one token. The maths of ``decode_layer_naive`` (the fused
+    decode step's layer: both weight-free SRMSNorms folded in as per-row scales).
+
+    Args:
+        x: [B, d] contiguous, fp16 / bf16 / fp32 (fp64: the reference form).
+        state: [B, H, Dk, e] contiguous fp32 (fp64 with fp64 x); Dk = 2e with LRPE, else e.
+        wqkvu: [4h, d] (``qkvu_proj.weight``, h = H * e); wout: [d, h]; w1, w2: [g, d]; w3: [d, g]; x's dtype.
+        s: [H] decay rates (lam = exp(-s)).
+        theta: [H, 1, e] LRPE frequencies, or None; pos: [B] integer positions (needed with LRPE).
+        act: the activation of q and k; glu_act: the SGLU's ("silu", "relu" or "none").
+
+    On CUDA, up to 4 rows, one persistent Triton launch (all five stages of the layer with grid barriers
+    between them); the reference form elsewhere. Returns ``x``.
+    """
+    check_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    if theta is None:
+        pos = None
+    torch.ops.tnllm.decode_layer_step(x, state, wqkvu, wout, w1, w2, w3, s.detach(), theta, pos, act, glu_act)
+    return x
+
+
+def use_triton_on_cpu(enable: bool = True) -> None:
+    """Register the Triton launcher (five staged launches) as the op's CPU kernel (``enable``), or the reference
+    again: for tests under ``TRITON_INTERPRET=1``."""
+    global TRITON_ON_CPU
+    TRITON_ON_CPU = bool(enable)
+    def staged(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+        if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
+            return _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+        from . import triton as tri
+        tri.decode_layer_triton(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=False)
+    torch.library.register_kernel("tnllm::decode_layer_step", "cpu", staged if enable else _reference)
+
+
+__all__ = ["decode_layer_step", "use_triton_on_cpu", "one_fits", "MAX_ROWS", "EPS"]

@@ -1,0 +1,520 @@
+"""One decoder layer's decode step in one persistent Triton launch (the maths of ``naive.py``).
+
+At batch 1 the six kernels of the fused step (``tnllm.compile.FusedDecodeStep``) each move 2-12 MB, which
+takes 0.5-3 us at the H200's bandwidth, but each launch also pays its ramp-up and tail, so the layer ran at
+about a fifth of the bandwidth. Here one launch of NPROG programs (one per SM, all resident at once) runs
+the five stages of the layer, separated by grid-wide barriers:
+
+    stage 0  qkvu  = round(r(x) x Wqkvu^T)               rows of Wqkvu split over the programs
+    stage 1  y, S  = token mixer (act, LRPE, S <- lam S + k^T v, o = q S) per (row, head, BV value columns);
+                     each item writes its o columns and their sum of squares
+    stage 2  x    += srms_norm(y) * u  Wout^T            rows of Wout (the norm from the partial sums)
+    stage 3  g     = act(round(r(x) x W1^T)) * round(r(x) x W2^T)     rows of W1 and W2 side by side
+    stage 4  x    += g W3^T                              rows of W3
+
+Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row)
+and loads its whole [rows, K] weight tile in a few large loads (K cut into BK columns, unrolled), so each SM
+keeps tens of KB in flight; the input vector (d to g elements) is re-read by every program from L2.
+
+The barrier (``SYNC``): each program's threads finish their stores (a CTA barrier), then one thread adds 1
+to a counter with release semantics at GPU scope and spins with acquire reads until the counter reaches
+k * NPROG for the k-th barrier. Data written by other programs is read with ``.cg`` loads (L2, never a
+stale L1 line). After the last barrier each program takes a ticket from a second counter; the last one
+resets both to 0 for the next launch (every program has passed the barrier by then). A grid barrier is
+only safe when all NPROG programs are resident together: NPROG is the SM count and a program needs one
+SM's share of registers at most, and calls on one device must not run concurrently on two streams (the
+counters are one per device). Without ``SYNC`` (the Triton CPU interpreter, which runs programs one after
+another, and the GPU tests' reference) the launcher runs the five stages as five launches instead, with
+the same per-program code, so the two modes give the same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._device import num_sms as _num_sms
+from .._triton_interp import patch as _patch_interpreter
+from ..norm import EPS
+from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits  # noqa: F401  (MAX_ROWS: rows per launch)
+
+_patch_interpreter()
+
+ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+N_STAGES = 5
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Launch parameters. ``one``: each program loads its rows of a weight as one [BR, pow2(K)] tile (where every
+    stage's tile fits ``one_tile`` elements: ``one_fits``); else row blocks of at most 32 and ``tile`` elements
+    (the l1 / l2 stage two of half the size). ``prefetch`` (one-tile only): the weight tiles are loaded ahead of
+    their stage, across the barriers. ``spin``: 0 poll the barrier counter with atomics, 1 with volatile loads.
+    ``num_warps`` per program, ``nprog`` programs (0: the SM count)."""
+    tile: int = 16384
+    num_warps: int = 8
+    nprog: int = 0
+    one: bool = True
+    one_tile: int = ONE_TILE
+    prefetch: bool = True
+    spin: int = 0
+
+
+
+@triton.jit
+def _rms_rsqrt_cg(X, eps, D: tl.constexpr, BD: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of the D elements at X (fp32 sums), read past L1 (written by other programs)."""
+    dd = tl.arange(0, BD)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, BD):
+        xx = tl.load(X + d0 + dd, mask=d0 + dd < D, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc += xx * xx
+    return tl.rsqrt(tl.sum(acc, 0) / D + eps)
+
+@triton.jit
+def _grid_sync(CNT, target, SPIN: tl.constexpr):
+    """Wait until all programs arrived: the counter at CNT reaches ``target`` (module docstring). SPIN 0 polls
+    with acquire atomics; 1 with volatile loads, then one acquire atomic."""
+    tl.debug_barrier()
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    if SPIN == 0:
+        c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+        while c < target:
+            c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    else:
+        c = tl.load(CNT, volatile=True)
+        while c < target:
+            c = tl.load(CNT, volatile=True)
+        tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _clock(pid):
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [pid], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _mark(TS, pid, i: tl.constexpr, PROFILE: tl.constexpr):
+    """With PROFILE, TS[pid, i] = the SM's cycle counter (bench/decode_layer.py --profile)."""
+    if PROFILE:
+        tl.store(TS + pid * 16 + i, _clock(pid))
+
+
+@triton.jit
+def _act(a, ACT: tl.constexpr):
+    if ACT == 1:
+        a = a * tl.sigmoid(a)
+    elif ACT == 2:
+        a = tl.maximum(a, 0.0)
+    return a
+
+@triton.jit
+def _row_range(pid, N, NPROG: tl.constexpr):
+    return pid * N // NPROG, (pid + 1) * N // NPROG
+
+@triton.jit
+def _stage_qkvu(X, WQ, QKVU, eps, pid, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BD: tl.constexpr,
+                BR: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr):
+    lo, hi = _row_range(pid, N, NPROG)
+    DT = QKVU.dtype.element_ty
+    for bb in tl.static_range(B):
+        r = _rms_rsqrt_cg(X + bb * D, eps, D, BD)
+        for r0 in range(lo, hi, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm = rows < hi
+            acc = tl.zeros([BR], dtype=tl.float32)
+            for k0 in tl.static_range(0, D, BK):
+                ks = k0 + tl.arange(0, BK)
+                km = ks < D
+                w = tl.load(WQ + rows[:, None].to(tl.int64) * D + ks[None, :], mask=rm[:, None] & km[None, :],
+                            other=0.0)
+                xv = tl.load(X + bb * D + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc += tl.sum(w.to(tl.float32) * xv[None, :], 1)
+            tl.store(QKVU + bb * N + rows, (acc * r).to(DT), mask=rm)
+
+@triton.jit
+def _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+                 BE: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
+                 NPROG: tl.constexpr):
+    HE: tl.constexpr = H * E
+    P: tl.constexpr = H * NV
+    DT = QKVU.dtype.element_ty
+    ee = tl.arange(0, BE)
+    me = ee < E
+    for it in range(pid, B * P, NPROG):
+        j = it % NV
+        h = (it // NV) % H
+        bb = it // P
+        vv = j * BV + tl.arange(0, BV)
+        mv = vv < E
+        row = QKVU + bb * (4 * HE) + h * E
+        qf = tl.load(row + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+        kf = tl.load(row + HE + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+        v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0, cache_modifier=".cg").to(tl.float32)
+        # the activation in the input dtype, as in the model (fp32 inside, rounded)
+        qf = _act(qf, ACT).to(DT).to(tl.float32)
+        kf = _act(kf, ACT).to(DT).to(tl.float32)
+        lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
+        m2 = me[:, None] & mv[None, :]
+        tile = ee[:, None] * E + vv[None, :]
+        if LRPE:
+            base = (bb * H + h).to(tl.int64) * (2 * E * E)
+            th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
+            ang = th * tl.load(POS + bb).to(tl.float32)            # fp32 angle, as the model forms it
+            # reduced to [-pi, pi] before cos / sin: n 2pi subtracted in fp64, 2pi split into fp32 head + tail
+            a64 = ang.to(tl.float64)
+            n = tl.floor(a64 * 0.15915494309189535 + 0.5)
+            red = ((a64 - n * 6.2831854820251465) - n * -1.7484555314695172e-07).to(tl.float32)
+            c = tl.cos(red)
+            sn = tl.sin(red)
+            q1 = (qf * c).to(DT).to(tl.float32)
+            q2 = (qf * sn).to(DT).to(tl.float32)
+            k1 = (kf * c).to(DT).to(tl.float32)
+            k2 = (kf * sn).to(DT).to(tl.float32)
+            s1 = tl.load(S + base + tile, mask=m2, other=0.0)
+            s1 = lam * s1 + k1[:, None] * v[None, :]
+            tl.store(S + base + tile, s1, mask=m2)
+            s2 = tl.load(S + base + E * E + tile, mask=m2, other=0.0)
+            s2 = lam * s2 + k2[:, None] * v[None, :]
+            tl.store(S + base + E * E + tile, s2, mask=m2)
+            o = tl.sum(q1[:, None] * s1, 0) + tl.sum(q2[:, None] * s2, 0)
+        else:
+            base = (bb * H + h).to(tl.int64) * (E * E)
+            s1 = tl.load(S + base + tile, mask=m2, other=0.0)
+            s1 = lam * s1 + kf[:, None] * v[None, :]
+            tl.store(S + base + tile, s1, mask=m2)
+            o = tl.sum(qf[:, None] * s1, 0)
+        o = o.to(DT)                                               # o in the input dtype, as in the model
+        of = o.to(tl.float32)
+        tl.store(YB + bb * HE + h * E + vv, o, mask=mv)
+        tl.store(SS + it, tl.sum(of * of, 0))
+
+@triton.jit
+def _stage_out(X, WO, QKVU, YB, SS, eps, pid, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr,
+               P: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr):
+    lo, hi = _row_range(pid, D, NPROG)
+    DT = X.dtype.element_ty
+    pp = tl.arange(0, BP)
+    for bb in tl.static_range(B):
+        ss = tl.load(SS + bb * P + pp, mask=pp < P, other=0.0, cache_modifier=".cg")
+        ry = tl.rsqrt(tl.sum(ss, 0) / HE + eps)                    # SRMSNorm of o over the width, fixed order
+        for r0 in range(lo, hi, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm = rows < hi
+            acc = tl.zeros([BR], dtype=tl.float32)
+            for k0 in tl.static_range(0, HE, BK):
+                ks = k0 + tl.arange(0, BK)
+                km = ks < HE
+                w = tl.load(WO + rows[:, None].to(tl.int64) * HE + ks[None, :], mask=rm[:, None] & km[None, :],
+                            other=0.0)
+                yv = tl.load(YB + bb * HE + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+                u = tl.load(QKVU + bb * (4 * HE) + 3 * HE + ks, mask=km, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                yn = ((yv * ry).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
+                acc += tl.sum(w.to(tl.float32) * yn[None, :], 1)
+            xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+
+@triton.jit
+def _stage_glu(X, W1, W2, GB, eps, pid, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BD: tl.constexpr,
+               BR: tl.constexpr, BK: tl.constexpr, GACT: tl.constexpr, NPROG: tl.constexpr):
+    lo, hi = _row_range(pid, G, NPROG)
+    DT = X.dtype.element_ty
+    for bb in tl.static_range(B):
+        r = _rms_rsqrt_cg(X + bb * D, eps, D, BD)
+        for r0 in range(lo, hi, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm = rows < hi
+            acc1 = tl.zeros([BR], dtype=tl.float32)
+            acc2 = tl.zeros([BR], dtype=tl.float32)
+            for k0 in tl.static_range(0, D, BK):
+                ks = k0 + tl.arange(0, BK)
+                km = ks < D
+                wm = rm[:, None] & km[None, :]
+                off = rows[:, None].to(tl.int64) * D + ks[None, :]
+                w1 = tl.load(W1 + off, mask=wm, other=0.0)
+                w2 = tl.load(W2 + off, mask=wm, other=0.0)
+                xv = tl.load(X + bb * D + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc1 += tl.sum(w1.to(tl.float32) * xv[None, :], 1)
+                acc2 += tl.sum(w2.to(tl.float32) * xv[None, :], 1)
+            a = (acc1 * r).to(DT).to(tl.float32)
+            c = (acc2 * r).to(DT).to(tl.float32)
+            a = _act(a, GACT).to(DT).to(tl.float32)
+            tl.store(GB + bb * G + rows, (a * c).to(DT), mask=rm)
+
+@triton.jit
+def _stage_down(X, W3, GB, pid, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+                BK: tl.constexpr, NPROG: tl.constexpr):
+    lo, hi = _row_range(pid, D, NPROG)
+    DT = X.dtype.element_ty
+    for bb in tl.static_range(B):
+        for r0 in range(lo, hi, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm = rows < hi
+            acc = tl.zeros([BR], dtype=tl.float32)
+            for k0 in tl.static_range(0, G, BK):
+                ks = k0 + tl.arange(0, BK)
+                km = ks < G
+                w = tl.load(W3 + rows[:, None].to(tl.int64) * G + ks[None, :], mask=rm[:, None] & km[None, :],
+                            other=0.0)
+                gv = tl.load(GB + bb * G + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc += tl.sum(w.to(tl.float32) * gv[None, :], 1)
+            xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+
+# -- the one-block stages: a program's rows of each weight fit one [BR, pow2(K)] tile, loaded ahead of its stage --
+@triton.jit
+def _load_rows(W, lo, hi, K: tl.constexpr, BR: tl.constexpr, BKP: tl.constexpr):
+    rows = lo + tl.arange(0, BR)
+    ks = tl.arange(0, BKP)
+    return tl.load(W + rows[:, None].to(tl.int64) * K + ks[None, :], mask=(rows < hi)[:, None] & (ks < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _vec_cg(P, K: tl.constexpr, BKP: tl.constexpr):
+    ks = tl.arange(0, BKP)
+    return tl.load(P + ks, mask=ks < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+
+
+@triton.jit
+def _one_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BR: tl.constexpr,
+              BDP: tl.constexpr):
+    rows = lo + tl.arange(0, BR)
+    rm = rows < hi
+    DT = QKVU.dtype.element_ty
+    for bb in tl.static_range(B):
+        xv = _vec_cg(X + bb * D, D, BDP)
+        r = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
+        acc = tl.sum(wA.to(tl.float32) * xv[None, :], 1)   # converted per row: a tile held in fp32 spills
+        tl.store(QKVU + bb * N + rows, (acc * r).to(DT), mask=rm)
+
+
+@triton.jit
+def _one_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr, P: tl.constexpr,
+             BP: tl.constexpr, BR: tl.constexpr, BHP: tl.constexpr):
+    rows = lo + tl.arange(0, BR)
+    rm = rows < hi
+    DT = X.dtype.element_ty
+    pp = tl.arange(0, BP)
+    for bb in tl.static_range(B):
+        ss = tl.load(SS + bb * P + pp, mask=pp < P, other=0.0, cache_modifier=".cg")
+        ry = tl.rsqrt(tl.sum(ss, 0) / HE + eps)
+        yv = _vec_cg(YB + bb * HE, HE, BHP)
+        u = _vec_cg(QKVU + bb * (4 * HE) + 3 * HE, HE, BHP)
+        yn = ((yv * ry).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
+        acc = tl.sum(wC.to(tl.float32) * yn[None, :], 1)
+        xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+
+
+@triton.jit
+def _one_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+             BDP: tl.constexpr, GACT: tl.constexpr):
+    rows = lo + tl.arange(0, BR)
+    rm = rows < hi
+    DT = X.dtype.element_ty
+    for bb in tl.static_range(B):
+        xv = _vec_cg(X + bb * D, D, BDP)
+        r = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
+        a = (tl.sum(w1t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
+        c = (tl.sum(w2t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
+        a = _act(a, GACT).to(DT).to(tl.float32)
+        tl.store(GB + bb * G + rows, (a * c).to(DT), mask=rm)
+
+
+@triton.jit
+def _one_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+              BGP: tl.constexpr):
+    rows = lo + tl.arange(0, BR)
+    rm = rows < hi
+    DT = X.dtype.element_ty
+    for bb in tl.static_range(B):
+        gv = _vec_cg(GB + bb * G, G, BGP)
+        acc = tl.sum(wE.to(tl.float32) * gv[None, :], 1)
+        xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+
+
+@triton.jit
+def _sync_or_mark(CNT, TS, pid, k: tl.constexpr, NPROG: tl.constexpr, SYNC: tl.constexpr, SPIN: tl.constexpr,
+                  PROFILE: tl.constexpr):
+    """The k-th barrier (k = 1..4) with its profile marks before (2k - 1) and after (2k)."""
+    _mark(TS, pid, 2 * k - 1, PROFILE)
+    if SYNC:
+        _grid_sync(CNT, k * NPROG, SPIN)
+        if k == 4:
+            # every program is past the last barrier: the last ticket resets both counters for the next launch
+            ticket = tl.atomic_add(CNT + 1, 1, sem="acq_rel", scope="gpu")
+            if ticket == NPROG - 1:
+                tl.atomic_xchg(CNT, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(CNT + 1, 0, sem="relaxed", scope="gpu")
+    _mark(TS, pid, 2 * k, PROFILE)
+
+
+@triton.jit
+def decode_layer_kernel(X, S, WQ, WO, W1, W2, W3, RATE, THETA, POS, QKVU, YB, SS, GB, CNT, TS, eps,
+                        B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+                        BE: tl.constexpr, G: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
+                        GACT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BP: tl.constexpr,
+                        BR0: tl.constexpr, BK0: tl.constexpr, BR2: tl.constexpr, BK2: tl.constexpr,
+                        BR3: tl.constexpr, BK3: tl.constexpr, BR4: tl.constexpr, BK4: tl.constexpr,
+                        NPROG: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNC: tl.constexpr,
+                        ONE: tl.constexpr, PREFETCH: tl.constexpr, SPIN: tl.constexpr, PROFILE: tl.constexpr):
+    """Stages FIRST..LAST of one layer (module docstring); SYNC: all five, grid barriers between them. ONE: every
+    program's rows of each weight are one tile (BR* rows, the whole K: BK* = pow2(K)); PREFETCH then loads the
+    out_proj tile at the start, l1 / l2 before the first barrier and l3 before the last, so the loads overlap
+    the earlier stages and the barriers."""
+    pid = tl.program_id(0)
+    HE: tl.constexpr = H * E
+    _mark(TS, pid, 0, PROFILE)
+    if ONE:
+        loA, hiA = _row_range(pid, 4 * HE, NPROG)
+        loC, hiC = _row_range(pid, D, NPROG)
+        loD, hiD = _row_range(pid, G, NPROG)
+        if FIRST <= 0 and LAST >= 0:
+            wA = _load_rows(WQ, loA, hiA, D, BR0, BK0)
+        if PREFETCH:
+            if FIRST <= 2 and LAST >= 2:
+                wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
+        if FIRST <= 0 and LAST >= 0:
+            _one_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
+        if PREFETCH:
+            if FIRST <= 3 and LAST >= 3:
+                w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
+        _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 1 and LAST >= 1:
+            _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+        if not PREFETCH:
+            if FIRST <= 2 and LAST >= 2:
+                wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
+        _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 2 and LAST >= 2:
+            _one_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
+        if not PREFETCH:
+            if FIRST <= 3 and LAST >= 3:
+                w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
+        _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 3 and LAST >= 3:
+            _one_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
+        if FIRST <= 4 and LAST >= 4:
+            wE = _load_rows(W3, loC, hiC, G, BR4, BK4)
+        _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 4 and LAST >= 4:
+            _one_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
+    else:
+        if FIRST <= 0 and LAST >= 0:
+            _stage_qkvu(X, WQ, QKVU, eps, pid, B, D, 4 * HE, BD, BR0, BK0, NPROG)
+        _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 1 and LAST >= 1:
+            _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+        _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 2 and LAST >= 2:
+            _stage_out(X, WO, QKVU, YB, SS, eps, pid, B, D, HE, H * NV, BP, BR2, BK2, NPROG)
+        _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 3 and LAST >= 3:
+            _stage_glu(X, W1, W2, GB, eps, pid, B, D, G, BD, BR3, BK3, GACT, NPROG)
+        _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
+        if FIRST <= 4 and LAST >= 4:
+            _stage_down(X, W3, GB, pid, B, D, G, BR4, BK4, NPROG)
+    _mark(TS, pid, 9, PROFILE)
+
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device) -> Tensor:
+    """The two barrier counters (int32, zero between launches) of ``device``; allocated once and never freed,
+    so a captured CUDA graph that holds their address stays valid (run a launch before capturing)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(2, dtype=torch.int32, device=device)     # graph-owned memory: not cached
+        buf = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
+def _blocks(N: int, K: int, nprog: int, tile: int) -> tuple[int, int]:
+    """(BR, BK) of a GEMV stage: BR covers a program's ~N / nprog rows (at most 32 per step), BK the rest of
+    the tile (at least 64 columns, at most K rounded up to a power of 2)."""
+    br = min(32, max(2, _pow2(-(-N // nprog))))
+    bk = min(_pow2(K), max(64, tile // br))
+    return br, bk
+
+
+def block_v(B: int, H: int, e: int, nprog: int) -> int:
+    """Value columns per token-mixer item: at most 64, halved (down to 4) until B * H * e / BV >= nprog."""
+    bv = min(64, _pow2(e))
+    while bv > 4 and B * H * (-(-e // bv)) < nprog:
+        bv //= 2
+    return bv
+
+
+def supported(x: Tensor, *weights: Tensor) -> bool:
+    """Whether the kernel takes these inputs: fp16 / bf16 / fp32, at most MAX_ROWS rows, weights contiguous."""
+    return (x.dtype in _SUPPORTED and 1 <= x.shape[0] <= MAX_ROWS
+            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_contiguous() for w in weights))
+
+
+def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                        s: Tensor, theta: Tensor | None, pos: Tensor | None, act: str, glu_act: str,
+                        eps: float = EPS, persistent: bool | None = None, cfg: LayerConfig | None = None,
+                        profile: Tensor | None = None) -> None:
+    """Launcher (CUDA, or the CPU under TRITON_INTERPRET=1): updates ``x`` [B, d] and ``state`` [B, H, Dk, e] in
+    place (both contiguous); inputs as ``decode_layer_naive``, checked by the caller, weights contiguous.
+    ``persistent``: one launch with grid barriers (default on CUDA), or five launches, one per stage (the only
+    mode on the CPU). ``profile``: an int64 [nprog, 16] tensor that receives each program's cycle counter at the
+    stage boundaries (CUDA only: bench/decode_layer.py --profile)."""
+    cfg = cfg or LayerConfig()
+    B, d = x.shape
+    _, H, Dk, e = state.shape
+    g = w1.shape[0]
+    HE = H * e
+    dev = x.device
+    if persistent is None:
+        persistent = dev.type == "cuda"
+    if persistent and dev.type != "cuda":
+        raise ValueError("decode_layer_step: `persistent=True` needs a CUDA device (its grid barriers spin, "
+                         "which the Triton CPU interpreter, running one program after another, cannot do)")
+    if not (x.is_contiguous() and state.is_contiguous()):
+        raise ValueError("decode_layer_step: `x` and `state` are updated in place and must be contiguous")
+    lrpe = theta is not None
+    nprog = cfg.nprog or _num_sms(dev)
+    rate = s.to(torch.float32).contiguous()
+    th = theta.to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
+    ps = pos.to(torch.int64).contiguous() if lrpe else rate
+    bv = block_v(B, H, e, nprog)
+    NV = triton.cdiv(e, bv)
+    P = H * NV
+    qkvu = torch.empty(B, 4 * HE, device=dev, dtype=x.dtype)
+    yb = torch.empty(B, HE, device=dev, dtype=x.dtype)
+    ss = torch.empty(B * P, device=dev, dtype=torch.float32)
+    gb = torch.empty(B, g, device=dev, dtype=x.dtype)
+    cnt = _counters(dev) if persistent else rate
+    one = cfg.one and one_fits(B, d, HE, g, nprog, cfg.one_tile)
+    br0, bk0 = _blocks(4 * HE, d, nprog, cfg.tile)
+    br2, bk2 = _blocks(d, HE, nprog, cfg.tile)
+    br3, bk3 = _blocks(g, d, nprog, cfg.tile // 2)
+    br4, bk4 = _blocks(d, g, nprog, cfg.tile)
+    if one:
+        bk0, bk2, bk3, bk4 = _pow2(d), _pow2(HE), _pow2(d), _pow2(g)
+    ts = profile if profile is not None else rate
+    args = (x, state, wqkvu, wout, w1, w2, w3, rate, th, ps, qkvu, yb, ss, gb, cnt, ts, eps)
+    kw = dict(B=B, D=d, BD=min(4096, _pow2(d)), H=H, E=e, BE=_pow2(e), G=g, LRPE=lrpe, ACT=ACT_CODE[act],
+              GACT=ACT_CODE[glu_act], BV=bv, NV=NV, BP=_pow2(P), BR0=br0, BK0=bk0, BR2=br2, BK2=bk2, BR3=br3,
+              BK3=bk3, BR4=br4, BK4=bk4, NPROG=nprog, ONE=one, PREFETCH=one and cfg.prefetch, SPIN=cfg.spin,
+              PROFILE=profile is not None, num_warps=cfg.num_warps)
+    if persistent:
+        decode_layer_kernel[(nprog,)](*args, FIRST=0, LAST=N_STAGES - 1, SYNC=True, **kw)
+    else:
+        for st in range(N_STAGES):
+            decode_layer_kernel[(nprog,)](*args, FIRST=st, LAST=st, SYNC=False, **kw)

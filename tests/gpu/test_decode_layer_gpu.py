@@ -1,0 +1,140 @@
+"""GPU suite for the one-launch decoder layer (tnllm.ops.decode_layer; ``pytest -m gpu``, skipped without CUDA).
+
+The persistent launch (five stages, grid barriers between them) against the staged launches (the same
+per-program code, five launches: equal bit for bit, so the barriers order every read after the writes it
+needs) and against the fp32 reference from the same rounded inputs: the 385M and 1B layer shapes and odd
+widths, bf16 / fp16 / fp32, 1 to 4 rows, LRPE on and off; many launches in a row and in a CUDA graph (the
+barrier counters reset themselves); under torch.compile; and the decoder's "layer" path against its "fused"
+path on a bf16 model (greedy tokens and logits).
+"""
+import pytest
+import torch
+
+from tnllm.ops.decode_layer import decode_layer_naive, decode_layer_step
+from tnllm.ops.decode_layer import triton as tri
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make(B, d, H, e, g, lrpe, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = H * e
+
+    def w(n, k):
+        return (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(dtype)
+
+    x = (torch.randn(B, d, device="cuda", generator=gen) * 2).to(dtype)
+    S = torch.randn(B, H, 2 * e if lrpe else e, e, device="cuda", generator=gen)
+    ws = (w(4 * h, d), w(d, h), w(g, d), w(g, d), w(d, g))
+    s = torch.rand(H, device="cuda", generator=gen) * 2
+    theta = (10000 ** (-2 / h * torch.arange(h, device="cuda"))).reshape(H, 1, e) if lrpe else None
+    pos = torch.randint(0, 200000, (B,), device="cuda", generator=gen) if lrpe else None
+    return x, S, ws, s, theta, pos
+
+
+BF, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+CASES = [(1, 1024, 8, 128, 2816, True, BF), (1, 1024, 8, 128, 2816, False, BF), (4, 1024, 8, 128, 2816, True, BF),
+         (2, 2048, 16, 128, 5632, False, BF), (3, 200, 3, 40, 333, True, FP16), (1, 96, 2, 24, 100, False, FP32),
+         (4, 520, 5, 64, 1000, True, FP32)]
+
+
+# the default (one tile per program and stage, loads ahead of the barriers), the row-block stages, and the one-tile
+# stages loading at their stage with the volatile-load barrier polling
+CFGS = [tri.LayerConfig(), tri.LayerConfig(one=False), tri.LayerConfig(prefetch=False, spin=1, num_warps=16)]
+
+
+@pytest.mark.parametrize("B,d,H,e,g,lrpe,dtype", CASES, ids=lambda x: str(x))
+def test_persistent_equals_staged_and_reference(B, d, H, e, g, lrpe, dtype):
+    x, S, ws, s, theta, pos = make(B, d, H, e, g, lrpe, dtype)
+    x_ref, S_ref = decode_layer_naive(x.float(), S, *(w.float() for w in ws), s, theta, pos, "silu", "none")
+    for cfg in CFGS:
+        xa, Sa = x.clone(), S.clone()
+        tri.decode_layer_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
+        xb, Sb = x.clone(), S.clone()
+        tri.decode_layer_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
+        torch.cuda.synchronize()
+        assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent launch differs from the staged ({cfg})"
+        assert rel(xa, x_ref) <= TOL[dtype], (cfg, rel(xa, x_ref))
+        assert rel(Sa, S_ref) <= TOL[dtype], (cfg, rel(Sa, S_ref))
+        assert tri._counters(x.device).tolist() == [0, 0], "the barrier counters were not reset"
+
+
+def test_many_launches_and_graph_replays():
+    """50 persistent launches in a row, then a CUDA graph of 10 launches replayed 5 times: the same bits as
+    the staged launches from the same start (a counter left non-zero would release a barrier early)."""
+    x, S, ws, s, theta, pos = make(1, 1024, 8, 128, 2816, True, BF, seed=1)
+    xs, Ss = x.clone(), S.clone()
+    for _ in range(50):
+        tri.decode_layer_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True)
+        tri.decode_layer_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
+    torch.cuda.synchronize()
+    assert torch.equal(x, xs) and torch.equal(S, Ss)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            tri.decode_layer_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True)
+    xg, Sg = x.clone(), S.clone()
+    for _ in range(5):
+        x.copy_(xg)
+        S.copy_(Sg)
+        graph.replay()
+    xs, Ss = xg.clone(), Sg.clone()
+    for _ in range(10):
+        tri.decode_layer_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
+    torch.cuda.synchronize()
+    assert torch.equal(x, xs) and torch.equal(S, Ss)
+    assert tri._counters(x.device).tolist() == [0, 0]
+
+
+def test_op_under_compile():
+    x, S, ws, s, theta, pos = make(2, 256, 4, 32, 300, True, BF, seed=2)
+    xr, Sr = x.clone(), S.clone()
+    decode_layer_step(xr, Sr, *ws, s, theta, pos, "silu", "none")
+
+    @torch.compile(fullgraph=True)
+    def f(x, S):
+        decode_layer_step(x, S, *ws, s, theta, pos, "silu", "none")
+        return x * 1
+
+    out = f(x, S)
+    torch.cuda.synchronize()
+    assert torch.equal(out, xr) and torch.equal(x, xr) and torch.equal(S, Sr)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_decoder_layer_path_matches_the_fused_path(B):
+    from tnllm import TransNormerConfig, TransNormerLLM
+    from tnllm.compile import CudaGraphDecoder
+    torch.manual_seed(0)
+    m = TransNormerLLM(TransNormerConfig.from_preset("small")).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(1, m.config.vocab_size, (B, 8), device="cuda")
+    lay, fus = CudaGraphDecoder(m, B, decode_path="layer"), CudaGraphDecoder(m, B, decode_path="fused")
+    assert lay.decode_path == "layer"
+    tl_, tf = lay.prefill(ids).argmax(-1), fus.prefill(ids).argmax(-1)
+    worst = 0.0
+    for _ in range(12):
+        a, b = lay.step(tf), fus.step(tf)       # teacher-forced: both fed the fused path's tokens
+        worst = max(worst, rel(a, b))
+        tf = b.argmax(-1)
+    assert worst < 3e-2, f"logits of the layer path differ from the fused path by {worst:.3e}"
+    for i, (p, q) in enumerate(zip(lay.states, fus.states)):
+        assert rel(p, q) < 3e-2, f"state of layer {i}"
+
+
+def test_auto_takes_the_layer_path_at_batch_1_only():
+    """``decode_path="auto"`` picks the one-launch layer where it was measured faster: one row of a 385M-shaped
+    model (random weights); two rows take the six-operation step."""
+    from tnllm import TransNormerConfig, TransNormerLLM
+    from tnllm.compile import CudaGraphDecoder
+    with torch.device("cuda"):
+        m = TransNormerLLM(TransNormerConfig.from_preset("385M")).to(torch.bfloat16).eval()
+    assert CudaGraphDecoder(m, 1).decode_path == "layer"
+    assert CudaGraphDecoder(m, 2).decode_path == "fused"
