@@ -52,7 +52,7 @@ class SlotBatch:
         cuda_graph: capture the step in CUDA graphs; default True on CUDA, False elsewhere.
         compile: ``torch.compile`` the step (``fullgraph``, static shapes: one graph per bucket); on CUDA
             the compiled step is what the CUDA graphs capture.
-        decode_path: ``"auto"`` (default), ``"aten"``, ``"kernel"`` or ``"fused"``, as in
+        decode_path: ``"auto"`` (default), ``"aten"``, ``"kernel"``, ``"fused"`` or ``"layer"``, as in
             ``CudaGraphDecoder``; ``self.decode_path`` is the path chosen.
     """
 
@@ -75,7 +75,9 @@ class SlotBatch:
         from tnllm.compile.decode import resolve_decode_path
         from tnllm.compile.fused_step import FusedDecodeStep
         self.decode_path = resolve_decode_path(model, decode_path)
-        self._fused = FusedDecodeStep(model) if self.decode_path == "fused" else None
+        # "layer" (asked for explicitly): the fused step with each layer as one launch where it applies (<= 4 rows)
+        self._fused = FusedDecodeStep(model, layer_kernel=self.decode_path == "layer") \
+            if self.decode_path in ("fused", "layer") else None
         dev = self.device
         self.states = list(model.zero_state(n_slots, dev))
         self.position = torch.zeros(n_slots, dtype=torch.int64, device=dev)
