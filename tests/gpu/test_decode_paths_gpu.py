@@ -122,9 +122,12 @@ def test_graph_decoder_paths(path, compiled):
         assert rel(x, y) <= TOL[dtype]
 
 
-def test_auto_path_on_cuda_is_fused():
+def test_auto_path_on_cuda():
+    """One row of a model whose layers are one weight tile per program and stage: the one-launch layer; more
+    rows: the fused step; fp64: the aten step."""
     m = _model(torch.bfloat16)
-    assert CudaGraphDecoder(m, 1).decode_path == "fused"
+    assert CudaGraphDecoder(m, 1).decode_path == "layer"
+    assert CudaGraphDecoder(m, 2).decode_path == "fused"
     assert CudaGraphDecoder(_model(torch.float64), 1).decode_path == "aten"
 
 
