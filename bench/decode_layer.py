@@ -49,6 +49,8 @@ def main(argv=None):
     p.add_argument("--out", default="/tmp/decode_layer")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
+    if dev.type != "cuda":
+        p.error(f"--device {a.device}: the persistent launch needs a CUDA device (its grid barriers spin)")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = TransNormerConfig.from_preset(a.preset)
     d, H, e, g, L = cfg.decoder_embed_dim, cfg.decoder_attention_heads, cfg.head_dim, cfg.glu_dim, a.layers

@@ -1,9 +1,9 @@
 """One decoder layer's decode step in one persistent Triton launch (the maths of ``naive.py``).
 
-At batch 1 the six kernels of the fused step (``tnllm.compile.FusedDecodeStep``) each move 2-12 MB, which
-takes 0.5-3 us at the H200's bandwidth, but each launch also pays its ramp-up and tail, so the layer ran at
-about a fifth of the bandwidth. Here one launch of NPROG programs (one per SM, all resident at once) runs
-the five stages of the layer, separated by grid-wide barriers:
+At batch 1 the six operations of the fused step (``tnllm.compile.FusedDecodeStep``) each move 2-12 MB, which
+takes 0.5-3 us at the H200's bandwidth, but each launch also pays its ramp-up and tail: the 385M layer took
+29.9 us (about 1 TB/s). Here one launch of NPROG programs (one per SM, all resident at once) runs the five
+stages of the layer, separated by grid-wide barriers (21.6 us for that layer; docs/benchmarks.md):
 
     stage 0  qkvu  = round(r(x) x Wqkvu^T)               rows of Wqkvu split over the programs
     stage 1  y, S  = token mixer (act, LRPE, S <- lam S + k^T v, o = q S) per (row, head, BV value columns);
@@ -12,9 +12,12 @@ the five stages of the layer, separated by grid-wide barriers:
     stage 3  g     = act(round(r(x) x W1^T)) * round(r(x) x W2^T)     rows of W1 and W2 side by side
     stage 4  x    += g W3^T                              rows of W3
 
-Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row)
-and loads its whole [rows, K] weight tile in a few large loads (K cut into BK columns, unrolled), so each SM
-keeps tens of KB in flight; the input vector (d to g elements) is re-read by every program from L2.
+Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row).
+Where each block is one [BR, pow2(K)] tile (ONE), the tile is loaded in one go, and with PREFETCH ahead of its
+stage (out_proj's at the start, l1's and l2's before the first barrier, l3's before the last), so the weight
+stream overlaps the barriers and the token mixer; otherwise the stage walks row blocks of BR <= 32 rows, K cut
+into BK columns (unrolled). The input vector (d to g elements) is re-read by every program from L2. Each row
+of a batch reuses the tile from registers (ONE) or re-reads it (row blocks).
 
 The barrier (``SYNC``): each program's threads finish their stores (a CTA barrier), then one thread adds 1
 to a counter with release semantics at GPU scope and spins with acquire reads until the counter reaches
