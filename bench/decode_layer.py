@@ -30,9 +30,7 @@ from tnllm.ops.gemv import residual_gemv
 from tnllm.ops.gla_decode import gla_decode_step
 from tnllm.ops.sglu import sglu_gate
 
-SWEEP = ([tri.LayerConfig(one=False, tile=t, num_warps=w) for t, w in ((16384, 8), (32768, 8))]
-         + [tri.LayerConfig(prefetch=pf, num_warps=w, spin=sp) for pf in (False, True) for w in (4, 8, 16)
-            for sp in (0, 1)])
+SWEEP = [tri.LayerConfig(prefetch=pf, num_warps=w, spin=sp) for pf in (False, True) for w in (4, 8, 16) for sp in (0, 1)]
 SEGMENTS = ("qkvu", "barrier 1", "mixer", "barrier 2", "out", "barrier 3", "l1 l2 sglu", "barrier 4", "l3")
 
 
@@ -93,8 +91,8 @@ def main(argv=None):
             return run
 
         cands = [("fused (6 ops)", None, fused)]
-        cands += [(f"persistent one={c.one} prefetch={c.prefetch} spin={c.spin} tile={c.tile} warps={c.num_warps}", c,
-                   layer_fn(c, True)) for c in SWEEP]
+        cands += [(f"persistent prefetch={c.prefetch} spin={c.spin} warps={c.num_warps}", c, layer_fn(c, True))
+                  for c in SWEEP]
         cands += [("staged (5 launches) default", tri.LayerConfig(), layer_fn(tri.LayerConfig(), False))]
         for name, c, fn in cands:
             try:

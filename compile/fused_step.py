@@ -26,8 +26,8 @@ the residual add is a separate add.
 
 With ``layer_kernel=True`` (``CudaGraphDecoder(decode_path="layer")``) each layer is instead one launch of the
 persistent kernel ``tnllm::decode_layer_step`` (``tnllm.ops.decode_layer``: the same maths, its five stages
-separated by grid barriers inside the launch) wherever it applies (CUDA, plain weights, at most 4 rows); other
-calls take the six operations above. It reads l1 and l2 from the model's own weights, so it needs no stacked
+separated by grid barriers inside the launch) wherever it applies (CUDA, plain weights, at most 4 rows, layers
+that fit its one-tile stages: ``one_fits``); other calls take the six operations above. It reads l1 and l2 from the model's own weights, so it needs no stacked
 copy; the copy is still kept for the calls that fall back.
 
 Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, no tensor parallelism.
@@ -170,9 +170,14 @@ class FusedDecodeStep:
 
     def _layer_ok(self, x: Tensor) -> bool:
         """Whether every layer can run as one ``decode_layer_step`` launch for the rows of ``x``: CUDA, plain
-        weights (not torchao's), at most ``MAX_ROWS`` rows (else the six-operation step is used)."""
+        weights (not torchao's) of x's dtype, at most ``MAX_ROWS`` rows, layers that fit the kernel's one-tile
+        stages (``one_fits``); else the six-operation step is used."""
         on_device = x.device.type == "cuda" or (x.device.type == "cpu" and layer_op.TRITON_ON_CPU)
         if not on_device or not 1 <= x.shape[0] <= layer_op.MAX_ROWS:
+            return False
+        from tnllm.ops._device import num_sms
+        cfg = self.model.config
+        if not layer_op.one_fits(x.shape[0], cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, num_sms(x.device)):
             return False
         for layer in self.model.model.layers:
             tm, glu = layer.token_mixer, layer.channel_mixer

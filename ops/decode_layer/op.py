@@ -1,7 +1,7 @@
 """``tnllm::decode_layer_step``: one decoder layer's decode step, in place on the residual ``x`` and the state.
 
 * CPU (and any non-CUDA device, fp64, more than ``MAX_ROWS`` rows, weights that are not plain contiguous
-  tensors): the reference form (``naive.py``).
+  tensors, layers too wide for the kernel's one-tile stages: ``one_fits``): the reference form (``naive.py``).
 * CUDA: the persistent Triton kernel (``triton.py``), one launch per layer, imported lazily.
 * The fake kernel returns nothing (both outputs are the mutated inputs), so the op traces under
   ``torch.compile(fullgraph=True)`` and is captured by CUDA graphs; no host sync, no data-dependent shapes.
@@ -55,7 +55,7 @@ def _(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
 
 def _kernel_ok(x, state, weights) -> bool:
     from . import triton as tri
-    return tri.supported(x, *weights) and x.is_contiguous() and state.is_contiguous()
+    return tri.supported(x, state, *weights) and x.is_contiguous() and state.is_contiguous()
 
 
 def _cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
@@ -84,8 +84,9 @@ def decode_layer_step(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1:
         theta: [H, 1, e] LRPE frequencies, or None; pos: [B] integer positions (needed with LRPE).
         act: the activation of q and k; glu_act: the SGLU's ("silu", "relu" or "none").
 
-    On CUDA, up to 4 rows, one persistent Triton launch (all five stages of the layer with grid barriers
-    between them); the reference form elsewhere. Returns ``x``.
+    On CUDA, up to 4 rows of a layer that fits the kernel (``one_fits``: e.g. the 385M layer, not the 1B or 7B
+    one), one persistent Triton launch (all five stages of the layer with grid barriers between them); the
+    reference form elsewhere. Returns ``x``.
     """
     check_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
     if theta is None:

@@ -12,12 +12,14 @@ stages of the layer, separated by grid-wide barriers (21.6 us for that layer; do
     stage 3  g     = act(round(r(x) x W1^T)) * round(r(x) x W2^T)     rows of W1 and W2 side by side
     stage 4  x    += g W3^T                              rows of W3
 
-Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row).
-Where each block is one [BR, pow2(K)] tile (ONE), the tile is loaded in one go, and with PREFETCH ahead of its
-stage (out_proj's at the start, l1's and l2's before the first barrier, l3's before the last), so the weight
-stream overlaps the barriers and the token mixer; otherwise the stage walks row blocks of BR <= 32 rows, K cut
-into BK columns (unrolled). The input vector (d to g elements) is re-read by every program from L2. Each row
-of a batch reuses the tile from registers (ONE) or re-reads it (row blocks).
+Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row),
+loaded as one [BR, pow2(K)] tile, with PREFETCH ahead of its stage (out_proj's at the start, l1's and l2's
+before the first barrier, l3's before the last), so the weight stream overlaps the barriers and the token
+mixer; each row of a batch reuses the tile from registers, and the input vector (d to g elements) is re-read
+by every program from L2. So the kernel takes only layers whose every tile fits (``op.one_fits``: at most 32
+rows and ONE_TILE elements per program, e.g. the 385M layer on 132 SMs); a version that walked larger blocks
+in row steps, for the 1B and 7B layers, was slower there than the fused step's six operations (1B 0.973
+against 0.962 ms per token, 7B 6.49 against 4.50 on the H200) and was dropped.
 
 The barrier (``SYNC``): each program's threads finish their stores (a CTA barrier), then one thread adds 1
 to a counter with release semantics at GPU scope and spins with acquire reads until the counter reaches
@@ -41,6 +43,7 @@ from torch import Tensor
 
 from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
+from .._triton_rows import apply_act, gla_state_tile
 from ..norm import EPS
 from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits  # noqa: F401  (MAX_ROWS: rows per launch)
 
@@ -53,30 +56,15 @@ N_STAGES = 5
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """Launch parameters. ``one``: each program loads its rows of a weight as one [BR, pow2(K)] tile (where every
-    stage's tile fits ``one_tile`` elements: ``one_fits``); else row blocks of at most 32 and ``tile`` elements
-    (the l1 / l2 stage two of half the size). ``prefetch`` (one-tile only): the weight tiles are loaded ahead of
-    their stage, across the barriers. ``spin``: 0 poll the barrier counter with atomics, 1 with volatile loads.
-    ``num_warps`` per program, ``nprog`` programs (0: the SM count)."""
-    tile: int = 16384
+    """Launch parameters: ``prefetch`` loads each weight tile ahead of its stage, across the barriers; ``spin`` 0
+    polls the barrier counter with atomics, 1 with volatile loads; ``num_warps`` per program; ``nprog`` programs
+    (0: the SM count); ``one_tile``: the most weight elements of one program's tile (``op.one_fits``)."""
     num_warps: int = 8
     nprog: int = 0
-    one: bool = True
     one_tile: int = ONE_TILE
     prefetch: bool = True
     spin: int = 0
 
-
-
-@triton.jit
-def _rms_rsqrt_cg(X, eps, D: tl.constexpr, BD: tl.constexpr):
-    """rsqrt(mean(x^2) + eps) of the D elements at X (fp32 sums), read past L1 (written by other programs)."""
-    dd = tl.arange(0, BD)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BD):
-        xx = tl.load(X + d0 + dd, mask=d0 + dd < D, other=0.0, cache_modifier=".cg").to(tl.float32)
-        acc += xx * xx
-    return tl.rsqrt(tl.sum(acc, 0) / D + eps)
 
 @triton.jit
 def _grid_sync(CNT, target, SPIN: tl.constexpr):
@@ -109,36 +97,8 @@ def _mark(TS, pid, i: tl.constexpr, PROFILE: tl.constexpr):
 
 
 @triton.jit
-def _act(a, ACT: tl.constexpr):
-    if ACT == 1:
-        a = a * tl.sigmoid(a)
-    elif ACT == 2:
-        a = tl.maximum(a, 0.0)
-    return a
-
-@triton.jit
 def _row_range(pid, N, NPROG: tl.constexpr):
     return pid * N // NPROG, (pid + 1) * N // NPROG
-
-@triton.jit
-def _stage_qkvu(X, WQ, QKVU, eps, pid, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BD: tl.constexpr,
-                BR: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr):
-    lo, hi = _row_range(pid, N, NPROG)
-    DT = QKVU.dtype.element_ty
-    for bb in tl.static_range(B):
-        r = _rms_rsqrt_cg(X + bb * D, eps, D, BD)
-        for r0 in range(lo, hi, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm = rows < hi
-            acc = tl.zeros([BR], dtype=tl.float32)
-            for k0 in tl.static_range(0, D, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D
-                w = tl.load(WQ + rows[:, None].to(tl.int64) * D + ks[None, :], mask=rm[:, None] & km[None, :],
-                            other=0.0)
-                xv = tl.load(X + bb * D + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * xv[None, :], 1)
-            tl.store(QKVU + bb * N + rows, (acc * r).to(DT), mask=rm)
 
 @triton.jit
 def _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
@@ -160,117 +120,23 @@ def _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B: tl.constexpr, H: tl.
         kf = tl.load(row + HE + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
         v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0, cache_modifier=".cg").to(tl.float32)
         # the activation in the input dtype, as in the model (fp32 inside, rounded)
-        qf = _act(qf, ACT).to(DT).to(tl.float32)
-        kf = _act(kf, ACT).to(DT).to(tl.float32)
+        qf = apply_act(qf, ACT).to(DT).to(tl.float32)
+        kf = apply_act(kf, ACT).to(DT).to(tl.float32)
         lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
-        m2 = me[:, None] & mv[None, :]
-        tile = ee[:, None] * E + vv[None, :]
         if LRPE:
             base = (bb * H + h).to(tl.int64) * (2 * E * E)
             th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
             ang = th * tl.load(POS + bb).to(tl.float32)            # fp32 angle, as the model forms it
-            # reduced to [-pi, pi] before cos / sin: n 2pi subtracted in fp64, 2pi split into fp32 head + tail
-            a64 = ang.to(tl.float64)
-            n = tl.floor(a64 * 0.15915494309189535 + 0.5)
-            red = ((a64 - n * 6.2831854820251465) - n * -1.7484555314695172e-07).to(tl.float32)
-            c = tl.cos(red)
-            sn = tl.sin(red)
-            q1 = (qf * c).to(DT).to(tl.float32)
-            q2 = (qf * sn).to(DT).to(tl.float32)
-            k1 = (kf * c).to(DT).to(tl.float32)
-            k2 = (kf * sn).to(DT).to(tl.float32)
-            s1 = tl.load(S + base + tile, mask=m2, other=0.0)
-            s1 = lam * s1 + k1[:, None] * v[None, :]
-            tl.store(S + base + tile, s1, mask=m2)
-            s2 = tl.load(S + base + E * E + tile, mask=m2, other=0.0)
-            s2 = lam * s2 + k2[:, None] * v[None, :]
-            tl.store(S + base + E * E + tile, s2, mask=m2)
-            o = tl.sum(q1[:, None] * s1, 0) + tl.sum(q2[:, None] * s2, 0)
         else:
             base = (bb * H + h).to(tl.int64) * (E * E)
-            s1 = tl.load(S + base + tile, mask=m2, other=0.0)
-            s1 = lam * s1 + kf[:, None] * v[None, :]
-            tl.store(S + base + tile, s1, mask=m2)
-            o = tl.sum(qf[:, None] * s1, 0)
+            ang = qf
+        o = gla_state_tile(S, S, base, ee, vv, me, mv, qf, kf, v, lam, ang, QKVU, E, LRPE)
         o = o.to(DT)                                               # o in the input dtype, as in the model
         of = o.to(tl.float32)
         tl.store(YB + bb * HE + h * E + vv, o, mask=mv)
         tl.store(SS + it, tl.sum(of * of, 0))
 
-@triton.jit
-def _stage_out(X, WO, QKVU, YB, SS, eps, pid, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr,
-               P: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr):
-    lo, hi = _row_range(pid, D, NPROG)
-    DT = X.dtype.element_ty
-    pp = tl.arange(0, BP)
-    for bb in tl.static_range(B):
-        ss = tl.load(SS + bb * P + pp, mask=pp < P, other=0.0, cache_modifier=".cg")
-        ry = tl.rsqrt(tl.sum(ss, 0) / HE + eps)                    # SRMSNorm of o over the width, fixed order
-        for r0 in range(lo, hi, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm = rows < hi
-            acc = tl.zeros([BR], dtype=tl.float32)
-            for k0 in tl.static_range(0, HE, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < HE
-                w = tl.load(WO + rows[:, None].to(tl.int64) * HE + ks[None, :], mask=rm[:, None] & km[None, :],
-                            other=0.0)
-                yv = tl.load(YB + bb * HE + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-                u = tl.load(QKVU + bb * (4 * HE) + 3 * HE + ks, mask=km, other=0.0,
-                            cache_modifier=".cg").to(tl.float32)
-                yn = ((yv * ry).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * yn[None, :], 1)
-            xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
-
-@triton.jit
-def _stage_glu(X, W1, W2, GB, eps, pid, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BD: tl.constexpr,
-               BR: tl.constexpr, BK: tl.constexpr, GACT: tl.constexpr, NPROG: tl.constexpr):
-    lo, hi = _row_range(pid, G, NPROG)
-    DT = X.dtype.element_ty
-    for bb in tl.static_range(B):
-        r = _rms_rsqrt_cg(X + bb * D, eps, D, BD)
-        for r0 in range(lo, hi, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm = rows < hi
-            acc1 = tl.zeros([BR], dtype=tl.float32)
-            acc2 = tl.zeros([BR], dtype=tl.float32)
-            for k0 in tl.static_range(0, D, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D
-                wm = rm[:, None] & km[None, :]
-                off = rows[:, None].to(tl.int64) * D + ks[None, :]
-                w1 = tl.load(W1 + off, mask=wm, other=0.0)
-                w2 = tl.load(W2 + off, mask=wm, other=0.0)
-                xv = tl.load(X + bb * D + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-                acc1 += tl.sum(w1.to(tl.float32) * xv[None, :], 1)
-                acc2 += tl.sum(w2.to(tl.float32) * xv[None, :], 1)
-            a = (acc1 * r).to(DT).to(tl.float32)
-            c = (acc2 * r).to(DT).to(tl.float32)
-            a = _act(a, GACT).to(DT).to(tl.float32)
-            tl.store(GB + bb * G + rows, (a * c).to(DT), mask=rm)
-
-@triton.jit
-def _stage_down(X, W3, GB, pid, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
-                BK: tl.constexpr, NPROG: tl.constexpr):
-    lo, hi = _row_range(pid, D, NPROG)
-    DT = X.dtype.element_ty
-    for bb in tl.static_range(B):
-        for r0 in range(lo, hi, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm = rows < hi
-            acc = tl.zeros([BR], dtype=tl.float32)
-            for k0 in tl.static_range(0, G, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < G
-                w = tl.load(W3 + rows[:, None].to(tl.int64) * G + ks[None, :], mask=rm[:, None] & km[None, :],
-                            other=0.0)
-                gv = tl.load(GB + bb * G + ks, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * gv[None, :], 1)
-            xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
-
-# -- the one-block stages: a program's rows of each weight fit one [BR, pow2(K)] tile, loaded ahead of its stage --
+# -- the GEMV stages: a program's rows of each weight are one [BR, pow2(K)] tile --------------------------------
 @triton.jit
 def _load_rows(W, lo, hi, K: tl.constexpr, BR: tl.constexpr, BKP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
@@ -286,7 +152,7 @@ def _vec_cg(P, K: tl.constexpr, BKP: tl.constexpr):
 
 
 @triton.jit
-def _one_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BR: tl.constexpr,
+def _stage_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BR: tl.constexpr,
               BDP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
@@ -299,7 +165,7 @@ def _one_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.
 
 
 @triton.jit
-def _one_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr, P: tl.constexpr,
+def _stage_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr, P: tl.constexpr,
              BP: tl.constexpr, BR: tl.constexpr, BHP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
@@ -317,7 +183,7 @@ def _one_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
-def _one_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+def _stage_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
              BDP: tl.constexpr, GACT: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
@@ -327,12 +193,12 @@ def _one_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G: 
         r = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
         a = (tl.sum(w1t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
         c = (tl.sum(w2t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
-        a = _act(a, GACT).to(DT).to(tl.float32)
+        a = apply_act(a, GACT).to(DT).to(tl.float32)
         tl.store(GB + bb * G + rows, (a * c).to(DT), mask=rm)
 
 
 @triton.jit
-def _one_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+def _stage_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
               BGP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
@@ -362,71 +228,55 @@ def _sync_or_mark(CNT, TS, pid, k: tl.constexpr, NPROG: tl.constexpr, SYNC: tl.c
 
 @triton.jit
 def decode_layer_kernel(X, S, WQ, WO, W1, W2, W3, RATE, THETA, POS, QKVU, YB, SS, GB, CNT, TS, eps,
-                        B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+                        B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
                         BE: tl.constexpr, G: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
                         GACT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BP: tl.constexpr,
                         BR0: tl.constexpr, BK0: tl.constexpr, BR2: tl.constexpr, BK2: tl.constexpr,
                         BR3: tl.constexpr, BK3: tl.constexpr, BR4: tl.constexpr, BK4: tl.constexpr,
                         NPROG: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNC: tl.constexpr,
-                        ONE: tl.constexpr, PREFETCH: tl.constexpr, SPIN: tl.constexpr, PROFILE: tl.constexpr):
-    """Stages FIRST..LAST of one layer (module docstring); SYNC: all five, grid barriers between them. ONE: every
-    program's rows of each weight are one tile (BR* rows, the whole K: BK* = pow2(K)); PREFETCH then loads the
-    out_proj tile at the start, l1 / l2 before the first barrier and l3 before the last, so the loads overlap
-    the earlier stages and the barriers."""
+                        PREFETCH: tl.constexpr, SPIN: tl.constexpr, PROFILE: tl.constexpr):
+    """Stages FIRST..LAST of one layer (module docstring); SYNC: all five, grid barriers between them. Each
+    program's rows of each weight are one tile (BR* rows, the whole K: BK* = pow2(K)); PREFETCH loads the out_proj
+    tile at the start, l1 / l2 before the first barrier and l3 before the last, so the loads overlap the earlier
+    stages and the barriers."""
     pid = tl.program_id(0)
     HE: tl.constexpr = H * E
     _mark(TS, pid, 0, PROFILE)
-    if ONE:
-        loA, hiA = _row_range(pid, 4 * HE, NPROG)
-        loC, hiC = _row_range(pid, D, NPROG)
-        loD, hiD = _row_range(pid, G, NPROG)
-        if FIRST <= 0 and LAST >= 0:
-            wA = _load_rows(WQ, loA, hiA, D, BR0, BK0)
-        if PREFETCH:
-            if FIRST <= 2 and LAST >= 2:
-                wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
-        if FIRST <= 0 and LAST >= 0:
-            _one_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
-        if PREFETCH:
-            if FIRST <= 3 and LAST >= 3:
-                w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
-                w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
-        _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
-        if FIRST <= 1 and LAST >= 1:
-            _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
-        if not PREFETCH:
-            if FIRST <= 2 and LAST >= 2:
-                wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
-        _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
+    loA, hiA = _row_range(pid, 4 * HE, NPROG)
+    loC, hiC = _row_range(pid, D, NPROG)
+    loD, hiD = _row_range(pid, G, NPROG)
+    if FIRST <= 0 and LAST >= 0:
+        wA = _load_rows(WQ, loA, hiA, D, BR0, BK0)
+    if PREFETCH:
         if FIRST <= 2 and LAST >= 2:
-            _one_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
-        if not PREFETCH:
-            if FIRST <= 3 and LAST >= 3:
-                w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
-                w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
-        _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
+            wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
+    if FIRST <= 0 and LAST >= 0:
+        _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
+    if PREFETCH:
         if FIRST <= 3 and LAST >= 3:
-            _one_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
-        if FIRST <= 4 and LAST >= 4:
-            wE = _load_rows(W3, loC, hiC, G, BR4, BK4)
-        _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
-        if FIRST <= 4 and LAST >= 4:
-            _one_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
-    else:
-        if FIRST <= 0 and LAST >= 0:
-            _stage_qkvu(X, WQ, QKVU, eps, pid, B, D, 4 * HE, BD, BR0, BK0, NPROG)
-        _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
-        if FIRST <= 1 and LAST >= 1:
-            _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
-        _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
+            w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
+            w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
+    _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
+    if FIRST <= 1 and LAST >= 1:
+        _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+    if not PREFETCH:
         if FIRST <= 2 and LAST >= 2:
-            _stage_out(X, WO, QKVU, YB, SS, eps, pid, B, D, HE, H * NV, BP, BR2, BK2, NPROG)
-        _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
+            wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
+    _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
+    if FIRST <= 2 and LAST >= 2:
+        _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
+    if not PREFETCH:
         if FIRST <= 3 and LAST >= 3:
-            _stage_glu(X, W1, W2, GB, eps, pid, B, D, G, BD, BR3, BK3, GACT, NPROG)
-        _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
-        if FIRST <= 4 and LAST >= 4:
-            _stage_down(X, W3, GB, pid, B, D, G, BR4, BK4, NPROG)
+            w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
+            w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
+    _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
+    if FIRST <= 3 and LAST >= 3:
+        _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
+    if FIRST <= 4 and LAST >= 4:
+        wE = _load_rows(W3, loC, hiC, G, BR4, BK4)
+    _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
+    if FIRST <= 4 and LAST >= 4:
+        _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
     _mark(TS, pid, 9, PROFILE)
 
 
@@ -446,14 +296,6 @@ def _counters(device: torch.device) -> Tensor:
     return buf
 
 
-def _blocks(N: int, K: int, nprog: int, tile: int) -> tuple[int, int]:
-    """(BR, BK) of a GEMV stage: BR covers a program's ~N / nprog rows (at most 32 per step), BK the rest of
-    the tile (at least 64 columns, at most K rounded up to a power of 2)."""
-    br = min(32, max(2, _pow2(-(-N // nprog))))
-    bk = min(_pow2(K), max(64, tile // br))
-    return br, bk
-
-
 def block_v(B: int, H: int, e: int, nprog: int) -> int:
     """Value columns per token-mixer item: at most 64, halved (down to 4) until B * H * e / BV >= nprog."""
     bv = min(64, _pow2(e))
@@ -462,10 +304,16 @@ def block_v(B: int, H: int, e: int, nprog: int) -> int:
     return bv
 
 
-def supported(x: Tensor, *weights: Tensor) -> bool:
-    """Whether the kernel takes these inputs: fp16 / bf16 / fp32, at most MAX_ROWS rows, weights contiguous."""
-    return (x.dtype in _SUPPORTED and 1 <= x.shape[0] <= MAX_ROWS
-            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_contiguous() for w in weights))
+def supported(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+              nprog: int = 0) -> bool:
+    """Whether the kernel takes these inputs: fp16 / bf16 / fp32, 1 to MAX_ROWS rows, plain contiguous weights,
+    and a layer whose GEMV tiles fit (``one_fits``) on ``nprog`` programs (0: the device's SM count)."""
+    B, d = x.shape
+    _, H, _, e = state.shape
+    weights = (wqkvu, wout, w1, w2, w3)
+    return (x.dtype in _SUPPORTED and 1 <= B <= MAX_ROWS
+            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_contiguous() for w in weights)
+            and one_fits(B, d, H * e, w1.shape[0], nprog or _num_sms(x.device)))
 
 
 def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
@@ -492,6 +340,10 @@ def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w
         raise ValueError("decode_layer_step: `x` and `state` are updated in place and must be contiguous")
     lrpe = theta is not None
     nprog = cfg.nprog or _num_sms(dev)
+    if not one_fits(B, d, HE, g, nprog, cfg.one_tile):
+        raise ValueError(f"decode_layer_step: a layer of width d = {d}, h = {HE}, g = {g} does not fit the kernel on "
+                         f"{nprog} programs (one tile of at most 32 rows and {cfg.one_tile} weight elements per "
+                         f"program and stage: tnllm.ops.decode_layer.op.one_fits); use the fused step")
     rate = s.to(torch.float32).contiguous()
     th = theta.to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
     ps = pos.to(torch.int64).contiguous() if lrpe else rate
@@ -503,19 +355,13 @@ def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w
     ss = torch.empty(B * P, device=dev, dtype=torch.float32)
     gb = torch.empty(B, g, device=dev, dtype=x.dtype)
     cnt = _counters(dev) if persistent else rate
-    one = cfg.one and one_fits(B, d, HE, g, nprog, cfg.one_tile)
-    br0, bk0 = _blocks(4 * HE, d, nprog, cfg.tile)
-    br2, bk2 = _blocks(d, HE, nprog, cfg.tile)
-    br3, bk3 = _blocks(g, d, nprog, cfg.tile // 2)
-    br4, bk4 = _blocks(d, g, nprog, cfg.tile)
-    if one:
-        bk0, bk2, bk3, bk4 = _pow2(d), _pow2(HE), _pow2(d), _pow2(g)
+    br0, br2, br3 = (max(2, _pow2(-(-N // nprog))) for N in (4 * HE, d, g))
     ts = profile if profile is not None else rate
     args = (x, state, wqkvu, wout, w1, w2, w3, rate, th, ps, qkvu, yb, ss, gb, cnt, ts, eps)
-    kw = dict(B=B, D=d, BD=min(4096, _pow2(d)), H=H, E=e, BE=_pow2(e), G=g, LRPE=lrpe, ACT=ACT_CODE[act],
-              GACT=ACT_CODE[glu_act], BV=bv, NV=NV, BP=_pow2(P), BR0=br0, BK0=bk0, BR2=br2, BK2=bk2, BR3=br3,
-              BK3=bk3, BR4=br4, BK4=bk4, NPROG=nprog, ONE=one, PREFETCH=one and cfg.prefetch, SPIN=cfg.spin,
-              PROFILE=profile is not None, num_warps=cfg.num_warps)
+    kw = dict(B=B, D=d, H=H, E=e, BE=_pow2(e), G=g, LRPE=lrpe, ACT=ACT_CODE[act], GACT=ACT_CODE[glu_act], BV=bv,
+              NV=NV, BP=_pow2(P), BR0=br0, BK0=_pow2(d), BR2=br2, BK2=_pow2(HE), BR3=br3, BK3=_pow2(d), BR4=br2,
+              BK4=_pow2(g), NPROG=nprog, PREFETCH=cfg.prefetch, SPIN=cfg.spin, PROFILE=profile is not None,
+              num_warps=cfg.num_warps)
     if persistent:
         decode_layer_kernel[(nprog,)](*args, FIRST=0, LAST=N_STAGES - 1, SYNC=True, **kw)
     else:

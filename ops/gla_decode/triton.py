@@ -45,12 +45,12 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    global row_rms_rsqrt          # a jit kernel looks its callees up among the module's globals
+    global row_rms_rsqrt, apply_act, gla_state_tile   # a jit kernel looks its callees up among the module's globals
     import triton
     import triton.language as tl
     from .._triton_interp import patch as _patch_interpreter
     _patch_interpreter()
-    from .._triton_rows import row_rms_rsqrt
+    from .._triton_rows import apply_act, gla_state_tile, row_rms_rsqrt
 
     @triton.jit
     def gla_decode_kernel(QKVU, S_IN, S_OUT, RATE, THETA, POS, Y, SS, CNT, X, sq_b, sy_b, sx_b, eps,
@@ -80,47 +80,17 @@ def _kernels():
             k = (k.to(tl.float32) * rn).to(DT)
             v = (v * rn).to(DT).to(tl.float32)
         # the activation runs in the input dtype, as in the model (fp32 inside, rounded)
-        qf = q.to(tl.float32)
-        kf = k.to(tl.float32)
-        if ACT == 1:
-            qf = qf * tl.sigmoid(qf)
-            kf = kf * tl.sigmoid(kf)
-        elif ACT == 2:
-            qf = tl.maximum(qf, 0.0)
-            kf = tl.maximum(kf, 0.0)
-        qf = qf.to(DT).to(tl.float32)
-        kf = kf.to(DT).to(tl.float32)
+        qf = apply_act(q.to(tl.float32), ACT).to(DT).to(tl.float32)
+        kf = apply_act(k.to(tl.float32), ACT).to(DT).to(tl.float32)
         lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
-        m2 = me[:, None] & mv[None, :]
-        tile = ee[:, None] * E + vv[None, :]
         if LRPE:
             base = (b * H + h) * (2 * E * E)
             th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
             ang = th * tl.load(POS + b).to(tl.float32)               # fp32 angle, as the model forms it
-            # reduce to [-pi, pi] before cos/sin (angles reach 1e5 rad and more): n 2pi subtracted in
-            # fp64 with 2pi split into an fp32 head and tail (n * head is exact), error ~1e-10 rad
-            a64 = ang.to(tl.float64)
-            n = tl.floor(a64 * 0.15915494309189535 + 0.5)
-            red = ((a64 - n * 6.2831854820251465) - n * -1.7484555314695172e-07).to(tl.float32)
-            c = tl.cos(red)
-            sn = tl.sin(red)
-            q1 = (qf * c).to(DT).to(tl.float32)
-            q2 = (qf * sn).to(DT).to(tl.float32)
-            k1 = (kf * c).to(DT).to(tl.float32)
-            k2 = (kf * sn).to(DT).to(tl.float32)
-            s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
-            s1 = lam * s1 + k1[:, None] * v[None, :]
-            tl.store(S_OUT + base + tile, s1, mask=m2)
-            s2 = tl.load(S_IN + base + E * E + tile, mask=m2, other=0.0)
-            s2 = lam * s2 + k2[:, None] * v[None, :]
-            tl.store(S_OUT + base + E * E + tile, s2, mask=m2)
-            o = tl.sum(q1[:, None] * s1, 0) + tl.sum(q2[:, None] * s2, 0)
         else:
             base = (b * H + h) * (E * E)
-            s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
-            s1 = lam * s1 + kf[:, None] * v[None, :]
-            tl.store(S_OUT + base + tile, s1, mask=m2)
-            o = tl.sum(qf[:, None] * s1, 0)
+            ang = qf
+        o = gla_state_tile(S_IN, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, QKVU, E, LRPE)
         o = o.to(DT)                                                  # o in the input dtype, as in the model
         of = o.to(tl.float32)
         tl.store(Y + b * sy_b + h * E + vv, o, mask=mv)

@@ -2,9 +2,8 @@
 five launches (the interpreter runs programs one after another, so the persistent launch's grid barriers
 cannot run here; the GPU suite runs it and checks it equals the staged launches bit for bit), against the
 fp32 reference from the same inputs: fp32 and fp16, LRPE on and off, every activation, widths that are not
-multiples of the tiles, 1 to 4 rows, program counts that cut the rows unevenly, the one-tile stages (with and
-without the loads ahead of the barriers) and the row-block stages with small tiles (several row and column
-steps per program), NaN-poisoned workspaces; the op's dispatch and the decoder's "layer" path."""
+multiples of the tiles, 1 to 4 rows, program counts that cut the rows unevenly, the weight tiles loaded ahead
+of the barriers and at their stage, NaN-poisoned workspaces; a layer too wide for the kernel refused by name; the op's dispatch and the decoder's "layer" path."""
 import os
 
 import pytest
@@ -44,9 +43,8 @@ def make(B, d, H, e, g, lrpe, seed, state_scale=1.0):
        e=st.sampled_from([4, 5, 16]), g=st.sampled_from([7, 40]), lrpe=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), act=st.sampled_from(["silu", "relu", "none"]),
        glu_act=st.sampled_from(["none", "silu", "relu"]),
-       cfg=st.sampled_from([tri.LayerConfig(nprog=1), tri.LayerConfig(nprog=3), tri.LayerConfig(nprog=8),
-                            tri.LayerConfig(nprog=5, prefetch=False), tri.LayerConfig(one=False, tile=128, nprog=5),
-                            tri.LayerConfig(one=False, tile=64, num_warps=2, nprog=2)]),
+       cfg=st.sampled_from([tri.LayerConfig(nprog=6), tri.LayerConfig(nprog=8), tri.LayerConfig(nprog=13),
+                            tri.LayerConfig(nprog=7, prefetch=False), tri.LayerConfig(nprog=24, num_warps=2, spin=1)]),
        seed=st.integers(0, 2**31 - 1))
 def test_staged_kernel_matches_reference(B, d, H, e, g, lrpe, dtype, act, glu_act, cfg, seed):
     x, S, ws, s, theta, pos = make(B, d, H, e, g, lrpe, seed)
@@ -59,6 +57,16 @@ def test_staged_kernel_matches_reference(B, d, H, e, g, lrpe, dtype, act, glu_ac
     for what, got, ref in (("x", xk, x_ref), ("state", Sk, S_ref)):
         err = rel_err(got, ref)
         assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e} ({dtype}, {cfg})"
+
+
+def test_a_layer_too_wide_is_refused():
+    """Two programs cannot hold a 4h = 192-row qkvu block in one tile of at most 32 rows: a clear error, and
+    ``supported`` says no (the op then takes the reference form)."""
+    x, S, ws, s, theta, pos = make(1, 64, 3, 16, 40, False, 0)
+    assert not tri.supported(x, S, *ws, nprog=2) and tri.supported(x, S, *ws, nprog=8)
+    with pytest.raises(ValueError, match="does not fit the kernel on 2 programs"):
+        tri.decode_layer_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=False,
+                                cfg=tri.LayerConfig(nprog=2))
 
 
 def test_persistent_needs_cuda():
