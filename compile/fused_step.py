@@ -65,9 +65,10 @@ def layer_pays(model, batch_size: int) -> bool:
     """Whether ``decode_path="auto"`` takes the one-launch layer (``"layer"``) over the six operations: where it
     was measured faster (H200, bf16, ``tnllm bench decode`` and ``bench/decode_layer.py``): CUDA, one row, plain
     weights, and layers whose every GEMV stage is one weight tile per program (``one_fits``: the 385M layer, 0.59
-    against 0.77 ms per token). At 2 and 4 rows (each row re-reads the tiles) and for the 1B and 7B layers (row
-    blocks) the six operations were as fast or faster."""
-    if fused_unsupported(model) is not None or batch_size != 1:
+    against 0.77 ms per token). At 2 and 4 rows the six operations were faster (the l1 / l2 tiles held for every
+    row), and the 1B and 7B layers do not fit (an earlier row-block version was slower there). Never under the CUDA MPS (``shared_gpu``), where the
+    launch's grid barriers could wait for programs that an SM limit keeps from starting."""
+    if fused_unsupported(model) is not None or batch_size != 1 or layer_op.shared_gpu():
         return False
     w = model.lm_head.weight
     if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -19,6 +20,14 @@ from .naive import check_inputs, decode_layer_naive
 MAX_ROWS = 4        # the kernel's limit (triton.MAX_ROWS, repeated here so that triton is imported lazily)
 ONE_TILE = 32768     # the default LayerConfig.one_tile
 TRITON_ON_CPU = False   # set by use_triton_on_cpu: the op's CPU kernel is then the (staged) Triton launcher
+
+
+def shared_gpu() -> bool:
+    """Whether this process may share its GPU's SMs with other processes through the CUDA MPS (its client
+    variables are set): the persistent launch's grid barriers need all of its programs resident at once, which
+    an MPS SM limit can prevent (the launch would then wait forever), so the launcher runs the staged launches
+    instead and ``decode_path="auto"`` keeps the fused step."""
+    return any(os.environ.get(v) for v in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"))
 
 
 def _pow2(n: int) -> int:
@@ -108,4 +117,4 @@ def use_triton_on_cpu(enable: bool = True) -> None:
     torch.library.register_kernel("tnllm::decode_layer_step", "cpu", staged if enable else _reference)
 
 
-__all__ = ["decode_layer_step", "use_triton_on_cpu", "one_fits", "MAX_ROWS", "EPS"]
+__all__ = ["decode_layer_step", "use_triton_on_cpu", "one_fits", "shared_gpu", "MAX_ROWS", "EPS"]

@@ -45,7 +45,7 @@ from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
 from .._triton_rows import apply_act, gla_state_tile
 from ..norm import EPS
-from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits  # noqa: F401  (MAX_ROWS: rows per launch)
+from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits, shared_gpu  # noqa: F401  (MAX_ROWS: rows per launch)
 
 _patch_interpreter()
 
@@ -322,9 +322,10 @@ def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w
                         profile: Tensor | None = None) -> None:
     """Launcher (CUDA, or the CPU under TRITON_INTERPRET=1): updates ``x`` [B, d] and ``state`` [B, H, Dk, e] in
     place (both contiguous); inputs as ``decode_layer_naive``, checked by the caller, weights contiguous.
-    ``persistent``: one launch with grid barriers (default on CUDA), or five launches, one per stage (the only
-    mode on the CPU). ``profile``: an int64 [nprog, 16] tensor that receives each program's cycle counter at the
-    stage boundaries (CUDA only: bench/decode_layer.py --profile)."""
+    ``persistent``: one launch with grid barriers (default on CUDA unless the GPU may be shared through MPS:
+    ``op.shared_gpu``), or five launches, one per stage (the only mode on the CPU). ``profile``: an int64
+    [nprog, 16] tensor that receives each program's cycle counter at the stage boundaries (CUDA only:
+    bench/decode_layer.py --profile)."""
     cfg = cfg or LayerConfig()
     B, d = x.shape
     _, H, Dk, e = state.shape
@@ -332,7 +333,7 @@ def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w
     HE = H * e
     dev = x.device
     if persistent is None:
-        persistent = dev.type == "cuda"
+        persistent = dev.type == "cuda" and not shared_gpu()
     if persistent and dev.type != "cuda":
         raise ValueError("decode_layer_step: `persistent=True` needs a CUDA device (its grid barriers spin, "
                          "which the Triton CPU interpreter, running one program after another, cannot do)")

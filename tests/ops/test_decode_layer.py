@@ -10,7 +10,7 @@ from tnllm import RecurrentState, TransNormerConfig, TransNormerLLM
 from tnllm.compile import CudaGraphDecoder
 from tnllm.compile.fused_step import FusedDecodeStep, layer_pays
 from tnllm.ops.decode_layer import decode_layer_naive, decode_layer_step
-from tnllm.ops.decode_layer.op import one_fits
+from tnllm.ops.decode_layer.op import one_fits, shared_gpu
 
 
 def _model(dtype=torch.float64, glu_act="none", seed=0):
@@ -114,3 +114,13 @@ def test_auto_keeps_the_cpu_paths():
     assert CudaGraphDecoder(m, 1).decode_path == "aten"
     dec = CudaGraphDecoder(m, 1, decode_path="layer")    # explicit: the fused step on CPU (the kernel is CUDA's)
     assert dec.decode_path == "layer" and isinstance(dec.fused, FusedDecodeStep) and dec.fused.layer_kernel
+
+
+def test_mps_is_detected(monkeypatch):
+    """Under the CUDA MPS (its client variables set) the launcher defaults to the staged launches and "auto" keeps
+    the fused step: a grid barrier needs every program resident, which an MPS SM limit can prevent."""
+    for v in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        monkeypatch.delenv(v, raising=False)
+    assert not shared_gpu()
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
+    assert shared_gpu()
