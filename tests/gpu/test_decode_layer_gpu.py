@@ -3,10 +3,10 @@
 The persistent launch (five stages, grid barriers between them) against the staged launches (the same
 per-program code, five launches: equal bit for bit, so the barriers order every read after the writes it
 needs) and against the fp32 reference from the same rounded inputs: the 385M layer shape and odd widths,
-bf16 / fp16 / fp32, 1 to 4 rows, LRPE on and off; the 1B layer (too wide for the kernel) through the op's
-reference form; many launches in a row and in a CUDA graph (the
-barrier counters reset themselves); under torch.compile; and the decoder's "layer" path against its "fused"
-path on a bf16 model (greedy tokens and logits).
+bf16 / fp16 / fp32, 1 to 4 rows, LRPE on and off, two launch configurations; the 1B layer (too wide for the
+kernel) through the op's reference form; many launches in a row and in a CUDA graph (the barrier counters reset
+themselves); under torch.compile; the decoder's "layer" path against its "fused" path on a bf16 model (greedy
+tokens and logits); and "auto"'s choice.
 """
 import pytest
 import torch
@@ -46,25 +46,25 @@ CASES = [(1, 1024, 8, 128, 2816, True, BF), (1, 1024, 8, 128, 2816, False, BF), 
          (3, 200, 3, 40, 333, True, FP16), (1, 96, 2, 24, 100, False, FP32), (4, 520, 5, 64, 1000, True, FP32)]
 
 
-# the default (the weight tiles loaded ahead of the barriers), and the tiles loaded at their stage with the
-# volatile-load barrier polling in 16 warps
-CFGS = [tri.LayerConfig(), tri.LayerConfig(prefetch=False, spin=1, num_warps=16)]
+# the default (the weight tiles loaded ahead of the barriers) at every shape, and the tiles loaded at their stage
+# with the volatile-load barrier polling in 16 warps at the 385M shape (each configuration compiles six kernels)
+RUNS = [(c, tri.LayerConfig()) for c in CASES] + [(CASES[0], tri.LayerConfig(prefetch=False, spin=1, num_warps=16))]
 
 
-@pytest.mark.parametrize("B,d,H,e,g,lrpe,dtype", CASES, ids=lambda x: str(x))
-def test_persistent_equals_staged_and_reference(B, d, H, e, g, lrpe, dtype):
+@pytest.mark.parametrize("case,cfg", RUNS, ids=lambda x: str(x))
+def test_persistent_equals_staged_and_reference(case, cfg):
+    B, d, H, e, g, lrpe, dtype = case
     x, S, ws, s, theta, pos = make(B, d, H, e, g, lrpe, dtype)
     x_ref, S_ref = decode_layer_naive(x.float(), S, *(w.float() for w in ws), s, theta, pos, "silu", "none")
-    for cfg in CFGS:
-        xa, Sa = x.clone(), S.clone()
-        tri.decode_layer_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
-        xb, Sb = x.clone(), S.clone()
-        tri.decode_layer_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
-        torch.cuda.synchronize()
-        assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent launch differs from the staged ({cfg})"
-        assert rel(xa, x_ref) <= TOL[dtype], (cfg, rel(xa, x_ref))
-        assert rel(Sa, S_ref) <= TOL[dtype], (cfg, rel(Sa, S_ref))
-        assert tri._counters(x.device).tolist() == [0, 0], "the barrier counters were not reset"
+    xa, Sa = x.clone(), S.clone()
+    tri.decode_layer_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
+    xb, Sb = x.clone(), S.clone()
+    tri.decode_layer_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent launch differs from the staged ({cfg})"
+    assert rel(xa, x_ref) <= TOL[dtype], (cfg, rel(xa, x_ref))
+    assert rel(Sa, S_ref) <= TOL[dtype], (cfg, rel(Sa, S_ref))
+    assert tri._counters(x.device).tolist() == [0, 0], "the barrier counters were not reset"
 
 
 def test_a_layer_too_wide_takes_the_reference_form():
