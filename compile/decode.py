@@ -17,8 +17,8 @@ writes every layer's new state straight into its buffer.
   the kernels, l1 and l2 as one GEMM over a decode-time stacked copy of their weights, the residual
   adds inside the GEMMs); the roundings differ from ``model.step`` at the dtype's epsilon;
 * ``"layer"``: ``FusedDecodeStep(layer_kernel=True)``: each layer one launch of the persistent kernel
-  ``tnllm::decode_layer_step`` on CUDA up to 4 rows (the fused step's maths; its other calls, and the CPU,
-  take the fused step);
+  ``tnllm::decode_layer_step`` on CUDA up to 4 rows of layers that fit it (the fused step's maths; other calls,
+  wider layers and the CPU take the fused step's six operations);
 * ``"auto"`` (default): ``"layer"`` on CUDA at batch 1 where it was measured faster (``layer_pays``: the
   385M-sized layers), else ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every
   layer can use the kernel, else ``"aten"``; on CPU ``"aten"`` (bit-identical to ``model.step``).

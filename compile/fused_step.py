@@ -27,8 +27,8 @@ the residual add is a separate add.
 With ``layer_kernel=True`` (``CudaGraphDecoder(decode_path="layer")``) each layer is instead one launch of the
 persistent kernel ``tnllm::decode_layer_step`` (``tnllm.ops.decode_layer``: the same maths, its five stages
 separated by grid barriers inside the launch) wherever it applies (CUDA, plain weights, at most 4 rows, layers
-that fit its one-tile stages: ``one_fits``); other calls take the six operations above. It reads l1 and l2 from the model's own weights, so it needs no stacked
-copy; the copy is still kept for the calls that fall back.
+that fit its one-tile stages: ``one_fits``); other calls take the six operations above. It reads l1 and l2 from
+the model's own weights; the stacked copy is still kept for the calls that fall back.
 
 Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, no tensor parallelism.
 """
@@ -66,8 +66,9 @@ def layer_pays(model, batch_size: int) -> bool:
     was measured faster (H200, bf16, ``tnllm bench decode`` and ``bench/decode_layer.py``): CUDA, one row, plain
     weights, and layers whose every GEMV stage is one weight tile per program (``one_fits``: the 385M layer, 0.59
     against 0.77 ms per token). At 2 and 4 rows the six operations were faster (the l1 / l2 tiles held for every
-    row), and the 1B and 7B layers do not fit (an earlier row-block version was slower there). Never under the CUDA MPS (``shared_gpu``), where the
-    launch's grid barriers could wait for programs that an SM limit keeps from starting."""
+    row), and the 1B and 7B layers do not fit (an earlier row-block version was slower there). Never under the
+    CUDA MPS (``shared_gpu``), where the launch's grid barriers could wait for programs that an SM limit keeps
+    from starting."""
     if fused_unsupported(model) is not None or batch_size != 1 or layer_op.shared_gpu():
         return False
     w = model.lm_head.weight

@@ -128,6 +128,7 @@ def test_decoder_layer_path_matches_the_fused_path(B):
     lay, fus = CudaGraphDecoder(m, B, decode_path="layer"), CudaGraphDecoder(m, B, decode_path="fused")
     assert lay.decode_path == "layer"
     tl_, tf = lay.prefill(ids).argmax(-1), fus.prefill(ids).argmax(-1)
+    assert torch.equal(tl_, tf)                  # the prefill is the model's, the same for both
     worst = 0.0
     for _ in range(12):
         a, b = lay.step(tf), fus.step(tf)       # teacher-forced: both fed the fused path's tokens

@@ -3,7 +3,8 @@ five launches (the interpreter runs programs one after another, so the persisten
 cannot run here; the GPU suite runs it and checks it equals the staged launches bit for bit), against the
 fp32 reference from the same inputs: fp32 and fp16, LRPE on and off, every activation, widths that are not
 multiples of the tiles, 1 to 4 rows, program counts that cut the rows unevenly, the weight tiles loaded ahead
-of the barriers and at their stage, NaN-poisoned workspaces; a layer too wide for the kernel refused by name; the op's dispatch and the decoder's "layer" path."""
+of the barriers and at their stage, NaN-poisoned workspaces; a layer too wide for the kernel refused by name;
+the op's dispatch and the decoder's "layer" path."""
 import os
 
 import pytest

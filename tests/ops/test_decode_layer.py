@@ -79,8 +79,8 @@ def test_bad_inputs_are_named():
     x = torch.randn(1, 64)
     S = torch.randn(1, *m.state_shapes()[1])                       # layer 1: no LRPE
     args = list(_layer_args(m, 1, x, S, None))
-    bad = {0: (torch.randn(64), "`x`"), 1: (torch.randn(1, 4, 16, 16, dtype=torch.float64), "`state`"), 2: (torch.randn(10, 64), "`wqkvu`"),
-           3: (torch.randn(64, 10), "`wout`"), 4: (torch.randn(96, 10), "`w1`"), 6: (torch.randn(64, 10), "`w3`"),
+    bad = {0: (torch.randn(64), "`x`"), 1: (torch.randn(1, 4, 16, 16, dtype=torch.float64), "`state`"),
+           2: (torch.randn(10, 64), "`wqkvu`"), 3: (torch.randn(64, 10), "`wout`"), 4: (torch.randn(96, 10), "`w1`"), 6: (torch.randn(64, 10), "`w3`"),
            7: (torch.rand(3), "`s`")}
     for i, (val, name) in bad.items():
         a = list(args)
