@@ -123,3 +123,4 @@ def test_decoder_layer_path_equals_model_step():
         tri.decode_layer_triton = real
         layer_op.use_triton_on_cpu(False)
     assert len(calls) == 3 * len(m.model.layers), "the layer kernel did not run for every layer"
+    assert all(w is None for w in dec.fused._w12), "the stacked l1|l2 copies were made though nothing fell back"

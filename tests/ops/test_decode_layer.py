@@ -124,3 +124,24 @@ def test_mps_is_detected(monkeypatch):
     assert not shared_gpu()
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
     assert shared_gpu()
+
+
+def test_layer_path_stacks_l1_l2_only_when_it_falls_back():
+    """The layer kernel reads l1 and l2 from the model: ``FusedDecodeStep(layer_kernel=True)`` makes the stacked
+    l1|l2 copies only at the first call that takes the six operations (here: the CPU), and then equals the fused
+    step."""
+    m = _model(torch.float32)
+    lay, fus = FusedDecodeStep(m, layer_kernel=True), FusedDecodeStep(m)
+    w12_bytes = sum(w.numel() * w.element_size() for w in fus._w12)
+    assert all(w is None for w in lay._w12) and lay.extra_bytes == fus.extra_bytes - w12_bytes
+    g = torch.Generator().manual_seed(4)
+    st = [torch.randn(2, *s, generator=g) for s in m.state_shapes()]
+    ids, pos = torch.tensor([5, 9]), torch.tensor([3, 70000])
+    a = [S.clone() for S in st]
+    got, want = lay(ids, a, pos), fus(ids, st, pos)
+    assert torch.equal(got, want) and all(torch.equal(x, y) for x, y in zip(a, st))
+    assert lay.extra_bytes == fus.extra_bytes
+    with torch.no_grad():                       # an in-place update of l1 is re-copied by refresh, as in "fused"
+        m.model.layers[0].channel_mixer.l1.weight.mul_(2.0)
+    glu = m.model.layers[0].channel_mixer
+    assert lay.refresh() == (1, False) and torch.equal(lay._w12[0], torch.cat([glu.l1.weight, glu.l2.weight]))
