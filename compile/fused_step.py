@@ -62,27 +62,39 @@ def fused_unsupported(model) -> str | None:
     return None
 
 
+def layer_kernel_applies(model, rows: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether every layer of ``model`` can run as one ``decode_layer_step`` launch for ``rows`` rows of ``dtype``
+    on ``device``: CUDA (or the CPU with the op's Triton launcher registered, under the interpreter), 1 to
+    ``MAX_ROWS`` rows, layers that fit the kernel's one-tile stages (``one_fits``), plain contiguous weights of
+    that dtype (not torchao's)."""
+    on_device = device.type == "cuda" or (device.type == "cpu" and layer_op.TRITON_ON_CPU)
+    if not on_device or not 1 <= rows <= layer_op.MAX_ROWS:
+        return False
+    from tnllm.ops._device import num_sms
+    cfg = model.config
+    if not layer_op.one_fits(rows, cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, num_sms(device)):
+        return False
+    for layer in model.model.layers:
+        tm, glu = layer.token_mixer, layer.channel_mixer
+        ws = (tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight, glu.l2.weight, glu.l3.weight)
+        if not all(_plain(w) and w.is_contiguous() and w.dtype == dtype for w in ws):
+            return False
+    return True
+
+
 def layer_pays(model, batch_size: int) -> bool:
     """Whether ``decode_path="auto"`` takes the one-launch layer (``"layer"``) over the six operations: where it
-    was measured faster (H200, bf16, ``tnllm bench decode`` and ``bench/decode_layer.py``): CUDA, one row, plain
-    weights, and layers whose every GEMV stage is one weight tile per program (``one_fits``: the 385M layer, 0.59
-    against 0.77 ms per token). At 2 and 4 rows the six operations were faster (the l1 / l2 tiles held for every
-    row), and the 1B and 7B layers do not fit (an earlier row-block version was slower there). Never under the
-    CUDA MPS (``shared_gpu``), where the launch's grid barriers could wait for programs that an SM limit keeps
-    from starting."""
+    was measured faster (H200, bf16, ``tnllm bench decode`` and ``bench/decode_layer.py``): CUDA, one row, and a
+    model the kernel applies to (``layer_kernel_applies``: the 385M layer, 0.59 against 0.77 ms per token). At 2
+    and 4 rows the six operations were faster (the l1 / l2 tiles held for every row), and the 1B and 7B layers do
+    not fit (an earlier row-block version was slower there). Never under the CUDA MPS (``shared_gpu``), where the
+    launch's grid barriers could wait for programs that an SM limit keeps from starting."""
     if fused_unsupported(model) is not None or batch_size != 1 or layer_op.shared_gpu():
         return False
     w = model.lm_head.weight
     if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    cfg = model.config
-    for layer in model.model.layers:
-        tm, glu = layer.token_mixer, layer.channel_mixer
-        if not all(_plain(p) for p in (tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight, glu.l2.weight,
-                                       glu.l3.weight)):
-            return False
-    from tnllm.ops._device import num_sms
-    return layer_op.one_fits(1, cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, num_sms(w.device))
+    return layer_kernel_applies(model, batch_size, w.device, w.dtype)
 
 
 def _plain(w: Tensor) -> bool:
@@ -176,24 +188,6 @@ class FusedDecodeStep:
                 n += sum(getattr(w, k).numel() * getattr(w, k).element_size() for k in w.__tensor_flatten__()[0])
         return n
 
-    def _layer_ok(self, x: Tensor) -> bool:
-        """Whether every layer can run as one ``decode_layer_step`` launch for the rows of ``x``: CUDA, plain
-        weights (not torchao's) of x's dtype, at most ``MAX_ROWS`` rows, layers that fit the kernel's one-tile
-        stages (``one_fits``); else the six-operation step is used."""
-        on_device = x.device.type == "cuda" or (x.device.type == "cpu" and layer_op.TRITON_ON_CPU)
-        if not on_device or not 1 <= x.shape[0] <= layer_op.MAX_ROWS:
-            return False
-        from tnllm.ops._device import num_sms
-        cfg = self.model.config
-        if not layer_op.one_fits(x.shape[0], cfg.decoder_embed_dim, cfg.hidden_dim, cfg.glu_dim, num_sms(x.device)):
-            return False
-        for layer in self.model.model.layers:
-            tm, glu = layer.token_mixer, layer.channel_mixer
-            ws = (tm.qkvu_proj.weight, tm.out_proj.weight, glu.l1.weight, glu.l2.weight, glu.l3.weight)
-            if not all(_plain(w) and w.is_contiguous() and w.dtype == x.dtype for w in ws):
-                return False
-        return True
-
     @staticmethod
     def _add_projection(x: Tensor, y: Tensor, w: Tensor, gemv: bool = True) -> Tensor:
         """x + y w^T for a plain weight: ``residual_gemv`` (``gemv``; out_proj: H200 batch 1, 4.3 against
@@ -213,7 +207,7 @@ class FusedDecodeStep:
             x = m.model.embed_tokens(ids)
             if m.model.embed_scale != 1.0:
                 x = x * m.model.embed_scale
-        one_launch = self.layer_kernel and self._layer_ok(x)
+        one_launch = self.layer_kernel and layer_kernel_applies(m, x.shape[0], x.device, x.dtype)
         if one_launch:
             x = x.contiguous()           # updated in place by every layer's launch
         for i, layer in enumerate(m.model.layers):

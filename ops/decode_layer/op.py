@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -67,12 +68,12 @@ def _kernel_ok(x, state, weights) -> bool:
     return tri.supported(x, state, *weights) and x.is_contiguous() and state.is_contiguous()
 
 
-def _cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+def _cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=None):
     """The CUDA kernel of the op: the Triton launcher where it applies, else the reference form."""
     if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
         return _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
     from . import triton as tri
-    tri.decode_layer_triton(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    tri.decode_layer_triton(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=persistent)
 
 
 _decode_layer_step.register_kernel("cuda")(_cuda)
@@ -109,11 +110,7 @@ def use_triton_on_cpu(enable: bool = True) -> None:
     again: for tests under ``TRITON_INTERPRET=1``."""
     global TRITON_ON_CPU
     TRITON_ON_CPU = bool(enable)
-    def staged(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
-        if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
-            return _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
-        from . import triton as tri
-        tri.decode_layer_triton(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=False)
+    staged = functools.partial(_cuda, persistent=False)
     torch.library.register_kernel("tnllm::decode_layer_step", "cpu", staged if enable else _reference)
 
 

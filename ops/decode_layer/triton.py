@@ -45,11 +45,11 @@ from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
 from .._triton_rows import apply_act, gla_state_tile
 from ..norm import EPS
+from ..sglu.triton import ACT_CODE
 from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits, shared_gpu  # noqa: F401  (MAX_ROWS: rows per launch)
 
 _patch_interpreter()
 
-ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 N_STAGES = 5
 

@@ -39,8 +39,7 @@ from torch import Tensor
 
 from .._device import num_sms as _num_sms
 from ..norm import EPS
-
-ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
+from ..sglu.triton import ACT_CODE
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
