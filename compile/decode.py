@@ -19,6 +19,10 @@ writes every layer's new state straight into its buffer.
 * ``"layer"``: ``FusedDecodeStep(layer_kernel=True)``: each layer one launch of the persistent kernel
   ``tnllm::decode_layer_step`` on CUDA up to 4 rows of layers that fit it (the fused step's maths; other calls,
   wider layers and the CPU take the fused step's six operations);
+* ``"stack"``: ``FusedDecodeStep(layer_kernel=True, stack=True)``: each run of like layers (the 385M preset: layer
+  0, then layers 1-23) one launch of ``tnllm::decode_stack_step``, the layer kernel looping over the layers with a
+  grid barrier between two and the next layer's first weight tiles loaded ahead; the buffers are then views of
+  one stacked state tensor per run (``stacked_zero_state``); elsewhere as ``"layer"``;
 * ``"auto"`` (default): ``"layer"`` on CUDA at batch 1 where it was measured faster (``layer_pays``: the
   385M-sized layers), else ``"fused"`` on CUDA where the model allows it, else ``"kernel"`` where every
   layer can use the kernel, else ``"aten"``; on CPU ``"aten"`` (bit-identical to ``model.step``).
@@ -38,9 +42,9 @@ from torch import Tensor
 
 from tnllm.model import RecurrentState, check_token_ids
 
-from .fused_step import FusedDecodeStep, fused_unsupported, layer_pays
+from .fused_step import FusedDecodeStep, fused_unsupported, layer_pays, stacked_zero_state
 
-DECODE_PATHS = ("auto", "aten", "kernel", "fused", "layer")
+DECODE_PATHS = ("auto", "aten", "kernel", "fused", "layer", "stack")
 
 from .policy import check_mode
 
@@ -52,7 +56,7 @@ def resolve_decode_path(model, path: str = "auto", batch_size: int | None = None
     if path not in DECODE_PATHS:
         raise ValueError(f"`decode_path` must be one of {DECODE_PATHS}, got {path!r}")
     mixers = [layer.token_mixer for layer in model.model.layers]
-    if path in ("fused", "layer"):
+    if path in ("fused", "layer", "stack"):
         why = fused_unsupported(model)
         if why is not None:
             raise ValueError(f"decode_path='{path}' cannot run this model: {why}")
@@ -81,7 +85,7 @@ class CudaGraphDecoder:
         compile: also ``torch.compile`` the step (``fullgraph``, static shapes) with ``mode``
             (fuses the small elementwise ops the graph would otherwise replay one by one).
         warmup: eager runs before capture (compiles, and lets cuBLAS pick its kernels).
-        decode_path: ``"auto"``, ``"aten"``, ``"kernel"``, ``"fused"`` or ``"layer"`` (module docstring);
+        decode_path: ``"auto"``, ``"aten"``, ``"kernel"``, ``"fused"``, ``"layer"`` or ``"stack"`` (module docstring);
             ``self.decode_path`` is the path chosen.
     """
 
@@ -105,12 +109,14 @@ class CudaGraphDecoder:
         B, dev = batch_size, self.device
         self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
         self.position = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.states = list(model.zero_state(B, dev))
+        # views of one stacked tensor per run of like layers (what the "stack" path's launches take)
+        self.states, self.state_stacks = stacked_zero_state(model, B, dev)
         self.buffers = RecurrentState(self.states, self.position)     # views of the same tensors
         self.config = model.config
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
-        self.fused = FusedDecodeStep(model, layer_kernel=self.decode_path == "layer") \
-            if self.decode_path in ("fused", "layer") else None
+        self.fused = FusedDecodeStep(model, layer_kernel=self.decode_path in ("layer", "stack"),
+                                     stack=self.decode_path == "stack") \
+            if self.decode_path in ("fused", "layer", "stack") else None
         self.compiled = bool(compile)
         self._fn = torch.compile(self._step_inplace, fullgraph=True, dynamic=False, mode=mode) if compile \
             else self._step_inplace
@@ -121,7 +127,7 @@ class CudaGraphDecoder:
     @torch.no_grad()
     def _step_inplace(self) -> None:
         if self.fused is not None:
-            logits = self.fused(self.ids, self.states, self.position)
+            logits = self.fused(self.ids, self.states, self.position, stacks=self.state_stacks)
         else:
             logits, _ = self.model.step(self.ids, self.buffers, inplace=True,
                                         decode_kernel=self.decode_path == "kernel")

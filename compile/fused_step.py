@@ -31,6 +31,13 @@ that fit its one-tile stages: ``one_fits``); other calls take the six operations
 the model's own weights, so the stacked copy is only made at the first call that falls back to the six
 operations (a decoder of one row never makes it: 264 MiB less at 385M in bf16).
 
+With ``stack=True`` as well (``CudaGraphDecoder(decode_path="stack")``), each run of like layers (``state_groups``:
+the same state shape, LRPE on all or none; the 385M preset: layer 0, then layers 1-23) is one launch of
+``tnllm::decode_stack_step``, whose programs go from one layer to the next through a grid barrier instead of a new
+launch and load the next layer's first weight tiles during the current layer's last stage. That needs each
+group's states stacked in one tensor (``stacked_zero_state``: the decoder's buffers are views of them), passed as
+``stacks``; without them, or where the layer kernel does not apply, the calls fall back as above.
+
 Supported: the weight-free SRMSNorm (``norm_type`` "simplermsnorm"), no biases, no tensor parallelism.
 """
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tnllm.ops.decode_layer import decode_layer_step
+from tnllm.ops.decode_layer import decode_layer_step, decode_stack_step
 from tnllm.ops.decode_layer import op as layer_op
 from tnllm.ops.gemv import residual_gemv
 from tnllm.ops.gla_decode import gla_decode_step
@@ -97,6 +104,33 @@ def layer_pays(model, batch_size: int) -> bool:
     return layer_kernel_applies(model, batch_size, w.device, w.dtype)
 
 
+def state_groups(model) -> list[tuple[int, int]]:
+    """[(start, stop)] runs of consecutive layers that one ``decode_stack_step`` launch can take together: the same
+    state shape and LRPE on all or none (the released models: layer 0 with LRPE, then all the others)."""
+    kinds = [(layer.token_mixer.lrpe is not None, shape) for layer, shape in zip(model.model.layers,
+                                                                                  model.state_shapes())]
+    groups, start = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+def stacked_zero_state(model, batch_size: int, device=None) -> tuple[list[Tensor], list[tuple[int, int, Tensor]]]:
+    """Zero fp32 states [B, H, Dk, Dv] for every layer, as views of one stacked tensor per ``state_groups`` run:
+    (the per-layer views, [(start, stop, stack [stop - start, B, H, Dk, Dv])]), what ``FusedDecodeStep(stack=True)``
+    takes as ``stacks``."""
+    dev = model.lm_head.weight.device if device is None else torch.device(device)
+    shapes = model.state_shapes()
+    states, stacks = [], []
+    for a, b in state_groups(model):
+        S = torch.zeros(b - a, batch_size, *shapes[a], dtype=torch.float32, device=dev)
+        states += list(S.unbind(0))
+        stacks.append((a, b, S))
+    return states, stacks
+
+
 def _plain(w: Tensor) -> bool:
     return type(w) in (torch.Tensor, torch.nn.Parameter)
 
@@ -122,12 +156,16 @@ class FusedDecodeStep:
     """``step(ids [B], states, position [B]) -> logits [B, V]``: one decode step in place on ``states``
     (per-layer fp32 [B, H, Dk, Dv]); ``position`` is each row's position (the LRPE angle). Module docstring."""
 
-    def __init__(self, model, layer_kernel: bool = False):
+    def __init__(self, model, layer_kernel: bool = False, stack: bool = False):
+        path = "stack" if stack else "layer" if layer_kernel else "fused"
+        if stack and not layer_kernel:
+            raise ValueError("FusedDecodeStep: `stack=True` runs stacks of layer kernels and needs `layer_kernel=True`")
         why = fused_unsupported(model)
         if why is not None:
-            raise ValueError(f"decode_path='{'layer' if layer_kernel else 'fused'}' cannot run this model: {why}")
+            raise ValueError(f"decode_path='{path}' cannot run this model: {why}")
         self.model = model
         self.layer_kernel = bool(layer_kernel)
+        self.stack = bool(stack)
         # the stacked l1|l2 copies, only for the six-operation layers: with the layer kernel they are made at the
         # first call that falls back to them (more rows than the kernel takes, say), else never
         self._need_w12 = not self.layer_kernel
@@ -198,10 +236,12 @@ class FusedDecodeStep:
         return x + F.linear(y, w)
 
     @torch.no_grad()
-    def __call__(self, ids: Tensor, states, position: Tensor, stage=None) -> Tensor:
+    def __call__(self, ids: Tensor, states, position: Tensor, stage=None, stacks=None) -> Tensor:
         """``stage``: None, or a function of a stage name ("embed"; per layer "qkvu", "mixer", "out", "l12",
-        "sglu", "l3"; "head") returning a context manager entered around that stage (a profiler range:
-        bench/decode_profile.py); the same calls either way."""
+        "sglu", "l3"; "layer" or "stack" for the one-launch paths; "head") returning a context manager entered around
+        that stage (a profiler range: bench/decode_profile.py); the same calls either way. ``stacks``: with
+        ``stack=True``, [(start, stop, S)] where S [stop - start, B, H, Dk, Dv] holds layers start..stop-1's states
+        and ``states[i]`` is ``S[i - start]`` (``stacked_zero_state``)."""
         m = self.model
         with _stage(stage, "embed"):
             x = m.model.embed_tokens(ids)
@@ -210,7 +250,15 @@ class FusedDecodeStep:
         one_launch = self.layer_kernel and layer_kernel_applies(m, x.shape[0], x.device, x.dtype)
         if one_launch:
             x = x.contiguous()           # updated in place by every layer's launch
+        stacked = set()
+        if one_launch and self.stack and stacks is not None:
+            for a, b, S in stacks:
+                with _stage(stage, "stack"):
+                    self._run_stack(x, S, a, b, position)
+                stacked.update(range(a, b))
         for i, layer in enumerate(m.model.layers):
+            if i in stacked:
+                continue
             tm, glu = layer.token_mixer, layer.channel_mixer
             theta = self._theta[i]
             if one_launch:
@@ -237,6 +285,18 @@ class FusedDecodeStep:
                 x = self._add_projection(x, g, glu.l3.weight, gemv=False)
         with _stage(stage, "head"):
             return m.head(x)
+
+    def _run_stack(self, x: Tensor, S: Tensor, a: int, b: int, position: Tensor) -> None:
+        """Layers a..b-1 as one ``decode_stack_step`` launch on their stacked states S."""
+        layers = self.model.model.layers[a:b]
+        tms = [layer.token_mixer for layer in layers]
+        glus = [layer.channel_mixer for layer in layers]
+        thetas = self._theta[a:b]
+        lrpe = thetas[0] is not None
+        decode_stack_step(x, S, [tm.qkvu_proj.weight for tm in tms], [tm.out_proj.weight for tm in tms],
+                          [glu.l1.weight for glu in glus], [glu.l2.weight for glu in glus],
+                          [glu.l3.weight for glu in glus], [tm.s for tm in tms], thetas if lrpe else None,
+                          position if lrpe else None, tms[0].act_name, self.glu_act)
 
 
 def _stage(stage, name: str):

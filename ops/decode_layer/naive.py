@@ -100,3 +100,50 @@ def decode_layer_naive(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1
     g = (ACTS[glu_act](a.to(acc)).to(x.dtype).to(acc) * b.to(acc)).to(x.dtype)
     x = (x.to(acc) + g.to(acc) @ w3.to(acc).t()).to(x.dtype)
     return x, S
+
+
+def _layer_list(arg: str, value, L: int | None, name: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: `{arg}` must be a list of per-layer tensors, got {type(value).__name__}")
+    if L is not None and len(value) != L:
+        raise ValueError(f"{name}: `{arg}` has {len(value)} entries, `wqkvu` {L}: one per layer in each list")
+    return list(value)
+
+
+def check_stack_inputs(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, theta, pos: Tensor | None, act: str,
+                       glu_act: str) -> tuple[int, ...]:
+    """Shapes, dtypes and devices of L layers' decode step (``decode_stack_naive``); returns (L, B, d, H, Dk, e, g).
+    Every layer is checked as ``check_inputs`` checks one. Reads no data."""
+    name = "decode_stack_step"
+    wq = _layer_list("wqkvu", wqkvu, None, name)
+    L = len(wq)
+    if L == 0:
+        raise ValueError(f"{name}: `wqkvu` is empty: the stack needs at least one layer")
+    lists = [wq] + [_layer_list(a, v, L, name) for a, v in (("wout", wout), ("w1", w1), ("w2", w2), ("w3", w3),
+                                                             ("s", s))]
+    thetas = None if theta is None else _layer_list("theta", theta, L, name)
+    if not isinstance(state, Tensor) or state.dim() != 5 or state.shape[0] != L:
+        got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+        raise ValueError(f"{name}: `state` must be one tensor [L, B, H, Dk, e] with L = {L} (the layers' states "
+                         f"stacked), got {got}")
+    for i in range(L):
+        try:
+            dims = check_inputs(x, state[i], *(ws[i] for ws in lists), None if thetas is None else thetas[i], pos, act,
+                                glu_act)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: layer {i}: {str(err).split(': ', 1)[-1]}") from None
+    return (L, *dims)
+
+
+def decode_stack_naive(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, theta=None, pos: Tensor | None = None,
+                       act: str = "silu", glu_act: str = "none", eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """(x_new [B, d], S_new [L, B, H, Dk, e]) for L layers in order, each ``decode_layer_naive``: ``state`` is
+    the layers' states stacked, the weights, ``s`` and ``theta`` (None: no LRPE) lists of one tensor per layer.
+    ``x`` and ``state`` are left alone."""
+    L = check_stack_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)[0]
+    out = []
+    for i in range(L):
+        x, S = decode_layer_naive(x, state[i], wqkvu[i], wout[i], w1[i], w2[i], w3[i], s[i],
+                                  None if theta is None else theta[i], pos, act, glu_act, eps)
+        out.append(S)
+    return x, torch.stack(out)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from ..norm import EPS
-from .naive import check_inputs, decode_layer_naive
+from .naive import check_inputs, check_stack_inputs, decode_layer_naive, decode_stack_naive
 
 MAX_ROWS = 4        # the kernel's limit (triton.MAX_ROWS, repeated here so that triton is imported lazily)
 ONE_TILE = 32768     # the default LayerConfig.one_tile
@@ -105,13 +105,69 @@ def decode_layer_step(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1:
     return x
 
 
+def _stack_reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+    theta = list(theta) or None
+    xn, S = decode_stack_naive(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    x.copy_(xn)
+    state.copy_(S)
+
+
+@torch.library.custom_op("tnllm::decode_stack_step", mutates_args=("x", "state"))
+def _decode_stack_step(x: Tensor, state: Tensor, wqkvu: List[Tensor], wout: List[Tensor], w1: List[Tensor],
+                       w2: List[Tensor], w3: List[Tensor], s: List[Tensor], theta: List[Tensor],
+                       pos: Optional[Tensor], act: str, glu_act: str) -> None:
+    # theta: one tensor per layer, or empty (no LRPE: a schema has no optional list)
+    _stack_reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+
+
+@_decode_stack_step.register_fake
+def _(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
+    return None
+
+
+def _stack_cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=None):
+    """The CUDA kernel of the stack op: one Triton launch for all the layers where it applies, else the reference."""
+    if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
+        return _stack_reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    from . import triton as tri
+    tri.decode_stack_triton(x, state, wqkvu, wout, w1, w2, w3, s, list(theta) or None, pos, act, glu_act,
+                            persistent=persistent)
+
+
+_decode_stack_step.register_kernel("cuda")(_stack_cuda)
+
+
+def decode_stack_step(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, theta=None, pos: Tensor | None = None,
+                      act: str = "silu", glu_act: str = "none") -> Tensor:
+    """L consecutive decoder layers for one token per row, in place, in one launch: the layers of
+    ``decode_layer_step`` one after another, with the residual ``x`` [B, d] passed from each to the next and
+    ``state`` [L, B, H, Dk, e] fp32 (the L layers' states stacked; contiguous) advanced by one token.
+
+    ``wqkvu``, ``wout``, ``w1``, ``w2``, ``w3`` and ``s`` are lists of L per-layer tensors shaped as
+    ``decode_layer_step`` takes them; ``theta`` is None (no layer has LRPE) or a list of L [H, 1, e] frequencies
+    (every layer has LRPE), with ``pos`` [B] then. All layers share one shape. On CUDA, up to 4 rows of layers that fit
+    the kernel (``one_fits``), one persistent Triton launch: each layer's five stages, grid barriers between them
+    and between the layers, and the next layer's first weight tiles loaded during the current layer's last stage;
+    the reference form (``decode_stack_naive``) elsewhere. Returns ``x``.
+    """
+    check_stack_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
+    if theta is None:
+        pos = None
+    torch.ops.tnllm.decode_stack_step(x, state, list(wqkvu), list(wout), list(w1), list(w2), list(w3),
+                                      [t.detach() for t in s], [] if theta is None else list(theta), pos, act,
+                                      glu_act)
+    return x
+
+
 def use_triton_on_cpu(enable: bool = True) -> None:
-    """Register the Triton launcher (five staged launches) as the op's CPU kernel (``enable``), or the reference
-    again: for tests under ``TRITON_INTERPRET=1``."""
+    """Register the Triton launchers (five staged launches per layer) as the CPU kernels of both ops (``enable``),
+    or the references again: for tests under ``TRITON_INTERPRET=1``."""
     global TRITON_ON_CPU
     TRITON_ON_CPU = bool(enable)
     staged = functools.partial(_cuda, persistent=False)
+    stack_staged = functools.partial(_stack_cuda, persistent=False)
     torch.library.register_kernel("tnllm::decode_layer_step", "cpu", staged if enable else _reference)
+    torch.library.register_kernel("tnllm::decode_stack_step", "cpu", stack_staged if enable else _stack_reference)
 
 
-__all__ = ["decode_layer_step", "use_triton_on_cpu", "one_fits", "shared_gpu", "MAX_ROWS", "EPS"]
+__all__ = ["decode_layer_step", "decode_stack_step", "use_triton_on_cpu", "one_fits", "shared_gpu", "MAX_ROWS", "EPS"]

@@ -1,9 +1,9 @@
-"""One decoder layer's decode step in one persistent Triton launch (the maths of ``naive.py``).
+"""Decoder layers' decode step in one persistent Triton launch (the maths of ``naive.py``).
 
 At batch 1 the six operations of the fused step (``tnllm.compile.FusedDecodeStep``) each move 2-12 MB, which
 takes 0.5-3 us at the H200's bandwidth, but each launch also pays its ramp-up and tail: the 385M layer took
 29.9 us (about 1 TB/s). Here one launch of NPROG programs (one per SM, all resident at once) runs the five
-stages of the layer, separated by grid-wide barriers (21.6 us for that layer; docs/benchmarks.md):
+stages of a layer, separated by grid-wide barriers (21.6 us for that layer; docs/benchmarks.md):
 
     stage 0  qkvu  = round(r(x) x Wqkvu^T)               rows of Wqkvu split over the programs
     stage 1  y, S  = token mixer (act, LRPE, S <- lam S + k^T v, o = q S) per (row, head, BV value columns);
@@ -12,25 +12,33 @@ stages of the layer, separated by grid-wide barriers (21.6 us for that layer; do
     stage 3  g     = act(round(r(x) x W1^T)) * round(r(x) x W2^T)     rows of W1 and W2 side by side
     stage 4  x    += g W3^T                              rows of W3
 
+and a launch may run a stack of L like layers (``decode_stack_triton``: the same width, LRPE on all or none)
+one after another, a fifth barrier between two layers. Each layer's weights, state, decay rates and LRPE
+frequencies are found through a pointer table (int64 [L, 8], ``TABLE_COLUMNS``: built once per set of
+addresses, ``_table``), so the layers' parameters stay the model's own tensors; only the states are one
+stacked tensor [L, B, H, Dk, e]. A layer is a stack of one.
+
 Every GEMV stage gives each program a contiguous block of about N / NPROG output rows (balanced to one row),
 loaded as one [BR, pow2(K)] tile, with PREFETCH ahead of its stage (out_proj's at the start, l1's and l2's
-before the first barrier, l3's before the last), so the weight stream overlaps the barriers and the token
-mixer; each row of a batch reuses the tile from registers, and the input vector (d to g elements) is re-read
-by every program from L2. So the kernel takes only layers whose every tile fits (``op.one_fits``: at most 32
-rows and ONE_TILE elements per program, e.g. the 385M layer on 132 SMs); a version that walked larger blocks
-in row steps, for the 1B and 7B layers, was slower there than the fused step's six operations (1B 0.973
-against 0.962 ms per token, 7B 6.49 against 4.50 on the H200) and was dropped.
+before the first barrier, l3's after the SGLU stage together with the next layer's qkvu and out_proj tiles),
+so the weight stream overlaps the barriers and the other stages; each row of a batch reuses the tile from
+registers, and the input vector (d to g elements) is re-read by every program from L2. So the kernel takes
+only layers whose every tile fits (``op.one_fits``: at most 32 rows and ONE_TILE elements per program, e.g. the
+385M layer on 132 SMs); a version that walked larger blocks in row steps, for the 1B and 7B layers, was slower
+there than the fused step's six operations (1B 0.973 against 0.962 ms per token, 7B 6.49 against 4.50 on the
+H200) and was dropped.
 
 The barrier (``SYNC``): each program's threads finish their stores (a CTA barrier), then one thread adds 1
 to a counter with release semantics at GPU scope and spins with acquire reads until the counter reaches
-k * NPROG for the k-th barrier. Data written by other programs is read with ``.cg`` loads (L2, never a
-stale L1 line). After the last barrier each program takes a ticket from a second counter; the last one
-resets both to 0 for the next launch (every program has passed the barrier by then). A grid barrier is
+k * NPROG for the k-th barrier of the launch. Data written by other programs is read with ``.cg`` loads (L2,
+never a stale L1 line). After the last barrier each program takes a ticket from a second counter; the last
+one resets both to 0 for the next launch (every program has passed the barrier by then). A grid barrier is
 only safe when all NPROG programs are resident together: NPROG is the SM count and a program needs one
 SM's share of registers at most, and calls on one device must not run concurrently on two streams (the
 counters are one per device). Without ``SYNC`` (the Triton CPU interpreter, which runs programs one after
-another, and the GPU tests' reference) the launcher runs the five stages as five launches instead, with
-the same per-program code, so the two modes give the same bits.
+another, and the GPU tests' reference) the launcher runs each layer's five stages as five launches instead,
+with the same per-stage code; the persistent loop itself runs under the interpreter with one program, whose
+barriers are trivial.
 """
 from __future__ import annotations
 
@@ -90,10 +98,11 @@ def _clock(pid):
 
 
 @triton.jit
-def _mark(TS, pid, i: tl.constexpr, PROFILE: tl.constexpr):
-    """With PROFILE, TS[pid, i] = the SM's cycle counter (bench/decode_layer.py --profile)."""
+def _mark(TS, row, i: tl.constexpr, PROFILE: tl.constexpr):
+    """With PROFILE, TS[row, i] = the SM's cycle counter (row: layer * NPROG + program; bench/decode_layer.py
+    --profile)."""
     if PROFILE:
-        tl.store(TS + pid * 16 + i, _clock(pid))
+        tl.store(TS + row * 16 + i, _clock(row))
 
 
 @triton.jit
@@ -211,77 +220,115 @@ def _stage_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _sync_or_mark(CNT, TS, pid, k: tl.constexpr, NPROG: tl.constexpr, SYNC: tl.constexpr, SPIN: tl.constexpr,
-                  PROFILE: tl.constexpr):
-    """The k-th barrier (k = 1..4) with its profile marks before (2k - 1) and after (2k)."""
-    _mark(TS, pid, 2 * k - 1, PROFILE)
-    if SYNC:
-        _grid_sync(CNT, k * NPROG, SPIN)
-        if k == 4:
-            # every program is past the last barrier: the last ticket resets both counters for the next launch
-            ticket = tl.atomic_add(CNT + 1, 1, sem="acq_rel", scope="gpu")
-            if ticket == NPROG - 1:
-                tl.atomic_xchg(CNT, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(CNT + 1, 0, sem="relaxed", scope="gpu")
-    _mark(TS, pid, 2 * k, PROFILE)
+def _ptr(TAB, l, j: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Entry j of layer l's row of the pointer table (``TABLE_COLUMNS``) as a pointer to DT; with ALIGNED (the
+    launcher checked every entry) marked 16-byte aligned, so that the weight tiles load as 128-bit vectors."""
+    p = tl.load(TAB + l * 8 + j).to(tl.pointer_type(DT))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
-def decode_layer_kernel(X, S, WQ, WO, W1, W2, W3, RATE, THETA, POS, QKVU, YB, SS, GB, CNT, TS, eps,
+def _barrier(CNT, TS, prow, m: tl.constexpr, target, NPROG: tl.constexpr, SPIN: tl.constexpr, PROFILE: tl.constexpr,
+             RESET):
+    """A grid barrier (the counter reaches ``target``) with profile marks m before and m + 1 after. RESET (the
+    launch's last barrier): every program then takes a ticket, and the last one zeroes both counters for the next
+    launch (all programs are past the barrier by then)."""
+    _mark(TS, prow, m, PROFILE)
+    _grid_sync(CNT, target, SPIN)
+    if RESET:
+        ticket = tl.atomic_add(CNT + 1, 1, sem="acq_rel", scope="gpu")
+        if ticket == NPROG - 1:
+            tl.atomic_xchg(CNT, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(CNT + 1, 0, sem="relaxed", scope="gpu")
+    _mark(TS, prow, m + 1, PROFILE)
+
+
+@triton.jit
+def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
                         B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
                         BE: tl.constexpr, G: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
                         GACT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BP: tl.constexpr,
                         BR0: tl.constexpr, BK0: tl.constexpr, BR2: tl.constexpr, BK2: tl.constexpr,
                         BR3: tl.constexpr, BK3: tl.constexpr, BR4: tl.constexpr, BK4: tl.constexpr,
-                        NPROG: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNC: tl.constexpr,
-                        PREFETCH: tl.constexpr, SPIN: tl.constexpr, PROFILE: tl.constexpr):
-    """Stages FIRST..LAST of one layer (module docstring); SYNC: all five, grid barriers between them. Each
-    program's rows of each weight are one tile (BR* rows, the whole K: BK* = pow2(K)); PREFETCH loads the out_proj
-    tile at the start, l1 / l2 before the first barrier and l3 before the last, so the loads overlap the earlier
-    stages and the barriers."""
+                        NPROG: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr, PREFETCH: tl.constexpr,
+                        SPIN: tl.constexpr, ALIGNED: tl.constexpr, PROFILE: tl.constexpr):
+    """The decode step of NL layers (module docstring); layer l's weights, state, decay rates and LRPE
+    frequencies are the pointers of row l of TAB. SYNC: all NL layers in this launch, grid barriers between the
+    stages and between the layers; else the one stage STAGE of layer 0 (the staged launches). Each program's rows
+    of each weight are one tile (BR* rows, the whole K: BK* = pow2(K)). PREFETCH loads the out_proj tile ahead of
+    the token mixer, the l1 / l2 tiles ahead of the first barrier, and the next layer's qkvu and out_proj tiles
+    with this layer's l3 tile, so the weight stream runs under the barriers and the other stages."""
     pid = tl.program_id(0)
     HE: tl.constexpr = H * E
-    _mark(TS, pid, 0, PROFILE)
+    DT = X.dtype.element_ty
+    F32 = tl.float32
     loA, hiA = _row_range(pid, 4 * HE, NPROG)
     loC, hiC = _row_range(pid, D, NPROG)
     loD, hiD = _row_range(pid, G, NPROG)
-    if FIRST <= 0 and LAST >= 0:
-        wA = _load_rows(WQ, loA, hiA, D, BR0, BK0)
-    if PREFETCH:
-        if FIRST <= 2 and LAST >= 2:
-            wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
-    if FIRST <= 0 and LAST >= 0:
-        _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
-    if PREFETCH:
-        if FIRST <= 3 and LAST >= 3:
-            w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
-            w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
-    _sync_or_mark(CNT, TS, pid, 1, NPROG, SYNC, SPIN, PROFILE)
-    if FIRST <= 1 and LAST >= 1:
-        _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
-    if not PREFETCH:
-        if FIRST <= 2 and LAST >= 2:
-            wC = _load_rows(WO, loC, hiC, HE, BR2, BK2)
-    _sync_or_mark(CNT, TS, pid, 2, NPROG, SYNC, SPIN, PROFILE)
-    if FIRST <= 2 and LAST >= 2:
-        _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
-    if not PREFETCH:
-        if FIRST <= 3 and LAST >= 3:
-            w1t = _load_rows(W1, loD, hiD, D, BR3, BK3)
-            w2t = _load_rows(W2, loD, hiD, D, BR3, BK3)
-    _sync_or_mark(CNT, TS, pid, 3, NPROG, SYNC, SPIN, PROFILE)
-    if FIRST <= 3 and LAST >= 3:
-        _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
-    if FIRST <= 4 and LAST >= 4:
-        wE = _load_rows(W3, loC, hiC, G, BR4, BK4)
-    _sync_or_mark(CNT, TS, pid, 4, NPROG, SYNC, SPIN, PROFILE)
-    if FIRST <= 4 and LAST >= 4:
-        _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
-    _mark(TS, pid, 9, PROFILE)
+    if not SYNC:
+        if STAGE == 0:
+            wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
+            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
+        elif STAGE == 1:
+            _stage_mixer(QKVU, _ptr(TAB, 0, 5, F32, ALIGNED), _ptr(TAB, 0, 6, F32, ALIGNED),
+                         _ptr(TAB, 0, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+        elif STAGE == 2:
+            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
+            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
+        elif STAGE == 3:
+            w1t = _load_rows(_ptr(TAB, 0, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            w2t = _load_rows(_ptr(TAB, 0, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
+        else:
+            wE = _load_rows(_ptr(TAB, 0, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4)
+            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
+    else:
+        wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
+        if PREFETCH:
+            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
+        for l in range(NL):
+            prow = l * NPROG + pid
+            k = 5 * l
+            _mark(TS, prow, 0, PROFILE)
+            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
+            if PREFETCH:
+                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            _barrier(CNT, TS, prow, 1, (k + 1) * NPROG, NPROG, SPIN, PROFILE, False)
+            _stage_mixer(QKVU, _ptr(TAB, l, 5, F32, ALIGNED), _ptr(TAB, l, 6, F32, ALIGNED),
+                         _ptr(TAB, l, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+            if not PREFETCH:
+                wC = _load_rows(_ptr(TAB, l, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
+            _barrier(CNT, TS, prow, 3, (k + 2) * NPROG, NPROG, SPIN, PROFILE, False)
+            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
+            if not PREFETCH:
+                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            _barrier(CNT, TS, prow, 5, (k + 3) * NPROG, NPROG, SPIN, PROFILE, False)
+            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
+            wE = _load_rows(_ptr(TAB, l, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4)
+            # the next layer's tiles (none after the last: its rows are masked off, its table row clamped)
+            ln = tl.minimum(l + 1, NL - 1)
+            more = l + 1 < NL
+            if PREFETCH:
+                wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, tl.where(more, hiA, loA), D, BR0, BK0)
+                wC = _load_rows(_ptr(TAB, ln, 1, DT, ALIGNED), loC, tl.where(more, hiC, loC), HE, BR2, BK2)
+            _barrier(CNT, TS, prow, 7, (k + 4) * NPROG, NPROG, SPIN, PROFILE, not more)
+            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
+            _mark(TS, prow, 9, PROFILE)
+            if more:
+                if not PREFETCH:
+                    wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
+                _barrier(CNT, TS, prow, 10, (k + 5) * NPROG, NPROG, SPIN, PROFILE, False)
 
 
 
 _COUNTERS: dict = {}
+_TABLES: dict = {}
+_CAPTURED_HOST: list = []     # pinned host tables copied inside a CUDA graph capture (its replays re-read them)
+TABLE_COLUMNS = ("wqkvu", "wout", "w1", "w2", "w3", "state", "s", "theta")
 
 
 def _counters(device: torch.device) -> Tensor:
@@ -296,6 +343,31 @@ def _counters(device: torch.device) -> Tensor:
     return buf
 
 
+def _table(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
+    """The int64 [L, 8] pointer table of these addresses on ``device`` (``TABLE_COLUMNS`` per layer). It holds
+    addresses only, so one table serves every call with the same tensors (a decoder's static buffers: one host
+    copy, at the first call) and stays right for any tensors that later occupy the same addresses; tables are
+    kept for the process (a captured graph may hold one). Inside a CUDA graph capture a new table is copied
+    from pinned host memory (the copy is part of the graph) and not cached."""
+    key = (device.type, device.index, ptrs)
+    tab = _TABLES.get(key)
+    if tab is not None:
+        return tab
+    host = torch.tensor(ptrs, dtype=torch.int64).reshape(-1, len(TABLE_COLUMNS))
+    if device.type != "cuda":
+        tab = host
+    elif torch.cuda.is_current_stream_capturing():
+        host = host.pin_memory()
+        _CAPTURED_HOST.append(host)
+        tab = torch.empty_like(host, device=device)
+        tab.copy_(host, non_blocking=True)
+        return tab
+    else:
+        tab = host.to(device)
+    _TABLES[key] = tab
+    return tab
+
+
 def block_v(B: int, H: int, e: int, nprog: int) -> int:
     """Value columns per token-mixer item: at most 64, halved (down to 4) until B * H * e / BV >= nprog."""
     bv = min(64, _pow2(e))
@@ -307,64 +379,95 @@ def block_v(B: int, H: int, e: int, nprog: int) -> int:
 def supported(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
               nprog: int = 0) -> bool:
     """Whether the kernel takes these inputs: fp16 / bf16 / fp32, 1 to MAX_ROWS rows, plain contiguous weights,
-    and a layer whose GEMV tiles fit (``one_fits``) on ``nprog`` programs (0: the device's SM count)."""
+    and a layer whose GEMV tiles fit (``one_fits``) on ``nprog`` programs (0: the device's SM count). ``state``
+    is one layer's [B, H, Dk, e] or a stack's [L, B, H, Dk, e]; a stack's weights are lists (one per layer)."""
     B, d = x.shape
-    _, H, _, e = state.shape
-    weights = (wqkvu, wout, w1, w2, w3)
+    H, e = state.shape[-3], state.shape[-1]
+    lists = [w if isinstance(w, (list, tuple)) else [w] for w in (wqkvu, wout, w1, w2, w3)]
     return (x.dtype in _SUPPORTED and 1 <= B <= MAX_ROWS
-            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_contiguous() for w in weights)
-            and one_fits(B, d, H * e, w1.shape[0], nprog or _num_sms(x.device)))
+            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_contiguous() for ws in lists for w in ws)
+            and one_fits(B, d, H * e, lists[2][0].shape[0], nprog or _num_sms(x.device)))
+
+
+def _launch_args(x: Tensor, H: int, e: int, g: int, nprog: int):
+    """The scratch buffers and the constexprs of a launch (B, d from ``x``)."""
+    B, d = x.shape
+    HE = H * e
+    dev = x.device
+    bv = block_v(B, H, e, nprog)
+    NV = triton.cdiv(e, bv)
+    P = H * NV
+    scratch = (torch.empty(B, 4 * HE, device=dev, dtype=x.dtype), torch.empty(B, HE, device=dev, dtype=x.dtype),
+               torch.empty(B * P, device=dev, dtype=torch.float32), torch.empty(B, g, device=dev, dtype=x.dtype))
+    br0, br2, br3 = (max(2, _pow2(-(-N // nprog))) for N in (4 * HE, d, g))
+    kw = dict(B=B, D=d, H=H, E=e, BE=_pow2(e), G=g, BV=bv, NV=NV, BP=_pow2(P), BR0=br0, BK0=_pow2(d), BR2=br2,
+              BK2=_pow2(HE), BR3=br3, BK3=_pow2(d), BR4=br2, BK4=_pow2(g), NPROG=nprog)
+    return scratch, kw
+
+
+def decode_stack_triton(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, theta, pos: Tensor | None, act: str,
+                        glu_act: str, eps: float = EPS, persistent: bool | None = None, cfg: LayerConfig | None = None,
+                        profile: Tensor | None = None) -> None:
+    """Launcher of L layers (CUDA, or the CPU under TRITON_INTERPRET=1): updates ``x`` [B, d] and ``state``
+    [L, B, H, Dk, e] in place (both contiguous); ``wqkvu`` ... ``w3``, ``s`` and ``theta`` (or None: no LRPE) are
+    lists of L per-layer tensors as ``decode_layer_naive`` takes them, checked by the caller, weights contiguous.
+    ``persistent``: one launch for all L layers with grid barriers (default on CUDA unless the GPU may be shared
+    through MPS: ``op.shared_gpu``; on the CPU only with ``cfg.nprog == 1``, where the barriers are trivial), or
+    five launches per layer, one per stage. ``profile``: an int64 [L, nprog, 16] tensor that receives each
+    program's cycle counter at the stage boundaries of each layer (persistent CUDA launches:
+    bench/decode_layer.py --profile)."""
+    cfg = cfg or LayerConfig()
+    B, d = x.shape
+    L, _, H, Dk, e = state.shape
+    g = w1[0].shape[0]
+    dev = x.device
+    nprog = cfg.nprog or _num_sms(dev)
+    if persistent is None:
+        persistent = dev.type == "cuda" and not shared_gpu()
+    if persistent and dev.type != "cuda" and nprog != 1:
+        raise ValueError("decode_layer_step: `persistent=True` needs a CUDA device, or one program "
+                         "(LayerConfig(nprog=1)) under the Triton CPU interpreter, which runs programs one after "
+                         "another and so cannot wait at a grid barrier for a second one")
+    if not (x.is_contiguous() and state.is_contiguous()):
+        raise ValueError("decode_layer_step: `x` and `state` are updated in place and must be contiguous")
+    if not one_fits(B, d, H * e, g, nprog, cfg.one_tile):
+        raise ValueError(f"decode_layer_step: a layer of width d = {d}, h = {H * e}, g = {g} does not fit the kernel on "
+                         f"{nprog} programs (one tile of at most 32 rows and {cfg.one_tile} weight elements per "
+                         f"program and stage: tnllm.ops.decode_layer.op.one_fits); use the fused step")
+    lrpe = theta is not None
+    keep, ptrs = [], []
+    for i in range(L):
+        rate = s[i].to(torch.float32).contiguous()
+        th = theta[i].to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
+        keep += [rate, th]
+        ptrs += [wqkvu[i].data_ptr(), wout[i].data_ptr(), w1[i].data_ptr(), w2[i].data_ptr(), w3[i].data_ptr(),
+                 state[i].data_ptr(), rate.data_ptr(), th.data_ptr()]
+    tab = _table(tuple(ptrs), dev)
+    aligned = all(p % 16 == 0 for p in ptrs)
+    ps = pos.to(torch.int64).contiguous() if lrpe else keep[0]
+    scratch, kw = _launch_args(x, H, e, g, nprog)
+    kw.update(LRPE=lrpe, ACT=ACT_CODE[act], GACT=ACT_CODE[glu_act], PREFETCH=cfg.prefetch, SPIN=cfg.spin,
+              ALIGNED=aligned, num_warps=cfg.num_warps)
+    if persistent:
+        cnt = _counters(dev)
+        ts = profile if profile is not None else cnt
+        decode_stack_kernel[(nprog,)](x, tab, ps, *scratch, cnt, ts, eps, L, STAGE=0, SYNC=True,
+                                      PROFILE=profile is not None, **kw)
+    else:
+        for i in range(L):
+            for st in range(N_STAGES):
+                decode_stack_kernel[(nprog,)](x, tab[i], ps, *scratch, keep[0], keep[0], eps, 1, STAGE=st,
+                                              SYNC=False, PROFILE=False, **kw)
 
 
 def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                         s: Tensor, theta: Tensor | None, pos: Tensor | None, act: str, glu_act: str,
                         eps: float = EPS, persistent: bool | None = None, cfg: LayerConfig | None = None,
                         profile: Tensor | None = None) -> None:
-    """Launcher (CUDA, or the CPU under TRITON_INTERPRET=1): updates ``x`` [B, d] and ``state`` [B, H, Dk, e] in
-    place (both contiguous); inputs as ``decode_layer_naive``, checked by the caller, weights contiguous.
-    ``persistent``: one launch with grid barriers (default on CUDA unless the GPU may be shared through MPS:
-    ``op.shared_gpu``), or five launches, one per stage (the only mode on the CPU). ``profile``: an int64
-    [nprog, 16] tensor that receives each program's cycle counter at the stage boundaries (CUDA only:
-    bench/decode_layer.py --profile)."""
-    cfg = cfg or LayerConfig()
-    B, d = x.shape
-    _, H, Dk, e = state.shape
-    g = w1.shape[0]
-    HE = H * e
-    dev = x.device
-    if persistent is None:
-        persistent = dev.type == "cuda" and not shared_gpu()
-    if persistent and dev.type != "cuda":
-        raise ValueError("decode_layer_step: `persistent=True` needs a CUDA device (its grid barriers spin, "
-                         "which the Triton CPU interpreter, running one program after another, cannot do)")
-    if not (x.is_contiguous() and state.is_contiguous()):
+    """One layer (``decode_stack_triton`` of L = 1): updates ``x`` [B, d] and ``state`` [B, H, Dk, e] in place.
+    ``profile``: an int64 [nprog, 16] tensor (as the stack's [1, nprog, 16])."""
+    if not state.is_contiguous():
         raise ValueError("decode_layer_step: `x` and `state` are updated in place and must be contiguous")
-    lrpe = theta is not None
-    nprog = cfg.nprog or _num_sms(dev)
-    if not one_fits(B, d, HE, g, nprog, cfg.one_tile):
-        raise ValueError(f"decode_layer_step: a layer of width d = {d}, h = {HE}, g = {g} does not fit the kernel on "
-                         f"{nprog} programs (one tile of at most 32 rows and {cfg.one_tile} weight elements per "
-                         f"program and stage: tnllm.ops.decode_layer.op.one_fits); use the fused step")
-    rate = s.to(torch.float32).contiguous()
-    th = theta.to(torch.float32).reshape(H, e).contiguous() if lrpe else rate
-    ps = pos.to(torch.int64).contiguous() if lrpe else rate
-    bv = block_v(B, H, e, nprog)
-    NV = triton.cdiv(e, bv)
-    P = H * NV
-    qkvu = torch.empty(B, 4 * HE, device=dev, dtype=x.dtype)
-    yb = torch.empty(B, HE, device=dev, dtype=x.dtype)
-    ss = torch.empty(B * P, device=dev, dtype=torch.float32)
-    gb = torch.empty(B, g, device=dev, dtype=x.dtype)
-    cnt = _counters(dev) if persistent else rate
-    br0, br2, br3 = (max(2, _pow2(-(-N // nprog))) for N in (4 * HE, d, g))
-    ts = profile if profile is not None else rate
-    args = (x, state, wqkvu, wout, w1, w2, w3, rate, th, ps, qkvu, yb, ss, gb, cnt, ts, eps)
-    kw = dict(B=B, D=d, H=H, E=e, BE=_pow2(e), G=g, LRPE=lrpe, ACT=ACT_CODE[act], GACT=ACT_CODE[glu_act], BV=bv,
-              NV=NV, BP=_pow2(P), BR0=br0, BK0=_pow2(d), BR2=br2, BK2=_pow2(HE), BR3=br3, BK3=_pow2(d), BR4=br2,
-              BK4=_pow2(g), NPROG=nprog, PREFETCH=cfg.prefetch, SPIN=cfg.spin, PROFILE=profile is not None,
-              num_warps=cfg.num_warps)
-    if persistent:
-        decode_layer_kernel[(nprog,)](*args, FIRST=0, LAST=N_STAGES - 1, SYNC=True, **kw)
-    else:
-        for st in range(N_STAGES):
-            decode_layer_kernel[(nprog,)](*args, FIRST=st, LAST=st, SYNC=False, **kw)
+    decode_stack_triton(x, state.unsqueeze(0), [wqkvu], [wout], [w1], [w2], [w3], [s],
+                        None if theta is None else [theta], pos, act, glu_act, eps, persistent, cfg,
+                        None if profile is None else profile.unsqueeze(0))
