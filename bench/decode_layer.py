@@ -1,6 +1,7 @@
 """One decoder layer's decode step (``tnllm.ops.decode_layer``) at a preset's layer shape, at each launch
-configuration: the persistent launch (grid barriers) and the staged launches (five, one per stage), against
-the fused step's six operations per layer (``FusedDecodeStep``'s layer: cuBLAS qkvu, ``gla_decode``,
+configuration: the persistent launch (grid barriers) per layer, all the layers as one persistent stack launch
+(``decode_stack_triton``: a barrier between two layers, the next layer's first tiles loaded ahead), and the staged
+launches (five per layer, one per stage), against the fused step's six operations per layer (``FusedDecodeStep``'s layer: cuBLAS qkvu, ``gla_decode``,
 ``residual_gemv``, the l1|l2 GEMM, ``sglu_gate``, cuBLAS ``addmm_``).
 
 On CUDA the layers' weights are ``--layers`` distinct copies (more bytes than the L2 cache, as in a real step:
@@ -9,8 +10,8 @@ us per layer = elapsed / (replays * layers); TB/s = the layer's weight and state
 
     python bench/decode_layer.py --device cuda --preset 385M --profile --out $OUT      # H200, ~60 s
 
-``--profile`` also runs the default launch with each program recording its SM's cycle counter at every stage
-boundary, and prints the mean cycles of each stage and barrier wait.
+``--profile`` also runs the default launch (per layer, and as one stack) with each program recording its SM's
+cycle counter at every stage boundary, and prints the mean cycles of each stage and barrier wait.
 
 Writes ``decode_layer.json`` under ``--out`` and prints a table.
 """
@@ -32,6 +33,7 @@ from tnllm.ops.sglu import sglu_gate
 
 SWEEP = [tri.LayerConfig(prefetch=pf, num_warps=w, spin=sp) for pf in (False, True) for w in (4, 8, 16) for sp in (0, 1)]
 SEGMENTS = ("qkvu", "barrier 1", "mixer", "barrier 2", "out", "barrier 3", "l1 l2 sglu", "barrier 4", "l3")
+STACK_SEGMENTS = SEGMENTS + ("to barrier 5", "barrier 5")
 
 
 def main(argv=None):
@@ -94,6 +96,18 @@ def main(argv=None):
         cands += [(f"persistent prefetch={c.prefetch} spin={c.spin} warps={c.num_warps}", c, layer_fn(c, True))
                   for c in SWEEP]
         cands += [("staged (5 launches) default", tri.LayerConfig(), layer_fn(tri.LayerConfig(), False))]
+        stacked = torch.stack(states)
+        stack_w = [[lay[k] for lay in layers] for k in ("wq", "wo", "w1", "w2", "w3")]
+        rates, thetas = [s] * L, ([theta] * L if a.lrpe else None)
+
+        def stack_fn(cfgk, profile=None):
+            def run():
+                tri.decode_stack_triton(x, stacked, *stack_w, rates, thetas, pos, "silu", "none", persistent=True,
+                                        cfg=cfgk, profile=profile)
+            return run
+
+        cands += [(f"stack of {L}, prefetch={pf}", tri.LayerConfig(prefetch=pf), stack_fn(tri.LayerConfig(prefetch=pf)))
+                  for pf in (True, False)]
         for name, c, fn in cands:
             try:
                 sec = timer(fn) / L
@@ -126,6 +140,20 @@ def main(argv=None):
                   f"({total / 1.98e3:.2f} us at 1.98 GHz)", flush=True)
             for n, m, x_ in zip(SEGMENTS, mean, mx):
                 print(f"    {n:12s} mean {m:8.0f} cycles ({m / 1.98e3:6.2f} us)   slowest program {x_:8.0f}", flush=True)
+            tss = torch.zeros(L, nprog, 16, dtype=torch.int64, device=dev)
+            sec = timer(stack_fn(tri.LayerConfig(), tss)) / L
+            ends = torch.cat([tss[:-1, :, 11], tss[-1:, :, 9]])           # the last layer has no barrier 5
+            # the stages of every layer; the barrier between layers of all but the last
+            mean = ((tss[:, :, 1:10] - tss[:, :, 0:9]).double().mean((0, 1)).tolist()
+                    + (tss[:-1, :, 10:12] - tss[:-1, :, 9:11]).double().mean((0, 1)).tolist())
+            per_layer = (ends - tss[:, :, 0]).double().mean().item()
+            seg = {n: dict(mean_cycles=m) for n, m in zip(STACK_SEGMENTS, mean)}
+            rows.append(dict(batch=B, impl=f"profile (stack of {L})", us_per_layer=sec * 1e6,
+                             cycles_per_layer=per_layer, segments=seg))
+            print(f"B{B} stack profile: {sec * 1e6:.2f} us/layer with the marks, {per_layer:.0f} cycles per layer "
+                  f"({per_layer / 1.98e3:.2f} us at 1.98 GHz)", flush=True)
+            for n, m in zip(STACK_SEGMENTS, mean):
+                print(f"    {n:12s} mean {m:8.0f} cycles ({m / 1.98e3:6.2f} us)", flush=True)
             with open(os.path.join(a.out, "decode_layer.json"), "w") as f:
                 json.dump(dict(preset=a.preset, layers=L, lrpe=a.lrpe, dtype=str(dt), rows=rows), f, indent=1)
 

@@ -281,5 +281,7 @@ def test_decode_paths_of_the_slot_step():
     assert f.position.tolist() == a.position.tolist() == [4 + 3, 9 + 2, 1 + 2, 1]        # prompt length + steps
     with pytest.raises(ValueError, match="decode_path"):
         SlotBatch(m, 2, decode_path="fast")
+    with pytest.raises(ValueError, match="decode_path='stack'.*use 'layer'"):
+        SlotBatch(m, 2, decode_path="stack")
     eng = Engine(m, TOK, max_batch=2, decode_path="fused")
     assert eng.slots.decode_path == "fused"

@@ -5,7 +5,7 @@ non-zero state: the work does not depend on c); the Transformer attends over a s
 (``StaticKV``: the new key written at slot c - 1, SDPA over all c). TNL runs each ``--paths`` entry
 ``POLICY:PATH``: the policy is ``graph`` (the step captured in one CUDA graph), ``compiled+graph``
 (inductor first, then captured), ``eager`` or ``compiled`` (no graph: the CPU ones); the path is
-``CudaGraphDecoder``'s ``decode_path`` (``aten``, ``kernel``, ``fused``, ``layer``). The Transformer runs ``graph``
+``CudaGraphDecoder``'s ``decode_path`` (``aten``, ``kernel``, ``fused``, ``layer``, ``stack``). The Transformer runs ``graph``
 (``eager`` on CPU) at the same batch sizes and contexts.
 
 The roofline is the time to move a step's bytes once at ``--bandwidth`` (4.8 TB/s, the H200's nominal
@@ -40,7 +40,7 @@ GiB = 1 << 30
 NOMINAL_TBPS = 4.8                       # H200 HBM3e, nominal
 CUDA_POLICIES = ("graph", "compiled+graph", "eager")
 CPU_POLICIES = ("eager", "compiled")
-PATHS = ("aten", "kernel", "fused", "layer")
+PATHS = ("aten", "kernel", "fused", "layer", "stack")
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -144,7 +144,8 @@ def parse_paths(specs, dev) -> list[tuple[str, str]]:
 
 def default_paths(dev) -> list[str]:
     if dev.type == "cuda":
-        return ["graph:aten", "graph:kernel", "graph:fused", "graph:layer", "compiled+graph:aten", "compiled+graph:fused"]
+        return ["graph:aten", "graph:kernel", "graph:fused", "graph:layer", "graph:stack", "compiled+graph:aten",
+                "compiled+graph:fused"]
     return ["eager:aten", "eager:kernel", "eager:fused"]
 
 
@@ -576,7 +577,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="TNL: the LRPE position; Transformer: the KV-cache length")
     p.add_argument("--paths", nargs="+", default=None, metavar="POLICY:PATH",
                    help="TNL decode configurations (default on CUDA: graph:aten graph:kernel graph:fused graph:layer "
-                        "compiled+graph:aten compiled+graph:fused; on CPU: eager:aten eager:kernel eager:fused)")
+                        "graph:stack compiled+graph:aten compiled+graph:fused; on CPU: eager:aten eager:kernel eager:fused)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-compile drops the compiled policies from --paths")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,

@@ -148,3 +148,87 @@ def test_auto_takes_the_layer_path_at_batch_1_only():
         m = TransNormerLLM(TransNormerConfig.from_preset("385M")).to(torch.bfloat16).eval()
     assert CudaGraphDecoder(m, 1).decode_path == "layer"
     assert CudaGraphDecoder(m, 2).decode_path == "fused"
+
+
+# -- stacks of layers in one launch (decode_stack_step) -------------------------------------------------------
+def make_stack(L, B, d, H, e, g, lrpe, dtype, seed=0):
+    layers = [make(B, d, H, e, g, lrpe, dtype, seed=seed + i) for i in range(L)]
+    x, pos = layers[0][0], layers[0][5]
+    S = torch.stack([lay[1] for lay in layers]).contiguous()
+    ws = [[lay[2][j] for lay in layers] for j in range(5)]
+    s = [lay[3] for lay in layers]
+    theta = [lay[4] * (1 + i) for i, lay in enumerate(layers)] if lrpe else None
+    return x, S, ws, s, theta, pos
+
+
+STACK_CASES = [(23, 1, 1024, 8, 128, 2816, False, BF), (3, 1, 1024, 8, 128, 2816, True, BF),
+               (5, 4, 520, 5, 64, 1000, True, FP32), (4, 3, 200, 3, 40, 333, False, FP16)]
+
+
+@pytest.mark.parametrize("case", STACK_CASES, ids=str)
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_stack_persistent_equals_staged_and_reference(case, prefetch):
+    """One launch for L layers (the 385M preset's 23 layers after the LRPE one among them) against the staged
+    launches (bit for bit: every read ordered after the writes it needs, across the layers too) and the fp32
+    reference of the layers in order."""
+    L, B, d, H, e, g, lrpe, dtype = case
+    x, S, ws, s, theta, pos = make_stack(L, B, d, H, e, g, lrpe, dtype)
+    from tnllm.ops.decode_layer import decode_stack_naive
+    x_ref, S_ref = decode_stack_naive(x.float(), S, *([w.float() for w in wl] for wl in ws), s, theta, pos)
+    cfg = tri.LayerConfig(prefetch=prefetch)
+    xa, Sa = x.clone(), S.clone()
+    tri.decode_stack_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
+    xb, Sb = x.clone(), S.clone()
+    tri.decode_stack_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent stack differs from the staged ({cfg})"
+    assert rel(xa, x_ref) <= TOL[dtype] * 2, rel(xa, x_ref)
+    assert rel(Sa, S_ref) <= TOL[dtype] * 2, rel(Sa, S_ref)
+    assert tri._counters(x.device).tolist() == [0, 0], "the barrier counters were not reset"
+
+
+def test_stack_graph_replays_and_profile():
+    """A CUDA graph of 3 stack launches replayed 4 times equals the staged launches; the profile marks of every
+    layer increase through the stages."""
+    x, S, ws, s, theta, pos = make_stack(6, 1, 1024, 8, 128, 2816, False, BF, seed=3)
+    tri.decode_stack_triton(x.clone(), S.clone(), *ws, s, theta, pos, "silu", "none", persistent=True)  # the table
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(3):
+            tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True)
+    xg, Sg = x.clone(), S.clone()
+    for _ in range(4):
+        x.copy_(xg)
+        S.copy_(Sg)
+        graph.replay()
+    xs, Ss = xg.clone(), Sg.clone()
+    for _ in range(3):
+        tri.decode_stack_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
+    torch.cuda.synchronize()
+    assert torch.equal(x, xs) and torch.equal(S, Ss)
+    ts = torch.zeros(6, tri._num_sms(x.device), 16, dtype=torch.int64, device="cuda")
+    tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True, profile=ts)
+    torch.cuda.synchronize()
+    marks = ts[:, :, :10]
+    assert bool((marks[:, :, 1:] >= marks[:, :, :-1]).all()), "stage marks out of order"
+    assert bool((ts[1:, :, 0] >= ts[:-1, :, 9]).all()), "a layer started before the previous one ended"
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decoder_stack_path_matches_the_layer_path(compile):
+    """``decode_path="stack"`` (two launches per token at 385M's layout; here the small preset, 4 layers) against
+    the per-layer launches: the same kernel code per layer, so the same logits."""
+    from tnllm import TransNormerConfig, TransNormerLLM
+    from tnllm.compile import CudaGraphDecoder
+    torch.manual_seed(0)
+    m = TransNormerLLM(TransNormerConfig.from_preset("small")).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(1, m.config.vocab_size, (1, 8), device="cuda")
+    stk = CudaGraphDecoder(m, 1, decode_path="stack", compile=compile)
+    lay = CudaGraphDecoder(m, 1, decode_path="layer", compile=compile)
+    assert [(a, b) for a, b, _ in stk.state_stacks] == [(0, 1), (1, 4)]
+    t = stk.prefill(ids).argmax(-1)
+    lay.prefill(ids)
+    for _ in range(12):
+        a, b = stk.step(t), lay.step(t)
+        assert torch.equal(a, b), f"stack and layer paths differ by {rel(a, b):.3e}"
+        t = b.argmax(-1)

@@ -53,7 +53,8 @@ class SlotBatch:
         compile: ``torch.compile`` the step (``fullgraph``, static shapes: one graph per bucket); on CUDA
             the compiled step is what the CUDA graphs capture.
         decode_path: ``"auto"`` (default), ``"aten"``, ``"kernel"``, ``"fused"`` or ``"layer"``, as in
-            ``CudaGraphDecoder``; ``self.decode_path`` is the path chosen.
+            ``CudaGraphDecoder`` (not ``"stack"``, whose launches need stacked states); ``self.decode_path`` is the
+            path chosen.
     """
 
     def __init__(self, model, n_slots: int, *, cuda_graph: bool | None = None, compile: bool = False,
@@ -74,6 +75,10 @@ class SlotBatch:
             raise ValueError(f"`cuda_graph=True` needs the model on a CUDA device, it is on {self.device}")
         from tnllm.compile.decode import resolve_decode_path
         from tnllm.compile.fused_step import FusedDecodeStep
+        if decode_path == "stack":
+            raise ValueError("decode_path='stack' needs one stacked state tensor per run of layers, and a slot batch "
+                             "runs views of its first rows (the active slots): use 'layer' (one launch per layer) "
+                             "or 'auto'")
         self.decode_path = resolve_decode_path(model, decode_path)
         # "layer" (asked for explicitly): the fused step with each layer as one launch where it applies (<= 4 rows)
         self._fused = FusedDecodeStep(model, layer_kernel=self.decode_path == "layer") \
