@@ -9,12 +9,16 @@ import tempfile
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tnllm-inductor-"))
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=10, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# mutation checks: the ci examples, a failure reported as found (no shrinking, which under the interpreter takes
+# minutes)
+settings.register_profile("noshrink", parent=settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.register_profile("thorough", max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

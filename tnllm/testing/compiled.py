@@ -1,0 +1,103 @@
+"""What a Triton kernel compiles to for a CUDA target, on any machine (no GPU needed): registers per thread, local
+memory (spills), shared memory, and the widths of its global loads, read from the cubin (``cuobjdump``, shipped
+with Triton) and the PTX that ``triton.compile`` produces for the target.
+
+This is how the decode kernels' register budget and 128-bit weight loads are checked in CI, on the CPU:
+
+    python -m tnllm.testing.compiled          # the decode-stack kernel at the 385M layer shape, sm_90, bf16
+
+``resources(fn, signature, constexprs, num_warps)`` compiles one specialisation; pointer arguments are marked
+16-byte aligned, as Triton's launcher marks the aligned tensors it is given.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Resources:
+    """A compiled kernel: ``regs`` per thread, ``local`` bytes of local memory per thread (spills), ``shared``
+    bytes, ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    regs: int
+    local: int
+    shared: int
+    loads: Counter = field(default_factory=Counter)
+    ptx: str = ""
+
+    @property
+    def vector_loads(self) -> int:
+        """Global loads of 128 bits (``ld.global[.cg].v4.b32``)."""
+        return sum(n for k, n in self.loads.items() if k.endswith(".v4.b32"))
+
+
+def cuobjdump() -> str | None:
+    """The ``cuobjdump`` shipped with Triton's NVIDIA backend, or None."""
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: int = 90) -> Resources:
+    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with ``signature`` (argument name -> Triton
+    type, e.g. ``"*bf16"``, ``"i32"``; constexprs included as ``"constexpr"``) and ``constexprs`` (name -> value),
+    and read its resources. Raises RuntimeError when Triton's cuobjdump is missing."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = cuobjdump()
+    if tool is None:
+        raise RuntimeError("Triton's NVIDIA backend has no cuobjdump here: cannot read a cubin's resources")
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(c.asm["cubin"])
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+    num = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", line)}
+    ptx = c.asm["ptx"]
+    loads = Counter(m.group(1) or "" for m in re.finditer(r"ld\.global((?:\.[a-z0-9]+)*)\s", ptx))
+    return Resources(regs=num["REG"], local=num["LOCAL"], shared=num["SHARED"], loads=loads, ptx=ptx)
+
+
+def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, g: int = 2816, nprog: int = 132,
+                           lrpe: bool = False, dtype: str = "bf16", num_warps: int = 8, prefetch: bool = True,
+                           aligned: bool = True) -> Resources:
+    """The persistent decode-stack kernel (``tnllm.ops.decode_layer.triton``) at a layer shape (default: the 385M
+    preset's on an H200's 132 SMs), as its launcher would specialise it."""
+    import torch
+
+    from tnllm.ops.decode_layer import triton as tri
+    ptrs = {"X": dtype, "TAB": "i64", "POS": "i64", "QKVU": dtype, "YB": dtype, "SS": "fp32", "GB": dtype, "CNT": "i32",
+            "TS": "i64"}
+    sig = {k: "*" + v for k, v in ptrs.items()}
+    sig.update(eps="fp32", NL="i32")
+    _, kw = tri._launch_args(torch.empty(B, d, device="meta"), H, e, g, nprog)
+    kw.update(LRPE=lrpe, ACT=tri.ACT_CODE["silu"], GACT=tri.ACT_CODE["none"], PREFETCH=prefetch, SPIN=0,
+              ALIGNED=aligned, PROFILE=False, STAGE=0, SYNC=True)
+    return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
+
+
+def main() -> None:
+    print("decode-stack kernel, 385M layer (d 1024, 8 heads of 128, g 2816), 132 programs, bf16, sm_90:")
+    for lrpe in (False, True):
+        for prefetch in (True, False):
+            for aligned in (True, False):
+                r = decode_stack_resources(lrpe=lrpe, prefetch=prefetch, aligned=aligned)
+                print(f"  lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} registers, "
+                      f"{r.local} B local, {r.shared} B shared, {r.vector_loads} 128-bit global loads, "
+                      f"{sum(r.loads.values())} global loads in all", flush=True)
+
+
+if __name__ == "__main__":
+    main()
