@@ -1,5 +1,5 @@
 """What a Triton kernel compiles to for a CUDA target, on any machine (no GPU needed): registers per thread, local
-memory (spills), shared memory, and the widths of its global loads, read from the cubin (``cuobjdump``, shipped
+memory (spills), shared memory per program, and the widths of its global loads, read from the cubin (``cuobjdump``, shipped
 with Triton) and the PTX that ``triton.compile`` produces for the target.
 
 This is how the decode kernels' register budget and 128-bit weight loads are checked in CI, on the CPU:
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Resources:
     """A compiled kernel: ``regs`` per thread, ``local`` bytes of local memory per thread (spills), ``shared``
-    bytes, ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    bytes of shared memory per program (what the launch asks for), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
     local: int
     shared: int
@@ -42,10 +42,13 @@ def cuobjdump() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: int = 90) -> Resources:
+def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+              divisible: tuple[str, ...] = ()) -> Resources:
     """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with ``signature`` (argument name -> Triton
     type, e.g. ``"*bf16"``, ``"i32"``; constexprs included as ``"constexpr"``) and ``constexprs`` (name -> value),
-    and read its resources. Raises RuntimeError when Triton's cuobjdump is missing."""
+    and read its resources. Pointers are marked 16-byte aligned, and the integer arguments named in ``divisible``
+    multiples of 16 (what Triton's launcher marks for the values it is given, unless ``do_not_specialize``). Raises
+    RuntimeError when Triton's cuobjdump is missing."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -55,9 +58,10 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: i
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+             if v.startswith("*") or k in divisible}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -67,7 +71,8 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: i
     num = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", line)}
     ptx = c.asm["ptx"]
     loads = Counter(m.group(1) or "" for m in re.finditer(r"ld\.global((?:\.[a-z0-9]+)*)\s", ptx))
-    return Resources(regs=num["REG"], local=num["LOCAL"], shared=num["SHARED"], loads=loads, ptx=ptx)
+    return Resources(regs=num["REG"], local=num["LOCAL"], shared=max(num["SHARED"], c.metadata.shared), loads=loads,
+                     ptx=ptx)
 
 
 def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, g: int = 2816, nprog: int = 132,
