@@ -27,11 +27,24 @@ def apply_act(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def gla_state_tile(S_IN, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, REF, E: tl.constexpr,
+def gla_state_load(S_IN, base, ee, vv, me, mv, E: tl.constexpr, LRPE: tl.constexpr):
+    """The (head, block of value columns) tile of the decode step's state: rows ee, columns vv of the [Dk, E] head
+    state at ``base`` (fp32); with LRPE (Dk = 2E) the cos and the sin halves (s1, s2), else (s1, s1)."""
+    m2 = me[:, None] & mv[None, :]
+    tile = ee[:, None] * E + vv[None, :]
+    s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
+    if LRPE:
+        s2 = tl.load(S_IN + base + E * E + tile, mask=m2, other=0.0)
+    else:
+        s2 = s1
+    return s1, s2
+
+
+@triton.jit
+def gla_state_step(s1, s2, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, REF, E: tl.constexpr,
                    LRPE: tl.constexpr):
-    """One (head, block of value columns) tile of the decode step's token mixer: S <- lam S + k^T v on the
-    state tile (rows ee, columns vv of the [Dk, E] head state at ``base``; with LRPE Dk = 2E, the cos and the
-    sin halves), read once from S_IN and written once to S_OUT, then the readout o = q S of the block's columns
+    """One (head, block of value columns) tile of the decode step's token mixer on the tile (s1, s2) read by
+    ``gla_state_load``: S <- lam S + k^T v, written once to S_OUT, then the readout o = q S of the block's columns
     (fp32 [BV]). qf, kf: the activated q and k (fp32 holding values of the input dtype, REF's element type);
     v: the block's v (fp32); ang: the fp32 LRPE angles theta * pos (unused without LRPE). With LRPE the angles
     are reduced to [-pi, pi] before cos and sin (they reach 1e5 rad and more): n 2pi subtracted in fp64 with
@@ -50,16 +63,21 @@ def gla_state_tile(S_IN, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, REF, 
         q2 = (qf * sn).to(DT).to(tl.float32)
         k1 = (kf * c).to(DT).to(tl.float32)
         k2 = (kf * sn).to(DT).to(tl.float32)
-        s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
         s1 = lam * s1 + k1[:, None] * v[None, :]
         tl.store(S_OUT + base + tile, s1, mask=m2)
-        s2 = tl.load(S_IN + base + E * E + tile, mask=m2, other=0.0)
         s2 = lam * s2 + k2[:, None] * v[None, :]
         tl.store(S_OUT + base + E * E + tile, s2, mask=m2)
         o = tl.sum(q1[:, None] * s1, 0) + tl.sum(q2[:, None] * s2, 0)
     else:
-        s1 = tl.load(S_IN + base + tile, mask=m2, other=0.0)
         s1 = lam * s1 + kf[:, None] * v[None, :]
         tl.store(S_OUT + base + tile, s1, mask=m2)
         o = tl.sum(qf[:, None] * s1, 0)
     return o
+
+
+@triton.jit
+def gla_state_tile(S_IN, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, REF, E: tl.constexpr,
+                   LRPE: tl.constexpr):
+    """``gla_state_load`` from S_IN, then ``gla_state_step`` to S_OUT: the tile read once and written once."""
+    s1, s2 = gla_state_load(S_IN, base, ee, vv, me, mv, E, LRPE)
+    return gla_state_step(s1, s2, S_OUT, base, ee, vv, me, mv, qf, kf, v, lam, ang, REF, E, LRPE)

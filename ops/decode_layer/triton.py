@@ -7,7 +7,8 @@ stages of a layer, separated by grid-wide barriers (21.6 us for that layer; docs
 
     stage 0  qkvu  = round(r(x) x Wqkvu^T)               rows of Wqkvu split over the programs
     stage 1  y, S  = token mixer (act, LRPE, S <- lam S + k^T v, o = q S) per (row, head, BV value columns);
-                     each item writes its o columns and their sum of squares
+                     each item writes its o columns and their sum of squares; BV is as narrow as gives at most
+                     one item per program (``block_v``), whose state tile is then read before barrier 1
     stage 2  x    += srms_norm(y) * u  Wout^T            rows of Wout (the norm from the partial sums)
     stage 3  g     = act(round(r(x) x W1^T)) * round(r(x) x W2^T)     rows of W1 and W2 side by side
     stage 4  x    += g W3^T                              rows of W3
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
-from .._triton_rows import apply_act, gla_state_tile
+from .._triton_rows import apply_act, gla_state_load, gla_state_step
 from ..norm import EPS
 from ..sglu.triton import ACT_CODE
 from .op import MAX_ROWS, ONE_TILE, _pow2, one_fits, shared_gpu  # noqa: F401  (MAX_ROWS: rows per launch)
@@ -110,40 +111,79 @@ def _row_range(pid, N, NPROG: tl.constexpr):
     return pid * N // NPROG, (pid + 1) * N // NPROG
 
 @triton.jit
+def _mixer_coords(it, H: tl.constexpr, E: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, LRPE: tl.constexpr):
+    """Token-mixer item ``it`` = (row bb, head h, block j of BV value columns): (h, bb, value columns, their mask,
+    the head state's offset)."""
+    j = it % NV
+    h = (it // NV) % H
+    bb = it // (H * NV)
+    vv = j * BV + tl.arange(0, BV)
+    DK: tl.constexpr = 2 * E if LRPE else E
+    return h, bb, vv, vv < E, (bb * H + h).to(tl.int64) * (DK * E)
+
+
+@triton.jit
+def _mixer_item(QKVU, S, s1, s2, RATE, THETA, POS, YB, SS, it, h, bb, vv, mv, base, ee, me, H: tl.constexpr,
+                E: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr):
+    """One item of the token mixer on its state tile (s1, s2) read by ``gla_state_load``: act, LRPE, the state
+    update and readout; writes the item's o columns and their sum of squares."""
+    HE: tl.constexpr = H * E
+    DT = QKVU.dtype.element_ty
+    row = QKVU + bb * (4 * HE) + h * E
+    qf = tl.load(row + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+    kf = tl.load(row + HE + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+    v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0, cache_modifier=".cg").to(tl.float32)
+    # the activation in the input dtype, as in the model (fp32 inside, rounded)
+    qf = apply_act(qf, ACT).to(DT).to(tl.float32)
+    kf = apply_act(kf, ACT).to(DT).to(tl.float32)
+    lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
+    if LRPE:
+        th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
+        ang = th * tl.load(POS + bb).to(tl.float32)            # fp32 angle, as the model forms it
+    else:
+        ang = qf
+    o = gla_state_step(s1, s2, S, base, ee, vv, me, mv, qf, kf, v, lam, ang, QKVU, E, LRPE)
+    o = o.to(DT)                                               # o in the input dtype, as in the model
+    of = o.to(tl.float32)
+    tl.store(YB + bb * HE + h * E + vv, o, mask=mv)
+    tl.store(SS + it, tl.sum(of * of, 0))
+
+
+@triton.jit
 def _stage_mixer(QKVU, S, RATE, THETA, POS, YB, SS, pid, B: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
                  BE: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
                  NPROG: tl.constexpr):
-    HE: tl.constexpr = H * E
-    P: tl.constexpr = H * NV
-    DT = QKVU.dtype.element_ty
+    """The token mixer when there are more items than programs: each program's items one after another."""
     ee = tl.arange(0, BE)
     me = ee < E
-    for it in range(pid, B * P, NPROG):
-        j = it % NV
-        h = (it // NV) % H
-        bb = it // P
-        vv = j * BV + tl.arange(0, BV)
-        mv = vv < E
-        row = QKVU + bb * (4 * HE) + h * E
-        qf = tl.load(row + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-        kf = tl.load(row + HE + ee, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-        v = tl.load(row + 2 * HE + vv, mask=mv, other=0.0, cache_modifier=".cg").to(tl.float32)
-        # the activation in the input dtype, as in the model (fp32 inside, rounded)
-        qf = apply_act(qf, ACT).to(DT).to(tl.float32)
-        kf = apply_act(kf, ACT).to(DT).to(tl.float32)
-        lam = tl.exp(-tl.load(RATE + h).to(tl.float32))
-        if LRPE:
-            base = (bb * H + h).to(tl.int64) * (2 * E * E)
-            th = tl.load(THETA + h * E + ee, mask=me, other=0.0).to(tl.float32)
-            ang = th * tl.load(POS + bb).to(tl.float32)            # fp32 angle, as the model forms it
-        else:
-            base = (bb * H + h).to(tl.int64) * (E * E)
-            ang = qf
-        o = gla_state_tile(S, S, base, ee, vv, me, mv, qf, kf, v, lam, ang, QKVU, E, LRPE)
-        o = o.to(DT)                                               # o in the input dtype, as in the model
-        of = o.to(tl.float32)
-        tl.store(YB + bb * HE + h * E + vv, o, mask=mv)
-        tl.store(SS + it, tl.sum(of * of, 0))
+    for it in range(pid, B * H * NV, NPROG):
+        h, bb, vv, mv, base = _mixer_coords(it, H, E, BV, NV, LRPE)
+        s1, s2 = gla_state_load(S, base, ee, vv, me, mv, E, LRPE)
+        _mixer_item(QKVU, S, s1, s2, RATE, THETA, POS, YB, SS, it, h, bb, vv, mv, base, ee, me, H, E, LRPE, ACT)
+
+
+@triton.jit
+def _mixer_state(S, pid, B: tl.constexpr, H: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr,
+                 NV: tl.constexpr, LRPE: tl.constexpr):
+    """At most one item per program (B * H * NV <= NPROG): program pid's state tile (nothing for a program without
+    an item), which does not depend on the layer's qkvu, so it can be read before the first barrier."""
+    ee = tl.arange(0, BE)
+    h, bb, vv, mv, base = _mixer_coords(pid, H, E, BV, NV, LRPE)
+    has = (vv * 0 + pid) < B * H * NV         # a vector mask: the interpreter refuses a scalar one here
+    return gla_state_load(S, base, ee, vv, ee < E, mv & has, E, LRPE)
+
+
+@triton.jit
+def _stage_mixer_one(QKVU, S, s1, s2, RATE, THETA, POS, YB, SS, pid, B: tl.constexpr, H: tl.constexpr,
+                     E: tl.constexpr, BE: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, LRPE: tl.constexpr,
+                     ACT: tl.constexpr):
+    """The token mixer with at most one item per program, on the tile ``_mixer_state`` read."""
+    ee = tl.arange(0, BE)
+    if pid < B * H * NV:
+        h, bb, vv, mv, base = _mixer_coords(pid, H, E, BV, NV, LRPE)
+        _mixer_item(QKVU, S, s1, s2, RATE, THETA, POS, YB, SS, pid, h, bb, vv, mv, base, ee, ee < E, H, E, LRPE,
+                    ACT)
+
 
 # -- the GEMV stages: a program's rows of each weight are one [BR, pow2(K)] tile --------------------------------
 @triton.jit
@@ -262,6 +302,7 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
     with this layer's l3 tile, so the weight stream runs under the barriers and the other stages."""
     pid = tl.program_id(0)
     HE: tl.constexpr = H * E
+    ONE_ITEM: tl.constexpr = B * H * NV <= NPROG     # the token mixer's items: at most one per program
     DT = X.dtype.element_ty
     F32 = tl.float32
     loA, hiA = _row_range(pid, 4 * HE, NPROG)
@@ -272,8 +313,13 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
             wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
             _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
         elif STAGE == 1:
-            _stage_mixer(QKVU, _ptr(TAB, 0, 5, F32, ALIGNED), _ptr(TAB, 0, 6, F32, ALIGNED),
-                         _ptr(TAB, 0, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+            if ONE_ITEM:
+                s1, s2 = _mixer_state(_ptr(TAB, 0, 5, F32, ALIGNED), pid, B, H, E, BE, BV, NV, LRPE)
+                _stage_mixer_one(QKVU, _ptr(TAB, 0, 5, F32, ALIGNED), s1, s2, _ptr(TAB, 0, 6, F32, ALIGNED),
+                                 _ptr(TAB, 0, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT)
+            else:
+                _stage_mixer(QKVU, _ptr(TAB, 0, 5, F32, ALIGNED), _ptr(TAB, 0, 6, F32, ALIGNED),
+                             _ptr(TAB, 0, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
         elif STAGE == 2:
             wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
             _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
@@ -296,9 +342,17 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
             if PREFETCH:
                 w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
                 w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+                if ONE_ITEM:
+                    s1, s2 = _mixer_state(_ptr(TAB, l, 5, F32, ALIGNED), pid, B, H, E, BE, BV, NV, LRPE)
             _barrier(CNT, TS, prow, 1, (k + 1) * NPROG, NPROG, SPIN, PROFILE, False)
-            _stage_mixer(QKVU, _ptr(TAB, l, 5, F32, ALIGNED), _ptr(TAB, l, 6, F32, ALIGNED),
-                         _ptr(TAB, l, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
+            if ONE_ITEM:
+                if not PREFETCH:
+                    s1, s2 = _mixer_state(_ptr(TAB, l, 5, F32, ALIGNED), pid, B, H, E, BE, BV, NV, LRPE)
+                _stage_mixer_one(QKVU, _ptr(TAB, l, 5, F32, ALIGNED), s1, s2, _ptr(TAB, l, 6, F32, ALIGNED),
+                                 _ptr(TAB, l, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT)
+            else:
+                _stage_mixer(QKVU, _ptr(TAB, l, 5, F32, ALIGNED), _ptr(TAB, l, 6, F32, ALIGNED),
+                             _ptr(TAB, l, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
             if not PREFETCH:
                 wC = _load_rows(_ptr(TAB, l, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
             _barrier(CNT, TS, prow, 3, (k + 2) * NPROG, NPROG, SPIN, PROFILE, False)
@@ -369,10 +423,14 @@ def _table(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def block_v(B: int, H: int, e: int, nprog: int) -> int:
-    """Value columns per token-mixer item: at most 64, halved (down to 4) until B * H * e / BV >= nprog."""
-    bv = min(64, _pow2(e))
-    while bv > 4 and B * H * (-(-e // bv)) < nprog:
-        bv //= 2
+    """Value columns per token-mixer item: the narrowest of 4, 8, ..., min(64, pow2(e)) that gives at most one item
+    (row, head, column block) per program, B * H * ceil(e / BV) <= nprog, so each program's item is one state tile,
+    read ahead of the first barrier; where even the widest gives more items than programs, the widest (items then
+    loop)."""
+    widest = min(64, _pow2(e))
+    bv = min(4, widest)
+    while bv < widest and B * H * (-(-e // bv)) > nprog:
+        bv *= 2
     return bv
 
 

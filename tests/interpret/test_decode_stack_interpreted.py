@@ -173,3 +173,20 @@ def test_decoder_stack_path_equals_model_step(monkeypatch):
         layer_op.use_triton_on_cpu(False)
     assert calls == [1, 3] * 3, f"expected the stacks of 1 and 3 layers at every step, got {calls}"
     assert all(w is None for w in dec.fused._w12), "the stacked l1|l2 copies were made though nothing fell back"
+
+
+@pytest.mark.parametrize("B,H,e,nprog,persistent", [(1, 1, 4, 1, True), (2, 2, 5, 6, False), (4, 3, 5, 6, False),
+                                                     (1, 2, 3, 1, True)])
+@pytest.mark.parametrize("lrpe", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_token_mixer_one_item_per_program_and_loop(B, H, e, nprog, persistent, lrpe, prefetch):
+    """At most one token-mixer item per program (its state tile read before the first barrier, with the prefetch),
+    and more items than programs (each program's items in a loop): both paths against the reference."""
+    items = B * H * -(-e // tri.block_v(B, H, e, nprog))
+    assert (items <= nprog) == ((B, H) in ((1, 1), (2, 2))), "the cases must cover both mixer paths"
+    x, S, ws, s, theta, pos = make_stack(2, B, 12, H, e, 9, lrpe, B * H * e + lrpe)
+    x_ref, S_ref = reference(x, S, ws, s, theta, pos, "silu", "none")
+    with poisoned():
+        tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=persistent,
+                                cfg=tri.LayerConfig(nprog=nprog, prefetch=prefetch))
+    check(x, S, x_ref, S_ref, torch.float32, f"items={items}, nprog={nprog}")
