@@ -30,8 +30,9 @@ there than the fused step's six operations (1B 0.973 against 0.962 ms per token,
 H200) and was dropped.
 
 The barrier (``SYNC``): each program's threads finish their stores (a CTA barrier), then one thread adds 1
-to a counter with release semantics at GPU scope and spins with acquire reads until the counter reaches
-k * NPROG for the k-th barrier of the launch. Data written by other programs is read with ``.cg`` loads (L2,
+to a counter with acquire-release semantics at GPU scope and, unless the count it got back is already
+k * NPROG for the k-th barrier of the launch (the last program to arrive), spins with acquire reads until the
+counter reaches it. Data written by other programs is read with ``.cg`` loads (L2,
 never a stale L1 line). After the last barrier each program takes a ticket from a second counter; the last
 one resets both to 0 for the next launch (every program has passed the barrier by then). A grid barrier is
 only safe when all NPROG programs are resident together: NPROG is the SM count and a program needs one
@@ -77,16 +78,16 @@ class LayerConfig:
 
 @triton.jit
 def _grid_sync(CNT, target, SPIN: tl.constexpr):
-    """Wait until all programs arrived: the counter at CNT reaches ``target`` (module docstring). SPIN 0 polls
-    with acquire atomics; 1 with volatile loads, then one acquire atomic."""
+    """Wait until all programs arrived: the counter at CNT reaches ``target`` (module docstring). The arrival is an
+    acquire-release add whose returned count the program checks first, so the last program to arrive goes on
+    without a poll; the others poll, SPIN 0 with acquire atomics, 1 with volatile loads and then one acquire
+    atomic."""
     tl.debug_barrier()
-    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    c = tl.atomic_add(CNT, 1, sem="acq_rel", scope="gpu") + 1
     if SPIN == 0:
-        c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
         while c < target:
             c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
     else:
-        c = tl.load(CNT, volatile=True)
         while c < target:
             c = tl.load(CNT, volatile=True)
         tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
