@@ -7,6 +7,7 @@ import torch
 
 from tnllm import RecurrentState, TransNormerConfig, TransNormerLLM
 from tnllm.compile import CudaGraphDecoder
+from tnllm.testing import decode_against_step
 
 V = 259
 
@@ -103,17 +104,9 @@ def test_decoder_paths_equal_model_step(path):
     dec = CudaGraphDecoder(m, B, decode_path=path)
     assert dec.decode_path == path
     assert CudaGraphDecoder(m, B).decode_path == "aten"              # auto on CPU
-    ids = torch.randint(1, V, (B, 4))
-    with torch.no_grad():
-        lt, st = m.prefill(ids)
-    tok = dec.prefill(ids).argmax(-1)
-    for _ in range(6):
-        got = dec.step(tok)
-        with torch.no_grad():
-            want, st = m.step(tok, st)
-        assert torch.equal(got, want)
-        tok = got.argmax(-1)
-    assert all(torch.equal(a, b) for a, b in zip(dec.state(), st))
+    pairs, got_states, want_states = decode_against_step(dec, m, torch.randint(1, V, (B, 4)), 6)
+    assert all(torch.equal(got, want) for got, want in pairs)
+    assert all(torch.equal(a, b) for a, b in zip(got_states, want_states))
 
 
 def test_compiled_kernel_step_fullgraph():

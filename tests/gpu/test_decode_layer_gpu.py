@@ -86,21 +86,27 @@ def test_many_launches_and_graph_replays():
         tri.decode_layer_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
     torch.cuda.synchronize()
     assert torch.equal(x, xs) and torch.equal(S, Ss)
+    graph_equals_staged(tri.decode_layer_triton, x, S, (*ws, s, theta, pos), launches=10, replays=5)
+    assert tri._counters(x.device).tolist() == [0, 0]
+
+
+def graph_equals_staged(launcher, x, S, args, launches, replays):
+    """A CUDA graph of ``launches`` persistent launches, replayed ``replays`` times from the same start, gives the
+    bits of as many staged launches."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(10):
-            tri.decode_layer_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True)
+        for _ in range(launches):
+            launcher(x, S, *args, "silu", "none", persistent=True)
     xg, Sg = x.clone(), S.clone()
-    for _ in range(5):
+    for _ in range(replays):
         x.copy_(xg)
         S.copy_(Sg)
         graph.replay()
     xs, Ss = xg.clone(), Sg.clone()
-    for _ in range(10):
-        tri.decode_layer_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
+    for _ in range(launches):
+        launcher(xs, Ss, *args, "silu", "none", persistent=False)
     torch.cuda.synchronize()
-    assert torch.equal(x, xs) and torch.equal(S, Ss)
-    assert tri._counters(x.device).tolist() == [0, 0]
+    assert torch.equal(x, xs) and torch.equal(S, Ss), "the graph's replays differ from the staged launches"
 
 
 def test_op_under_compile():
@@ -195,20 +201,7 @@ def test_stack_graph_replays_and_profile():
     layer increase through the stages."""
     x, S, ws, s, theta, pos = make_stack(6, 1, 1024, 8, 128, 2816, False, BF, seed=3)
     tri.decode_stack_triton(x.clone(), S.clone(), *ws, s, theta, pos, "silu", "none", persistent=True)  # the table
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(3):
-            tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True)
-    xg, Sg = x.clone(), S.clone()
-    for _ in range(4):
-        x.copy_(xg)
-        S.copy_(Sg)
-        graph.replay()
-    xs, Ss = xg.clone(), Sg.clone()
-    for _ in range(3):
-        tri.decode_stack_triton(xs, Ss, *ws, s, theta, pos, "silu", "none", persistent=False)
-    torch.cuda.synchronize()
-    assert torch.equal(x, xs) and torch.equal(S, Ss)
+    graph_equals_staged(tri.decode_stack_triton, x, S, (*ws, s, theta, pos), launches=3, replays=4)
     ts = torch.zeros(6, tri._num_sms(x.device), 16, dtype=torch.int64, device="cuda")
     tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=True, profile=ts)
     torch.cuda.synchronize()

@@ -4,7 +4,7 @@ cannot run here; the GPU suite runs it and checks it equals the staged launches 
 fp32 reference from the same inputs: fp32 and fp16, LRPE on and off, every activation, widths that are not
 multiples of the tiles, 1 to 4 rows, program counts that cut the rows unevenly, the weight tiles loaded ahead
 of the barriers and at their stage, NaN-poisoned workspaces; a layer too wide for the kernel refused by name;
-the op's dispatch and the decoder's "layer" path."""
+the op's dispatch (the decoder's "layer" path: test_decode_stack_interpreted.py)."""
 import os
 
 import pytest
@@ -15,8 +15,6 @@ from hypothesis import strategies as st
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/ops/test_triton.py (a child process)"
 pytest.importorskip("triton")
 
-from tnllm import TransNormerConfig, TransNormerLLM  # noqa: E402
-from tnllm.compile import CudaGraphDecoder  # noqa: E402
 from tnllm.ops.decode_layer import decode_layer_naive, decode_layer_step  # noqa: E402
 from tnllm.ops.decode_layer import op as layer_op  # noqa: E402
 from tnllm.ops.decode_layer import triton as tri  # noqa: E402
@@ -92,35 +90,3 @@ def test_op_dispatch_by_rows(monkeypatch):
     finally:
         layer_op.use_triton_on_cpu(False)
     assert calls == [1, tri.MAX_ROWS]
-
-
-def test_decoder_layer_path_equals_model_step():
-    """``CudaGraphDecoder(decode_path="layer")`` runs every layer as the kernel's launches (tiny preset, fp32,
-    the first layer with LRPE, per-row positions), against the aten step."""
-    layer_op.use_triton_on_cpu(True)
-    calls = []
-    real = tri.decode_layer_triton
-    tri.decode_layer_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        torch.manual_seed(3)
-        m = TransNormerLLM(TransNormerConfig.from_preset("tiny")).eval()
-        B = 2
-        dec = CudaGraphDecoder(m, B, decode_path="layer")
-        ids = torch.randint(1, 259, (B, 3))
-        with torch.no_grad():
-            _, st = m.prefill(ids)
-        tok = dec.prefill(ids).argmax(-1)
-        for t in range(3):
-            got = dec.step(tok)
-            with torch.no_grad():
-                want, st = m.step(tok, st, decode_kernel=False)
-            err = rel_err(got, want)
-            assert err < 1e-5, f"token {t}: logits relative error {err:.2e}"
-            tok = want.argmax(-1)
-        for i, (a, b) in enumerate(zip(dec.states, st)):
-            assert rel_err(a, b) < 1e-5, f"state of layer {i}"
-    finally:
-        tri.decode_layer_triton = real
-        layer_op.use_triton_on_cpu(False)
-    assert len(calls) == 3 * len(m.model.layers), "the layer kernel did not run for every layer"
-    assert all(w is None for w in dec.fused._w12), "the stacked l1|l2 copies were made though nothing fell back"

@@ -16,6 +16,7 @@ from tnllm.ops.gla_decode import op as gla_op  # noqa: E402
 from tnllm.ops.gla_decode import triton as gla_tri  # noqa: E402
 from tnllm.ops.gemv import op as gemv_op  # noqa: E402
 from tnllm.ops.sglu import op as sglu_op  # noqa: E402
+from tnllm.testing import decode_against_step  # noqa: E402
 
 V = 259
 
@@ -69,16 +70,9 @@ def test_model_step_through_the_kernel_equals_the_aten_step(triton_on_cpu, per_r
 def test_decoder_through_the_kernel_equals_model_step(triton_on_cpu, path):
     m, B = _model(1), 2
     dec = CudaGraphDecoder(m, B, decode_path=path)
-    ids = torch.randint(1, V, (B, 3))
-    with torch.no_grad():
-        _, st = m.prefill(ids)
-    tok = dec.prefill(ids).argmax(-1)
-    for t in range(4):
-        got = dec.step(tok)
-        with torch.no_grad():
-            want, st = m.step(tok, st, decode_kernel=False)
+    pairs, got_states, want_states = decode_against_step(dec, m, torch.randint(1, V, (B, 3)), 4)
+    for t, (got, want) in enumerate(pairs):
         _close(got, want, f"{path} logits, token {t}")
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-        tok = want.argmax(-1)
-    for x, y in zip(dec.state(), st):
+    for x, y in zip(got_states, want_states):
         _close(x, y, f"{path} state")

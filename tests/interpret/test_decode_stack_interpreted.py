@@ -24,7 +24,7 @@ from tnllm.compile import CudaGraphDecoder  # noqa: E402
 from tnllm.ops.decode_layer import decode_stack_naive, decode_stack_step  # noqa: E402
 from tnllm.ops.decode_layer import op as layer_op  # noqa: E402
 from tnllm.ops.decode_layer import triton as tri  # noqa: E402
-from tnllm.testing import TOL, rel_err  # noqa: E402
+from tnllm.testing import TOL, decode_against_step, rel_err  # noqa: E402
 from tnllm.testing import poisoned_allocations as poisoned  # noqa: E402
 
 
@@ -140,38 +140,30 @@ def test_op_dispatch_by_rows(monkeypatch):
     assert calls == [1]
 
 
-def test_decoder_stack_path_equals_model_step(monkeypatch):
-    """``CudaGraphDecoder(decode_path="stack")`` on a 4-layer model (layer 0 with LRPE): two stack launches per
-    step (layer 0; layers 1-3 together) over the decoder's stacked state buffers, against the aten step (grids of
-    8 programs instead of an H200's 132, to keep the interpreter quick)."""
+@pytest.mark.parametrize("path,launches", [("layer", [1, 1, 1, 1]), ("stack", [1, 3])])
+def test_decoder_layer_and_stack_paths_equal_model_step(monkeypatch, path, launches):
+    """``CudaGraphDecoder(decode_path="layer" | "stack")`` on a 4-layer model (layer 0 with LRPE), against the aten
+    step: the layer path one launch per layer, the stack path two (layer 0; layers 1-3 together) over the decoder's
+    stacked state buffers (grids of 8 programs instead of an H200's 132, to keep the interpreter quick)."""
     monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
-    layer_op.use_triton_on_cpu(True)
     calls = []
     real = tri.decode_stack_triton
-    tri.decode_stack_triton = lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k)
+    monkeypatch.setattr(tri, "decode_stack_triton", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    layer_op.use_triton_on_cpu(True)
     try:
         torch.manual_seed(4)
         m = TransNormerLLM(TransNormerConfig.from_preset("tiny", decoder_layers=4)).eval()
         B = 2
-        dec = CudaGraphDecoder(m, B, decode_path="stack")
+        dec = CudaGraphDecoder(m, B, decode_path=path)
         assert [(a, b) for a, b, _ in dec.state_stacks] == [(0, 1), (1, 4)]
-        ids = torch.randint(1, 259, (B, 3))
-        with torch.no_grad():
-            _, st = m.prefill(ids)
-        tok = dec.prefill(ids).argmax(-1)
-        for t in range(3):
-            got = dec.step(tok)
-            with torch.no_grad():
-                want, st = m.step(tok, st, decode_kernel=False)
-            err = rel_err(got, want)
-            assert err < 1e-5, f"token {t}: logits relative error {err:.2e}"
-            tok = want.argmax(-1)
-        for i, (a, b) in enumerate(zip(dec.states, st)):
+        pairs, got_states, want_states = decode_against_step(dec, m, torch.randint(1, 259, (B, 3)), 3)
+        for t, (got, want) in enumerate(pairs):
+            assert rel_err(got, want) < 1e-5, f"token {t}: logits relative error {rel_err(got, want):.2e}"
+        for i, (a, b) in enumerate(zip(got_states, want_states)):
             assert rel_err(a, b) < 1e-5, f"state of layer {i}"
     finally:
-        tri.decode_stack_triton = real
         layer_op.use_triton_on_cpu(False)
-    assert calls == [1, 3] * 3, f"expected the stacks of 1 and 3 layers at every step, got {calls}"
+    assert calls == launches * 3, f"expected launches of {launches} layers at every step, got {calls}"
     assert all(w is None for w in dec.fused._w12), "the stacked l1|l2 copies were made though nothing fell back"
 
 

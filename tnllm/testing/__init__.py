@@ -460,6 +460,25 @@ def poisoned_allocations():
         torch.empty = empty
 
 
+@torch.no_grad()
+def decode_against_step(decoder, model, ids: Tensor, steps: int):
+    """Prefill ``ids`` [B, T] into ``decoder`` (a ``CudaGraphDecoder``) and into ``model.prefill``, then step both
+    ``steps`` tokens, each fed the aten ``model.step``'s greedy token (teacher-forced, so one differing argmax does
+    not derail the comparison). Returns ([(decoder logits, model logits) per step], decoder states, model states):
+    what the decode-path tests compare, each to its own tolerance."""
+    _, st = model.prefill(ids)
+    tok = decoder.prefill(ids).argmax(-1)
+    pairs = []
+    for _ in range(steps):
+        got = decoder.step(tok)
+        want, st = model.step(tok, st, decode_kernel=False)
+        pairs.append((got, want))
+        tok = want.argmax(-1)
+    return pairs, list(decoder.state()), list(st)
+
+
+__all__ += ["decode_against_step"]
+
 from ._check import run_check  # noqa: E402
 from .varlen import (VarlenCase, assert_varlen_agrees, assert_varlen_isolated, check_varlen_case,  # noqa: E402
                      check_varlen_isolated, evaluate_varlen, make_varlen_inputs, varlen_case_errors, varlen_cases,
