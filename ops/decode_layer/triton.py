@@ -513,6 +513,8 @@ def decode_stack_triton(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, th
         decode_stack_kernel[(nprog,)](x, tab, ps, *scratch, cnt, ts, eps, L, STAGE=0, SYNC=True,
                                       PROFILE=profile is not None, **kw)
     else:
+        # the staged launches load every tile at its stage and wait at no barrier: one compile whatever the config
+        kw.update(PREFETCH=False, SPIN=0)
         for i in range(L):
             for st in range(N_STAGES):
                 decode_stack_kernel[(nprog,)](x, tab[i], ps, *scratch, keep[0], keep[0], eps, 1, STAGE=st,
