@@ -287,7 +287,7 @@ def _barrier(CNT, TS, prow, m: tl.constexpr, target, NPROG: tl.constexpr, SPIN: 
 
 
 @triton.jit
-def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
+def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAYER: tl.constexpr,
                         B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
                         BE: tl.constexpr, G: tl.constexpr, LRPE: tl.constexpr, ACT: tl.constexpr,
                         GACT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BP: tl.constexpr,
@@ -335,7 +335,10 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
         wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
         if PREFETCH:
             wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
-        for l in range(NL):
+        # one layer (the LRPE layer's launch): a loop of one known trip, so the next-layer loads and the fifth
+        # barrier compile away (a stack's loop otherwise carries the next qkvu tile: a few more registers)
+        n_layers = 1 if ONE_LAYER else NL
+        for l in range(n_layers):
             prow = l * NPROG + pid
             k = 5 * l
             _mark(TS, prow, 0, PROFILE)
@@ -365,8 +368,8 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL,
             _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
             wE = _load_rows(_ptr(TAB, l, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4)
             # the next layer's tiles (none after the last: its rows are masked off, its table row clamped)
-            ln = tl.minimum(l + 1, NL - 1)
-            more = l + 1 < NL
+            ln = tl.minimum(l + 1, n_layers - 1)
+            more = l + 1 < n_layers
             if PREFETCH:
                 wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, tl.where(more, hiA, loA), D, BR0, BK0)
                 wC = _load_rows(_ptr(TAB, ln, 1, DT, ALIGNED), loC, tl.where(more, hiC, loC), HE, BR2, BK2)
@@ -510,14 +513,14 @@ def decode_stack_triton(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, th
     if persistent:
         cnt = _counters(dev)
         ts = profile if profile is not None else cnt
-        decode_stack_kernel[(nprog,)](x, tab, ps, *scratch, cnt, ts, eps, L, STAGE=0, SYNC=True,
+        decode_stack_kernel[(nprog,)](x, tab, ps, *scratch, cnt, ts, eps, L, L == 1, STAGE=0, SYNC=True,
                                       PROFILE=profile is not None, **kw)
     else:
         # the staged launches load every tile at its stage and wait at no barrier: one compile whatever the config
         kw.update(PREFETCH=False, SPIN=0)
         for i in range(L):
             for st in range(N_STAGES):
-                decode_stack_kernel[(nprog,)](x, tab[i], ps, *scratch, keep[0], keep[0], eps, 1, STAGE=st,
+                decode_stack_kernel[(nprog,)](x, tab[i], ps, *scratch, keep[0], keep[0], eps, 1, True, STAGE=st,
                                               SYNC=False, PROFILE=False, **kw)
 
 

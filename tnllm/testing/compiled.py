@@ -1,5 +1,5 @@
-"""What a Triton kernel compiles to for a CUDA target, on any machine (no GPU needed): registers per thread, local
-memory (spills), shared memory per program, and the widths of its global loads, read from the cubin (``cuobjdump``, shipped
+"""What a Triton kernel compiles to for a CUDA target, on any machine (no GPU needed): registers per thread, spills
+(the stack frame and the SASS local loads and stores), shared memory per program, and the widths of its global loads, read from the cubin (``cuobjdump``, shipped
 with Triton) and the PTX that ``triton.compile`` produces for the target.
 
 This is how the decode kernels' register budget and 128-bit weight loads are checked in CI, on the CPU:
@@ -21,13 +21,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Resources:
-    """A compiled kernel: ``regs`` per thread, ``local`` bytes of local memory per thread (spills), ``shared``
-    bytes of shared memory per program (what the launch asks for), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    """A compiled kernel: ``regs`` per thread, ``stack`` bytes of stack frame per thread (where ptxas spills
+    registers), ``local`` bytes of other local memory per thread, ``shared`` bytes of shared memory per program
+    (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
+    stack: int
     local: int
     shared: int
+    spill_ops: int = 0
     loads: Counter = field(default_factory=Counter)
     ptx: str = ""
+
+    @property
+    def spills(self) -> bool:
+        """Whether registers spill to memory (a stack frame, local memory or local loads / stores in the SASS)."""
+        return bool(self.stack or self.local or self.spill_ops)
 
     @property
     def vector_loads(self) -> int:
@@ -67,19 +75,22 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
         with open(path, "wb") as f:
             f.write(c.asm["cubin"])
         out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if "REG:" in ln)
-    num = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", line)}
+    num = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", line)}
     ptx = c.asm["ptx"]
     loads = Counter(m.group(1) or "" for m in re.finditer(r"ld\.global((?:\.[a-z0-9]+)*)\s", ptx))
-    return Resources(regs=num["REG"], local=num["LOCAL"], shared=max(num["SHARED"], c.metadata.shared), loads=loads,
-                     ptx=ptx)
+    return Resources(regs=num["REG"], stack=num["STACK"], local=num["LOCAL"],
+                     shared=max(num["SHARED"], c.metadata.shared),
+                     spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loads=loads, ptx=ptx)
 
 
 def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, g: int = 2816, nprog: int = 132,
                            lrpe: bool = False, dtype: str = "bf16", num_warps: int = 8, prefetch: bool = True,
-                           aligned: bool = True) -> Resources:
+                           aligned: bool = True, layers: int | None = None) -> Resources:
     """The persistent decode-stack kernel (``tnllm.ops.decode_layer.triton``) at a layer shape (default: the 385M
-    preset's on an H200's 132 SMs), as its launcher would specialise it."""
+    preset's on an H200's 132 SMs), as its launcher would specialise it for a stack of ``layers`` (default: as the
+    385M decoder launches them, 1 with LRPE, 23 without)."""
     import torch
 
     from tnllm.ops.decode_layer import triton as tri
@@ -88,20 +99,22 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
     sig = {k: "*" + v for k, v in ptrs.items()}
     sig.update(eps="fp32", NL="i32")
     _, kw = tri._launch_args(torch.empty(B, d, device="meta"), H, e, g, nprog)
-    kw.update(LRPE=lrpe, ACT=tri.ACT_CODE["silu"], GACT=tri.ACT_CODE["none"], PREFETCH=prefetch, SPIN=0,
-              ALIGNED=aligned, PROFILE=False, STAGE=0, SYNC=True)
+    kw.update(ONE_LAYER=(layers or (1 if lrpe else 23)) == 1, LRPE=lrpe, ACT=tri.ACT_CODE["silu"], GACT=tri.ACT_CODE["none"],
+              PREFETCH=prefetch, SPIN=0, ALIGNED=aligned, PROFILE=False, STAGE=0, SYNC=True)
     return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
 
 
 def main() -> None:
     print("decode-stack kernel, 385M layer (d 1024, 8 heads of 128, g 2816), 132 programs, bf16, sm_90:")
-    for lrpe in (False, True):
-        for prefetch in (True, False):
-            for aligned in (True, False):
-                r = decode_stack_resources(lrpe=lrpe, prefetch=prefetch, aligned=aligned)
-                print(f"  lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} registers, "
-                      f"{r.local} B local, {r.shared} B shared, {r.vector_loads} 128-bit global loads, "
-                      f"{sum(r.loads.values())} global loads in all", flush=True)
+    for B in (1, 2, 4):
+        for lrpe in (False, True):
+            for prefetch in (True, False):
+                for aligned in ((True, False) if B == 1 else (True,)):
+                    r = decode_stack_resources(B=B, lrpe=lrpe, prefetch=prefetch, aligned=aligned)
+                    print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
+                          f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
+                          f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all",
+                          flush=True)
 
 
 if __name__ == "__main__":
