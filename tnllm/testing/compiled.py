@@ -4,7 +4,8 @@ with Triton) and the PTX that ``triton.compile`` produces for the target.
 
 This is how the decode kernels' register budget and 128-bit weight loads are checked in CI, on the CPU:
 
-    python -m tnllm.testing.compiled          # the decode-stack kernel at the 385M layer shape, sm_90, bf16
+    python -m tnllm.testing.compiled             # the decode-stack kernel at the 385M layer shape, sm_90, bf16
+    python -m tnllm.testing.compiled attention   # the Lightning Attention sweep kernel's tile configurations
 
 ``resources(fn, signature, constexprs, num_warps)`` compiles one specialisation; pointer arguments are marked
 16-byte aligned, as Triton's launcher marks the aligned tensors it is given.
@@ -104,7 +105,41 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
     return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
 
 
-def main() -> None:
+def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
+                    num_stages: int = 2, reverse: bool = False, dtype: str = "bf16") -> Resources:
+    """One Lightning Attention sweep kernel (``tnllm.ops.lightning_attn.triton._la_sweep_kernel``: the unmasked loop
+    of the default non-finite mode) for a [DA, BC] state tile over CHUNK rows, as the launcher specialises it (the
+    row strides multiples of 16)."""
+    from tnllm.ops.lightning_attn import triton as la
+    fn = la._la_sweep_kernel
+    ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
+                CU="fp32", ORD="fp32")
+    kw = dict(DA=DA, DC=DC, BA=max(16, 1 << (DA - 1).bit_length()), BC=BC, CHUNK=CHUNK, REVERSE=reverse,
+              E0=int(reverse), HAS_S0=False, WRITE_SF=True, SF_SHIFT=reverse, IEEE=dtype == "fp32", NF=0,
+              WRITE_FLAG=True, REDO=False, VARLEN=False)
+    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
+    div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
+    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
+
+
+def _print_attention() -> None:
+    print("Lightning Attention sweep kernel (forward direction), bf16, sm_90:")
+    for DA, BC, CHUNK, warps, stages in ((128, 64, 64, 4, 2), (128, 64, 64, 4, 1), (128, 64, 64, 8, 2),
+                                         (128, 32, 64, 4, 2), (128, 64, 32, 4, 2), (64, 64, 64, 4, 2)):
+        r = sweep_resources(DA=DA, DC=max(DA, BC), BC=BC, CHUNK=CHUNK, num_warps=warps, num_stages=stages)
+        print(f"  state tile [{DA}, {BC}], CHUNK {CHUNK}, {warps} warps, {stages} stages: {r.regs} registers, "
+              f"{r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared // 1024} KiB shared", flush=True)
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kernel", nargs="?", default="decode", choices=("decode", "attention", "all"))
+    a = p.parse_args(argv)
+    if a.kernel in ("attention", "all"):
+        _print_attention()
+    if a.kernel == "attention":
+        return
     print("decode-stack kernel, 385M layer (d 1024, 8 heads of 128, g 2816), 132 programs, bf16, sm_90:")
     for B in (1, 2, 4):
         for lrpe in (False, True):
