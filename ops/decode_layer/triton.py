@@ -44,6 +44,7 @@ barriers are trivial.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -384,8 +385,10 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
 
 
 _COUNTERS: dict = {}
-_TABLES: dict = {}
+_TABLES: collections.OrderedDict = collections.OrderedDict()   # least recently used first
+_PINNED: set = set()          # tables a CUDA graph captured: never evicted
 _CAPTURED_HOST: list = []     # pinned host tables copied inside a CUDA graph capture (its replays re-read them)
+MAX_TABLES = 1024             # cached tables beyond the pinned ones (eager calls on ever new tensors)
 TABLE_COLUMNS = ("wqkvu", "wout", "w1", "w2", "w3", "state", "s", "theta")
 
 
@@ -405,16 +408,21 @@ def _table(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
     """The int64 [L, 8] pointer table of these addresses on ``device`` (``TABLE_COLUMNS`` per layer). It holds
     addresses only, so one table serves every call with the same tensors (a decoder's static buffers: one host
     copy, at the first call) and stays right for any tensors that later occupy the same addresses; tables are
-    kept for the process (a captured graph may hold one). Inside a CUDA graph capture a new table is copied
-    from pinned host memory (the copy is part of the graph) and not cached."""
+    kept: the least recently used beyond ``MAX_TABLES`` are dropped, except those a CUDA graph captured (the graph
+    holds their address). Inside a capture a new table is copied from pinned host memory (the copy is part of the
+    graph) and not cached."""
     key = (device.type, device.index, ptrs)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     tab = _TABLES.get(key)
     if tab is not None:
+        _TABLES.move_to_end(key)
+        if capturing:
+            _PINNED.add(key)
         return tab
     host = torch.tensor(ptrs, dtype=torch.int64).reshape(-1, len(TABLE_COLUMNS))
     if device.type != "cuda":
         tab = host
-    elif torch.cuda.is_current_stream_capturing():
+    elif capturing:
         host = host.pin_memory()
         _CAPTURED_HOST.append(host)
         tab = torch.empty_like(host, device=device)
@@ -423,6 +431,10 @@ def _table(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
     else:
         tab = host.to(device)
     _TABLES[key] = tab
+    if len(_TABLES) > MAX_TABLES + len(_PINNED):
+        old = next((k for k in _TABLES if k not in _PINNED), None)
+        if old is not None:
+            del _TABLES[old]
     return tab
 
 

@@ -182,3 +182,19 @@ def test_token_mixer_one_item_per_program_and_loop(B, H, e, nprog, persistent, l
         tri.decode_stack_triton(x, S, *ws, s, theta, pos, "silu", "none", persistent=persistent,
                                 cfg=tri.LayerConfig(nprog=nprog, prefetch=prefetch))
     check(x, S, x_ref, S_ref, torch.float32, f"items={items}, nprog={nprog}")
+
+
+def test_table_cache_is_bounded_and_keeps_pinned(monkeypatch):
+    """Eager calls on ever new tensors do not grow the table cache past MAX_TABLES (least recently used dropped);
+    a table a CUDA graph captured (pinned) is never dropped."""
+    monkeypatch.setattr(tri, "MAX_TABLES", 3)
+    monkeypatch.setattr(tri, "_TABLES", type(tri._TABLES)())
+    monkeypatch.setattr(tri, "_PINNED", set())
+    dev = torch.device("cpu")
+    tri._table((1, 2, 3, 4, 5, 6, 7, 8), dev)
+    tri._PINNED.add(("cpu", None, (1, 2, 3, 4, 5, 6, 7, 8)))
+    for i in range(10):
+        tri._table(tuple(range(16 * i, 16 * i + 8)), dev)
+    assert len(tri._TABLES) == 3 + 1
+    assert ("cpu", None, (1, 2, 3, 4, 5, 6, 7, 8)) in tri._TABLES
+    assert ("cpu", None, tuple(range(144, 152))) in tri._TABLES
