@@ -198,7 +198,8 @@ def sweep(out, dtype, shapes=()):
                                             # CHUNK 32: no register spills at D128 (sm_90, python -m tnllm.testing.compiled
                                             # resources; the CHUNK 64 default spills 96-120 bytes)
                                             SC(64, 32, 4, 2, 1), SC(64, 32, 4, 3, 1)]),
-        "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1)]),
+        "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1),
+                                            SC(64, 32, 4, 2, 1)]),
         "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2)]),
         "t32k": (("fwd", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 8),
                                  SC(64, 32, 4, 2, 8)]),
