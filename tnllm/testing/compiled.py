@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 class Resources:
     """A compiled kernel: ``regs`` per thread, ``stack`` bytes of stack frame per thread (where ptxas spills
     registers), ``local`` bytes of other local memory per thread, ``shared`` bytes of shared memory per program
-    (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loop_instructions`` and
+    ``loop_spill_ops`` (the SASS instructions and spill loads / stores of the longest loop body, e.g. a sweep's
+    chunk loop: what one thread issues per trip), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
     stack: int
     local: int
     shared: int
     spill_ops: int = 0
+    loop_instructions: int = 0
+    loop_spill_ops: int = 0
     loads: Counter = field(default_factory=Counter)
     ptx: str = ""
 
@@ -81,9 +85,25 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
     num = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", line)}
     ptx = c.asm["ptx"]
     loads = Counter(m.group(1) or "" for m in re.finditer(r"ld\.global((?:\.[a-z0-9]+)*)\s", ptx))
+    body = _longest_loop(sass)
     return Resources(regs=num["REG"], stack=num["STACK"], local=num["LOCAL"],
                      shared=max(num["SHARED"], c.metadata.shared),
-                     spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loads=loads, ptx=ptx)
+                     spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_instructions=len(body),
+                     loop_spill_ops=sum(bool(re.search(r"\b(?:LDL|STL)\b", ln)) for ln in body), loads=loads, ptx=ptx)
+
+
+def _longest_loop(sass: str) -> list[str]:
+    """The SASS lines of the longest loop body: from the target of a backward branch to the branch."""
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/\s+[A-Z@{]", ln)]
+
+    def addr(ln):
+        return int(re.search(r"/\*([0-9a-f]{4,6})\*/", ln).group(1), 16)
+    best = (0, -1)
+    for ln in lines:
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", ln)
+        if m and m.group(1) and int(m.group(1), 16) < addr(ln) and addr(ln) - int(m.group(1), 16) > best[1] - best[0]:
+            best = (int(m.group(1), 16), addr(ln))
+    return [ln for ln in lines if best[0] <= addr(ln) <= best[1]]
 
 
 def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, g: int = 2816, nprog: int = 132,
@@ -128,7 +148,8 @@ def _print_attention() -> None:
                                          (128, 32, 64, 4, 2), (128, 64, 32, 4, 2), (64, 64, 64, 4, 2)):
         r = sweep_resources(DA=DA, DC=max(DA, BC), BC=BC, CHUNK=CHUNK, num_warps=warps, num_stages=stages)
         print(f"  state tile [{DA}, {BC}], CHUNK {CHUNK}, {warps} warps, {stages} stages: {r.regs} registers, "
-              f"{r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared // 1024} KiB shared", flush=True)
+              f"{r.stack} B stack, {r.spill_ops} spill loads/stores ({r.loop_spill_ops} in the chunk loop), "
+              f"{r.shared // 1024} KiB shared, {r.loop_instructions} instructions per chunk and thread", flush=True)
 
 
 def main(argv=None) -> None:
