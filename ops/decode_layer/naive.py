@@ -122,6 +122,9 @@ def check_stack_inputs(x: Tensor, state: Tensor, wqkvu, wout, w1, w2, w3, s, the
     lists = [wq] + [_layer_list(a, v, L, name) for a, v in (("wout", wout), ("w1", w1), ("w2", w2), ("w3", w3),
                                                              ("s", s))]
     thetas = None if theta is None else _layer_list("theta", theta, L, name)
+    if thetas is not None and any(t is None for t in thetas):
+        raise ValueError(f"{name}: `theta` has None for some layers: a stack's layers all have LRPE (a tensor each) or "
+                         f"none has (theta=None); launch layers of the two kinds as separate stacks")
     if not isinstance(state, Tensor) or state.dim() != 5 or state.shape[0] != L:
         got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
         raise ValueError(f"{name}: `state` must be one tensor [L, B, H, Dk, e] with L = {L} (the layers' states "

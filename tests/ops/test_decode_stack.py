@@ -78,6 +78,9 @@ def test_bad_inputs_are_named():
         decode_stack_step(x, S.repeat(1, 1, 1, 2, 1), *ws, s, [torch.rand(2, 1, 4)] * 3, None)
     with pytest.raises(ValueError, match="`act`"):
         decode_stack_step(x, S, *ws, s, theta, pos, act="gelu")
+    xl, Sl, wl, sl, thl, pl = _stack(lrpe=True)
+    with pytest.raises(ValueError, match="all have LRPE .* or none has"):
+        decode_stack_step(xl, Sl, *wl, sl, [thl[0], None, thl[2]], pl)
 
 
 def test_state_groups_of_the_presets():
