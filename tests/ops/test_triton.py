@@ -1,4 +1,5 @@
-"""The Triton kernels under TRITON_INTERPRET=1, in a child process of their own.
+"""The Triton kernels under TRITON_INTERPRET=1, in a child process of their own (spread over pytest-xdist workers
+of its own on a machine with many cores: ``child_workers``).
 
 Triton picks the interpreter when a kernel is decorated, so setting the variable here (and reloading
 the kernel module) would make every CUDA test of this process run interpreted. The interpreter
@@ -21,6 +22,17 @@ SUITE = Path(__file__).resolve().parents[1] / "interpret"
 _CHILD: dict = {}
 
 
+def child_workers() -> int:
+    """pytest-xdist workers of the interpreter suite's child: a quarter of the cores, 1 to 4 (one on a 2-core CI
+    machine, whose cores the main run's workers use; 4 on a 16-core GPU host, where the serial child was the
+    suite's longest test)."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 def start_child() -> None:
     """Start the interpreter suite in its child process (once). tests/conftest.py calls this right after
     collection on machines with >= 8 cores, so that the child (one busy core) runs beside the rest of the
@@ -31,6 +43,9 @@ def start_child() -> None:
     env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.setdefault("HYPOTHESIS_PROFILE", "ci")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(SUITE)]
+    workers = child_workers()
+    if workers > 1:
+        cmd += ["-n", str(workers)]
     log = tempfile.TemporaryFile(mode="w+")
     _CHILD.update(proc=subprocess.Popen(cmd, cwd=SUITE.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT,
                                         text=True), log=log, t0=time.monotonic())
