@@ -250,14 +250,16 @@ class FusedDecodeStep:
         one_launch = self.layer_kernel and layer_kernel_applies(m, x.shape[0], x.device, x.dtype)
         if one_launch:
             x = x.contiguous()           # updated in place by every layer's launch
-        stacked = set()
-        if one_launch and self.stack and stacks is not None:
-            for a, b, S in stacks:
-                with _stage(stage, "stack"):
-                    self._run_stack(x, S, a, b, position)
-                stacked.update(range(a, b))
+        # the stacks by their first layer: each runs when the loop reaches it, so the layers keep their order
+        starts = {a: (b, S) for a, b, S in stacks} if one_launch and self.stack and stacks is not None else {}
+        skip_to = 0
         for i, layer in enumerate(m.model.layers):
-            if i in stacked:
+            if i < skip_to:
+                continue
+            if i in starts:
+                skip_to, S = starts[i]
+                with _stage(stage, "stack"):
+                    self._run_stack(x, S, i, skip_to, position)
                 continue
             tm, glu = layer.token_mixer, layer.channel_mixer
             theta = self._theta[i]

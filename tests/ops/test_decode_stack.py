@@ -107,3 +107,30 @@ def test_stacked_buffers_are_views_and_the_stack_path_runs_on_cpu():
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="`stack=True`.*`layer_kernel=True`"):
         FusedDecodeStep(m, stack=True)
+
+
+def test_stacks_for_some_layers_keep_the_layer_order(monkeypatch):
+    """``FusedDecodeStep(stack=True)`` given stacks for layers 1-2 only (of 3): layer 0 runs first as its own launch,
+    then the stack, in the model's order (here through the op's reference form, the CPU's kernel, with the layer
+    kernel forced to apply), and the result equals the fused step's."""
+    from tnllm.compile import fused_step
+    torch.manual_seed(1)
+    m = TransNormerLLM(TransNormerConfig.from_preset("tiny", decoder_layers=3)).eval()
+    states, stacks = stacked_zero_state(m, 2)
+    g = torch.Generator().manual_seed(2)
+    for S in states:
+        S.copy_(torch.randn(S.shape, generator=g) * 0.3)
+    ref_states = [S.clone() for S in states]
+    order = []
+    real_layer, real_stack = fused_step.decode_layer_step, fused_step.decode_stack_step
+    monkeypatch.setattr(fused_step, "layer_kernel_applies", lambda *a, **k: True)
+    monkeypatch.setattr(fused_step, "decode_layer_step", lambda *a, **k: order.append("layer") or real_layer(*a, **k))
+    monkeypatch.setattr(fused_step, "decode_stack_step", lambda *a, **k: order.append("stack") or real_stack(*a, **k))
+    ids, pos = torch.tensor([5, 9]), torch.tensor([3, 70])
+    got = FusedDecodeStep(m, layer_kernel=True, stack=True)(ids, states, pos, stacks=stacks[1:])
+    assert order == ["layer", "stack"]
+    monkeypatch.setattr(fused_step, "layer_kernel_applies", lambda *a, **k: False)
+    want = FusedDecodeStep(m)(ids, ref_states, pos)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(states, ref_states):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
