@@ -51,17 +51,24 @@ CASES = [(1, 1024, 8, 128, 2816, True, BF), (1, 1024, 8, 128, 2816, False, BF), 
 RUNS = [(c, tri.LayerConfig()) for c in CASES] + [(CASES[0], tri.LayerConfig(prefetch=False, spin=1, num_warps=16))]
 
 
+def persistent_equals_staged(launcher, x, S, args, cfg):
+    """One persistent launch and the staged launches from the same x and state: equal bit for bit (the barriers
+    order every read after the writes it needs). Returns the persistent launch's (x, state)."""
+    xa, Sa = x.clone(), S.clone()
+    launcher(xa, Sa, *args, "silu", "none", persistent=True, cfg=cfg)
+    xb, Sb = x.clone(), S.clone()
+    launcher(xb, Sb, *args, "silu", "none", persistent=False, cfg=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent launch differs from the staged ({cfg})"
+    return xa, Sa
+
+
 @pytest.mark.parametrize("case,cfg", RUNS, ids=lambda x: str(x))
 def test_persistent_equals_staged_and_reference(case, cfg):
     B, d, H, e, g, lrpe, dtype = case
     x, S, ws, s, theta, pos = make(B, d, H, e, g, lrpe, dtype)
     x_ref, S_ref = decode_layer_naive(x.float(), S, *(w.float() for w in ws), s, theta, pos, "silu", "none")
-    xa, Sa = x.clone(), S.clone()
-    tri.decode_layer_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
-    xb, Sb = x.clone(), S.clone()
-    tri.decode_layer_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
-    torch.cuda.synchronize()
-    assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent launch differs from the staged ({cfg})"
+    xa, Sa = persistent_equals_staged(tri.decode_layer_triton, x, S, (*ws, s, theta, pos), cfg)
     assert rel(xa, x_ref) <= TOL[dtype], (cfg, rel(xa, x_ref))
     assert rel(Sa, S_ref) <= TOL[dtype], (cfg, rel(Sa, S_ref))
     assert tri._counters(x.device).tolist() == [0, 0], "the barrier counters were not reset"
@@ -184,12 +191,7 @@ def test_stack_persistent_equals_staged_and_reference(case, prefetch):
     from tnllm.ops.decode_layer import decode_stack_naive
     x_ref, S_ref = decode_stack_naive(x.float(), S, *([w.float() for w in wl] for wl in ws), s, theta, pos)
     cfg = tri.LayerConfig(prefetch=prefetch)
-    xa, Sa = x.clone(), S.clone()
-    tri.decode_stack_triton(xa, Sa, *ws, s, theta, pos, "silu", "none", persistent=True, cfg=cfg)
-    xb, Sb = x.clone(), S.clone()
-    tri.decode_stack_triton(xb, Sb, *ws, s, theta, pos, "silu", "none", persistent=False, cfg=cfg)
-    torch.cuda.synchronize()
-    assert torch.equal(xa, xb) and torch.equal(Sa, Sb), f"the persistent stack differs from the staged ({cfg})"
+    xa, Sa = persistent_equals_staged(tri.decode_stack_triton, x, S, (*ws, s, theta, pos), cfg)
     # the roundings of L layers compound (the staged launches, each stage tested against the reference on its own in
     # the tests above, are the exact check)
     tol = TOL[dtype] * (2 if L <= 5 else 4)
