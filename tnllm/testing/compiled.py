@@ -169,8 +169,8 @@ def main(argv=None) -> None:
                     r = decode_stack_resources(B=B, lrpe=lrpe, prefetch=prefetch, aligned=aligned)
                     print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
                           f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
-                          f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all",
-                          flush=True)
+                          f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all, "
+                          f"{r.loop_instructions} instructions per layer and thread", flush=True)
 
 
 if __name__ == "__main__":
