@@ -69,7 +69,9 @@ def _kernel_ok(x, state, weights) -> bool:
 
 
 def _cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=None):
-    """The CUDA kernel of the op: the Triton launcher where it applies, else the reference form."""
+    """The CUDA kernel of the op: the Triton launcher where it applies, else the reference form. The shapes are
+    checked here too (a direct ``torch.ops.tnllm`` call skips the public wrapper's checks; the kernel trusts them)."""
+    check_inputs(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
     if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
         return _reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
     from . import triton as tri
@@ -126,7 +128,9 @@ def _(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act):
 
 
 def _stack_cuda(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act, persistent=None):
-    """The CUDA kernel of the stack op: one Triton launch for all the layers where it applies, else the reference."""
+    """The CUDA kernel of the stack op: one Triton launch for all the layers where it applies, else the reference
+    (the shapes checked here too, as in ``_cuda``)."""
+    check_stack_inputs(x, state, wqkvu, wout, w1, w2, w3, s, list(theta) or None, pos, act, glu_act)
     if not _kernel_ok(x, state, (wqkvu, wout, w1, w2, w3)):
         return _stack_reference(x, state, wqkvu, wout, w1, w2, w3, s, theta, pos, act, glu_act)
     from . import triton as tri

@@ -198,3 +198,18 @@ def test_table_cache_is_bounded_and_keeps_pinned(monkeypatch):
     assert len(tri._TABLES) == 3 + 1
     assert ("cpu", None, (1, 2, 3, 4, 5, 6, 7, 8)) in tri._TABLES
     assert ("cpu", None, tuple(range(144, 152))) in tri._TABLES
+
+
+def test_direct_op_calls_are_checked():
+    """``torch.ops.tnllm.decode_stack_step`` called directly (no public wrapper) with the kernel registered checks
+    the shapes before any launch: a list one layer short is named, not read past its end."""
+    x, S, ws, s, theta, pos = make_stack(2, 1, 8, 1, 4, 7, False, 0)
+    layer_op.use_triton_on_cpu(True)
+    try:
+        with pytest.raises(ValueError, match="`w3` has 1 entries"):
+            torch.ops.tnllm.decode_stack_step(x, S, *ws[:4], ws[4][:1], s, [], None, "silu", "none")
+        with pytest.raises(ValueError, match="`wqkvu` must have shape"):
+            torch.ops.tnllm.decode_layer_step(x, S[0], ws[0][0][:5], ws[1][0], ws[2][0], ws[3][0], ws[4][0], s[0], None,
+                                              None, "silu", "none")
+    finally:
+        layer_op.use_triton_on_cpu(False)
