@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..gla_decode.naive import ACTS, gla_decode_naive, norm_scale
+from ..gla_decode.naive import ACTS, check_mixer_args, gla_decode_naive, norm_scale
 from ..norm import EPS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,20 +59,7 @@ def check_inputs(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tens
     for arg, t in named[1:]:
         if t.device != x.device:
             raise ValueError(f"{name}: `{arg}` is on {t.device}, `x` on {x.device}")
-    if s.dim() != 1 or s.shape[0] != H or not s.is_floating_point():
-        raise ValueError(f"{name}: `s` (decay rates, lam = exp(-s)) must be a float tensor [H] = [{H}], got "
-                         f"{s.dtype} {tuple(s.shape)}")
-    lrpe = theta is not None
-    if Dk != (2 * e if lrpe else e):
-        raise ValueError(f"{name}: the state's key width Dk = {Dk} must be {'2e' if lrpe else 'e'} = "
-                         f"{2 * e if lrpe else e} {'with' if lrpe else 'without'} LRPE (`theta`)")
-    if lrpe:
-        if not isinstance(theta, Tensor) or tuple(theta.shape) != (H, 1, e) or not theta.is_floating_point():
-            got = f"{theta.dtype} {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
-            raise ValueError(f"{name}: `theta` (LRPE frequencies) must be a float tensor [H, 1, e] = {(H, 1, e)}, "
-                             f"got {got}")
-        if not isinstance(pos, Tensor) or tuple(pos.shape) != (B,) or pos.is_floating_point() or pos.dtype == torch.bool:
-            raise ValueError(f"{name}: with LRPE `pos` must be an integer tensor [B] = [{B}] (each row's position)")
+    check_mixer_args(name, state, s, theta, pos)
     for arg, a in (("act", act), ("glu_act", glu_act)):
         if a not in ACTS:
             raise ValueError(f"{name}: `{arg}` must be one of {sorted(ACTS)}, got {a!r}")

@@ -54,6 +54,32 @@ def prescale(t: Tensor, x: Tensor | None, eps: float = EPS) -> Tensor:
     return (t.to(r.dtype) * r).to(t.dtype)
 
 
+def check_mixer_args(name: str, state: Tensor, s: Tensor, theta, pos) -> bool:
+    """The token mixer's arguments against its state [B, H, Dk, e] (``name`` opens the errors): the decay rates
+    ``s`` [H]; with LRPE (``theta`` not None) Dk = 2e, ``theta`` [H, 1, e] and integer positions ``pos`` [B], else
+    Dk = e. Returns whether LRPE is on; reads no data. Shared by every decode kernel's checks."""
+    B, H, Dk, e = state.shape
+    if s.dim() != 1 or s.shape[0] != H or not s.is_floating_point():
+        raise ValueError(f"{name}: `s` (decay rates, lam = exp(-s)) must be a float tensor of shape [H] = [{H}], "
+                         f"got {s.dtype} {tuple(s.shape)}")
+    lrpe = theta is not None
+    if Dk != (2 * e if lrpe else e):
+        raise ValueError(f"{name}: `state` must have Dk = {'2e' if lrpe else 'e'} = {2 * e if lrpe else e} "
+                         f"({'with' if lrpe else 'without'} LRPE theta), got state shape {tuple(state.shape)}")
+    if lrpe:
+        if not isinstance(theta, Tensor) or tuple(theta.shape) != (H, 1, e) or not theta.is_floating_point():
+            got = f"{theta.dtype} {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
+            raise ValueError(f"{name}: `theta` (LRPE) must be a float tensor of shape [H, 1, e] = {(H, 1, e)}, got {got}")
+        if not isinstance(pos, Tensor) or pos.dim() != 1 or pos.shape[0] != B or pos.is_floating_point() \
+                or pos.dtype == torch.bool:
+            got = f"{pos.dtype} {tuple(pos.shape)}" if isinstance(pos, Tensor) else type(pos).__name__
+            raise ValueError(f"{name}: `pos` (the position of each row's token) must be an integer tensor of "
+                             f"shape [B] = [{B}] when LRPE is on, got {got}")
+    elif pos is not None and not isinstance(pos, Tensor):
+        raise TypeError(f"{name}: `pos` must be an integer tensor [B] or None, got {type(pos).__name__}")
+    return lrpe
+
+
 def check_inputs(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, pos: Tensor | None,
                  act: str, norm_input: Tensor | None = None) -> tuple[int, int, int, bool]:
     """Shapes, dtypes and devices of a decode step's inputs; returns (B, H, e, lrpe). Reads no data."""
@@ -73,24 +99,7 @@ def check_inputs(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | None, p
                          f"{tuple(state.shape)}, got {tuple(qkvu.shape)}")
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name}: `state` must be fp32 (or fp64), got {state.dtype}")
-    if s.dim() != 1 or s.shape[0] != H or not s.is_floating_point():
-        raise ValueError(f"{name}: `s` (decay rates, lam = exp(-s)) must be a float tensor of shape [H] = [{H}], "
-                         f"got {s.dtype} {tuple(s.shape)}")
-    lrpe = theta is not None
-    if Dk != (2 * e if lrpe else e):
-        raise ValueError(f"{name}: `state` must have Dk = {'2e' if lrpe else 'e'} = {2 * e if lrpe else e} "
-                         f"({'with' if lrpe else 'without'} LRPE theta), got state shape {tuple(state.shape)}")
-    if lrpe:
-        if not isinstance(theta, Tensor) or tuple(theta.shape) != (H, 1, e) or not theta.is_floating_point():
-            got = f"{theta.dtype} {tuple(theta.shape)}" if isinstance(theta, Tensor) else type(theta).__name__
-            raise ValueError(f"{name}: `theta` (LRPE) must be a float tensor of shape [H, 1, e] = {(H, 1, e)}, got {got}")
-        if not isinstance(pos, Tensor) or pos.dim() != 1 or pos.shape[0] != B or pos.is_floating_point() \
-                or pos.dtype == torch.bool:
-            got = f"{pos.dtype} {tuple(pos.shape)}" if isinstance(pos, Tensor) else type(pos).__name__
-            raise ValueError(f"{name}: `pos` (the position of each row's token) must be an integer tensor of "
-                             f"shape [B] = [{B}] when LRPE is on, got {got}")
-    elif pos is not None and not isinstance(pos, Tensor):
-        raise TypeError(f"{name}: `pos` must be an integer tensor [B] or None, got {type(pos).__name__}")
+    lrpe = check_mixer_args(name, state, s, theta, pos)
     if act not in ACTS:
         raise ValueError(f"{name}: `act` must be one of {sorted(ACTS)}, got {act!r}")
     for arg, t in (("state", state), ("s", s), ("theta", theta), ("pos", pos)):
