@@ -203,14 +203,27 @@ def _vec_cg(P, K: tl.constexpr, BKP: tl.constexpr):
 
 
 @triton.jit
+def _normed_row(P, eps, K: tl.constexpr, BKP: tl.constexpr):
+    """A row of K values (fp32, read from L2) and its SRMSNorm scale rsqrt(mean(x^2) + eps)."""
+    xv = _vec_cg(P, K, BKP)
+    return xv, tl.rsqrt(tl.sum(xv * xv, 0) / K + eps)
+
+
+@triton.jit
+def _add_to_rows(XR, rows, rm, acc):
+    """The residual stream's entries ``rows`` of the row at XR += acc (fp32), rounded once to its dtype."""
+    xr = tl.load(XR + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(XR + rows, (acc + xr).to(XR.dtype.element_ty), mask=rm)
+
+
+@triton.jit
 def _stage_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BR: tl.constexpr,
               BDP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
     DT = QKVU.dtype.element_ty
     for bb in tl.static_range(B):
-        xv = _vec_cg(X + bb * D, D, BDP)
-        r = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
+        xv, r = _normed_row(X + bb * D, eps, D, BDP)
         acc = tl.sum(wA.to(tl.float32) * xv[None, :], 1)   # converted per row: a tile held in fp32 spills
         tl.store(QKVU + bb * N + rows, (acc * r).to(DT), mask=rm)
 
@@ -228,9 +241,7 @@ def _stage_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexp
         yv = _vec_cg(YB + bb * HE, HE, BHP)
         u = _vec_cg(QKVU + bb * (4 * HE) + 3 * HE, HE, BHP)
         yn = ((yv * ry).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
-        acc = tl.sum(wC.to(tl.float32) * yn[None, :], 1)
-        xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+        _add_to_rows(X + bb * D, rows, rm, tl.sum(wC.to(tl.float32) * yn[None, :], 1))
 
 
 @triton.jit
@@ -240,8 +251,7 @@ def _stage_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G
     rm = rows < hi
     DT = X.dtype.element_ty
     for bb in tl.static_range(B):
-        xv = _vec_cg(X + bb * D, D, BDP)
-        r = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
+        xv, r = _normed_row(X + bb * D, eps, D, BDP)
         a = (tl.sum(w1t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
         c = (tl.sum(w2t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
         a = apply_act(a, GACT).to(DT).to(tl.float32)
@@ -253,12 +263,9 @@ def _stage_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.const
               BGP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
-    DT = X.dtype.element_ty
     for bb in tl.static_range(B):
         gv = _vec_cg(GB + bb * G, G, BGP)
-        acc = tl.sum(wE.to(tl.float32) * gv[None, :], 1)
-        xr = tl.load(X + bb * D + rows, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(X + bb * D + rows, (acc + xr).to(DT), mask=rm)
+        _add_to_rows(X + bb * D, rows, rm, tl.sum(wE.to(tl.float32) * gv[None, :], 1))
 
 
 @triton.jit
@@ -542,8 +549,6 @@ def decode_layer_triton(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w
                         profile: Tensor | None = None) -> None:
     """One layer (``decode_stack_triton`` of L = 1): updates ``x`` [B, d] and ``state`` [B, H, Dk, e] in place.
     ``profile``: an int64 [nprog, 16] tensor (as the stack's [1, nprog, 16])."""
-    if not state.is_contiguous():
-        raise ValueError("decode_layer_step: `x` and `state` are updated in place and must be contiguous")
     decode_stack_triton(x, state.unsqueeze(0), [wqkvu], [wout], [w1], [w2], [w3], [s],
                         None if theta is None else [theta], pos, act, glu_act, eps, persistent, cfg,
                         None if profile is None else profile.unsqueeze(0))
