@@ -170,7 +170,8 @@ def main(argv=None) -> None:
                     print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
                           f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
                           f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all, "
-                          f"{r.loop_instructions} instructions per layer and thread", flush=True)
+                          + (f"{r.loop_instructions} instructions per layer and thread" if not lrpe else
+                             "one layer alone: its steps are not a loop"), flush=True)
 
 
 if __name__ == "__main__":
