@@ -119,7 +119,8 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
             "TS": "i64"}
     sig = {k: "*" + v for k, v in ptrs.items()}
     sig.update(eps="fp32", NL="i32")
-    _, kw = tri._launch_args(torch.empty(B, d, device="meta"), H, e, g, nprog)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    _, kw = tri._launch_args(torch.empty(B, d, device="meta", dtype=dt), H, e, g, nprog)
     kw.update(ONE_LAYER=(layers or (1 if lrpe else 23)) == 1, LRPE=lrpe, ACT=tri.ACT_CODE["silu"], GACT=tri.ACT_CODE["none"],
               PREFETCH=prefetch, SPIN=0, ALIGNED=aligned, PROFILE=False, STAGE=0, SYNC=True)
     return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
