@@ -26,7 +26,8 @@ class Resources:
     registers), ``local`` bytes of other local memory per thread, ``shared`` bytes of shared memory per program
     (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loop_instructions`` and
     ``loop_spill_ops`` (the SASS instructions and spill loads / stores of the longest loop body, e.g. a sweep's
-    chunk loop: what one thread issues per trip), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    chunk loop: what one thread issues per trip), ``loop_barriers`` (the CTA barriers, ``BAR.SYNC``, in that loop body:
+    each a wait for all the program's warps, e.g. a reduction across warps through shared memory), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
     stack: int
     local: int
@@ -34,6 +35,7 @@ class Resources:
     spill_ops: int = 0
     loop_instructions: int = 0
     loop_spill_ops: int = 0
+    loop_barriers: int = 0
     loads: Counter = field(default_factory=Counter)
     ptx: str = ""
 
@@ -89,7 +91,8 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
     return Resources(regs=num["REG"], stack=num["STACK"], local=num["LOCAL"],
                      shared=max(num["SHARED"], c.metadata.shared),
                      spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_instructions=len(body),
-                     loop_spill_ops=sum(bool(re.search(r"\b(?:LDL|STL)\b", ln)) for ln in body), loads=loads, ptx=ptx)
+                     loop_spill_ops=sum(bool(re.search(r"\b(?:LDL|STL)\b", ln)) for ln in body),
+                     loop_barriers=sum(bool(re.search(r"\bBAR\.SYNC\b", ln)) for ln in body), loads=loads, ptx=ptx)
 
 
 def _longest_loop(sass: str) -> list[str]:
@@ -171,7 +174,7 @@ def main(argv=None) -> None:
                     print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
                           f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
                           f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all, "
-                          + (f"{r.loop_instructions} instructions per layer and thread" if not lrpe else
+                          + (f"{r.loop_instructions} instructions and {r.loop_barriers} CTA barriers per layer and thread" if not lrpe else
                              "one layer alone: its steps are not a loop"), flush=True)
 
 
