@@ -187,44 +187,26 @@ def _stage_mixer_one(QKVU, S, s1, s2, RATE, THETA, POS, YB, SS, pid, B: tl.const
                     ACT)
 
 
-# -- the GEMV stages: a program's rows of each weight are one tile --------------------------------------------
-# A program's [BR, pow2(K)] rows are held as a [NC, BR, KC] tile: K cut into NC chunks of KC = min(KW, pow2(K))
-# columns, KW the columns one warp reads as one 128-bit load per lane (256 of bf16). Triton lays the tile's warps
-# along the rows, so a row's dot product sums its chunks in each thread and then its KC columns across the lanes
-# of one warp (shuffles), never across warps: no shared-memory round trip and no CTA barrier per GEMV, where a
-# [BR, pow2(K)] tile put 4 or 8 warps along K (the 385M layer loop: 71 CTA barriers and 3866 instructions).
+# -- the GEMV stages: a program's rows of each weight are one [BR, pow2(K)] tile --------------------------------
 @triton.jit
-def _load_rows(W, lo, hi, K: tl.constexpr, BR: tl.constexpr, BKP: tl.constexpr, KW: tl.constexpr):
-    """Rows lo..hi-1 of the [N, K] weight at W as an [NC, BR, KC] tile (zeros past hi and K)."""
-    NC: tl.constexpr = (BKP + KW - 1) // KW      # K as NC chunks of KC columns
-    KC: tl.constexpr = BKP // NC
+def _load_rows(W, lo, hi, K: tl.constexpr, BR: tl.constexpr, BKP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
-    ks = (tl.arange(0, NC) * KC)[:, None, None] + tl.arange(0, KC)[None, None, :]
-    return tl.load(W + rows[None, :, None].to(tl.int64) * K + ks, mask=(rows < hi)[None, :, None] & (ks < K),
+    ks = tl.arange(0, BKP)
+    return tl.load(W + rows[:, None].to(tl.int64) * K + ks[None, :], mask=(rows < hi)[:, None] & (ks < K)[None, :],
                    other=0.0)
 
 
 @triton.jit
-def _gemv(w, xv):
-    """The tile's rows times the chunked vector xv [NC, KC] (fp32): the sum over the chunks in-thread first,
-    then over the columns within a warp."""
-    return tl.sum(tl.sum(w.to(tl.float32) * xv[:, None, :], 0), 1)
-
-
-@triton.jit
-def _vec_cg(P, K: tl.constexpr, BKP: tl.constexpr, KW: tl.constexpr):
-    """K values at P (read from L2, fp32) as [NC, KC] chunks, zeros past K."""
-    NC: tl.constexpr = (BKP + KW - 1) // KW      # K as NC chunks of KC columns
-    KC: tl.constexpr = BKP // NC
-    ks = (tl.arange(0, NC) * KC)[:, None] + tl.arange(0, KC)[None, :]
+def _vec_cg(P, K: tl.constexpr, BKP: tl.constexpr):
+    ks = tl.arange(0, BKP)
     return tl.load(P + ks, mask=ks < K, other=0.0, cache_modifier=".cg").to(tl.float32)
 
 
 @triton.jit
-def _normed_row(P, eps, K: tl.constexpr, BKP: tl.constexpr, KW: tl.constexpr):
-    """A row of K values (fp32 [NC, KC] chunks, read from L2) and its SRMSNorm scale rsqrt(mean(x^2) + eps)."""
-    xv = _vec_cg(P, K, BKP, KW)
-    return xv, tl.rsqrt(tl.sum(tl.sum(xv * xv, 1), 0) / K + eps)
+def _normed_row(P, eps, K: tl.constexpr, BKP: tl.constexpr):
+    """A row of K values (fp32, read from L2) and its SRMSNorm scale rsqrt(mean(x^2) + eps)."""
+    xv = _vec_cg(P, K, BKP)
+    return xv, tl.rsqrt(tl.sum(xv * xv, 0) / K + eps)
 
 
 @triton.jit
@@ -236,19 +218,19 @@ def _add_to_rows(XR, rows, rm, acc):
 
 @triton.jit
 def _stage_qkvu(X, wA, QKVU, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BR: tl.constexpr,
-                BDP: tl.constexpr, KW: tl.constexpr):
+              BDP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
     DT = QKVU.dtype.element_ty
     for bb in tl.static_range(B):
-        xv, r = _normed_row(X + bb * D, eps, D, BDP, KW)
-        acc = _gemv(wA, xv)                 # converted per row: a tile held in fp32 spills
+        xv, r = _normed_row(X + bb * D, eps, D, BDP)
+        acc = tl.sum(wA.to(tl.float32) * xv[None, :], 1)   # converted per row: a tile held in fp32 spills
         tl.store(QKVU + bb * N + rows, (acc * r).to(DT), mask=rm)
 
 
 @triton.jit
 def _stage_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, HE: tl.constexpr, P: tl.constexpr,
-               BP: tl.constexpr, BR: tl.constexpr, BHP: tl.constexpr, KW: tl.constexpr):
+             BP: tl.constexpr, BR: tl.constexpr, BHP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
     DT = X.dtype.element_ty
@@ -256,34 +238,34 @@ def _stage_out(X, wC, QKVU, YB, SS, eps, lo, hi, B: tl.constexpr, D: tl.constexp
     for bb in tl.static_range(B):
         ss = tl.load(SS + bb * P + pp, mask=pp < P, other=0.0, cache_modifier=".cg")
         ry = tl.rsqrt(tl.sum(ss, 0) / HE + eps)
-        yv = _vec_cg(YB + bb * HE, HE, BHP, KW)
-        u = _vec_cg(QKVU + bb * (4 * HE) + 3 * HE, HE, BHP, KW)
+        yv = _vec_cg(YB + bb * HE, HE, BHP)
+        u = _vec_cg(QKVU + bb * (4 * HE) + 3 * HE, HE, BHP)
         yn = ((yv * ry).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
-        _add_to_rows(X + bb * D, rows, rm, _gemv(wC, yn))
+        _add_to_rows(X + bb * D, rows, rm, tl.sum(wC.to(tl.float32) * yn[None, :], 1))
 
 
 @triton.jit
 def _stage_glu(X, w1t, w2t, GB, eps, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
-               BDP: tl.constexpr, GACT: tl.constexpr, KW: tl.constexpr):
+             BDP: tl.constexpr, GACT: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
     DT = X.dtype.element_ty
     for bb in tl.static_range(B):
-        xv, r = _normed_row(X + bb * D, eps, D, BDP, KW)
-        a = (_gemv(w1t, xv) * r).to(DT).to(tl.float32)
-        c = (_gemv(w2t, xv) * r).to(DT).to(tl.float32)
+        xv, r = _normed_row(X + bb * D, eps, D, BDP)
+        a = (tl.sum(w1t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
+        c = (tl.sum(w2t.to(tl.float32) * xv[None, :], 1) * r).to(DT).to(tl.float32)
         a = apply_act(a, GACT).to(DT).to(tl.float32)
         tl.store(GB + bb * G + rows, (a * c).to(DT), mask=rm)
 
 
 @triton.jit
 def _stage_down(X, wE, GB, lo, hi, B: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
-                BGP: tl.constexpr, KW: tl.constexpr):
+              BGP: tl.constexpr):
     rows = lo + tl.arange(0, BR)
     rm = rows < hi
     for bb in tl.static_range(B):
-        gv = _vec_cg(GB + bb * G, G, BGP, KW)
-        _add_to_rows(X + bb * D, rows, rm, _gemv(wE, gv))
+        gv = _vec_cg(GB + bb * G, G, BGP)
+        _add_to_rows(X + bb * D, rows, rm, tl.sum(wE.to(tl.float32) * gv[None, :], 1))
 
 
 @triton.jit
@@ -319,9 +301,8 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
                         GACT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BP: tl.constexpr,
                         BR0: tl.constexpr, BK0: tl.constexpr, BR2: tl.constexpr, BK2: tl.constexpr,
                         BR3: tl.constexpr, BK3: tl.constexpr, BR4: tl.constexpr, BK4: tl.constexpr,
-                        KW0: tl.constexpr, KW2: tl.constexpr, KW3: tl.constexpr,
-                        KW4: tl.constexpr, NPROG: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr,
-                        PREFETCH: tl.constexpr, SPIN: tl.constexpr, ALIGNED: tl.constexpr, PROFILE: tl.constexpr):
+                        NPROG: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr, PREFETCH: tl.constexpr,
+                        SPIN: tl.constexpr, ALIGNED: tl.constexpr, PROFILE: tl.constexpr):
     """The decode step of NL layers (module docstring); layer l's weights, state, decay rates and LRPE
     frequencies are the pointers of row l of TAB. SYNC: all NL layers in this launch, grid barriers between the
     stages and between the layers; else the one stage STAGE of layer 0 (the staged launches). Each program's rows
@@ -338,8 +319,8 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
     loD, hiD = _row_range(pid, G, NPROG)
     if not SYNC:
         if STAGE == 0:
-            wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0, KW0)
-            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0, KW0)
+            wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
+            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
         elif STAGE == 1:
             if ONE_ITEM:
                 s1, s2 = _mixer_state(_ptr(TAB, 0, 5, F32, ALIGNED), pid, B, H, E, BE, BV, NV, LRPE)
@@ -349,19 +330,19 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
                 _stage_mixer(QKVU, _ptr(TAB, 0, 5, F32, ALIGNED), _ptr(TAB, 0, 6, F32, ALIGNED),
                              _ptr(TAB, 0, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
         elif STAGE == 2:
-            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2, KW2)
-            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2, KW2)
+            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
+            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
         elif STAGE == 3:
-            w1t = _load_rows(_ptr(TAB, 0, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
-            w2t = _load_rows(_ptr(TAB, 0, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
-            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT, KW3)
+            w1t = _load_rows(_ptr(TAB, 0, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            w2t = _load_rows(_ptr(TAB, 0, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
         else:
-            wE = _load_rows(_ptr(TAB, 0, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4, KW4)
-            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4, KW4)
+            wE = _load_rows(_ptr(TAB, 0, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4)
+            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
     else:
+        wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
         if PREFETCH:
-            wA = _load_rows(_ptr(TAB, 0, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0, KW0)
-            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2, KW2)
+            wC = _load_rows(_ptr(TAB, 0, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
         # one layer (the LRPE layer's launch): a loop of one known trip, so the next-layer loads and the fifth
         # barrier compile away (a stack's loop otherwise carries the next qkvu tile: a few more registers)
         n_layers = 1 if ONE_LAYER else NL
@@ -369,12 +350,10 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
             prow = l * NPROG + pid
             k = 5 * l
             _mark(TS, prow, 0, PROFILE)
-            if not PREFETCH:
-                wA = _load_rows(_ptr(TAB, l, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0, KW0)
-            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0, KW0)
+            _stage_qkvu(X, wA, QKVU, eps, loA, hiA, B, D, 4 * HE, BR0, BK0)
             if PREFETCH:
-                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
-                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
+                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
                 if ONE_ITEM:
                     s1, s2 = _mixer_state(_ptr(TAB, l, 5, F32, ALIGNED), pid, B, H, E, BE, BV, NV, LRPE)
             _barrier(CNT, TS, prow, 1, (k + 1) * NPROG, NPROG, SPIN, PROFILE, False)
@@ -387,25 +366,27 @@ def decode_stack_kernel(X, TAB, POS, QKVU, YB, SS, GB, CNT, TS, eps, NL, ONE_LAY
                 _stage_mixer(QKVU, _ptr(TAB, l, 5, F32, ALIGNED), _ptr(TAB, l, 6, F32, ALIGNED),
                              _ptr(TAB, l, 7, F32, ALIGNED), POS, YB, SS, pid, B, H, E, BE, BV, NV, LRPE, ACT, NPROG)
             if not PREFETCH:
-                wC = _load_rows(_ptr(TAB, l, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2, KW2)
+                wC = _load_rows(_ptr(TAB, l, 1, DT, ALIGNED), loC, hiC, HE, BR2, BK2)
             _barrier(CNT, TS, prow, 3, (k + 2) * NPROG, NPROG, SPIN, PROFILE, False)
-            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2, KW2)
+            _stage_out(X, wC, QKVU, YB, SS, eps, loC, hiC, B, D, HE, H * NV, BP, BR2, BK2)
             if not PREFETCH:
-                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
-                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3, KW3)
+                w1t = _load_rows(_ptr(TAB, l, 2, DT, ALIGNED), loD, hiD, D, BR3, BK3)
+                w2t = _load_rows(_ptr(TAB, l, 3, DT, ALIGNED), loD, hiD, D, BR3, BK3)
             _barrier(CNT, TS, prow, 5, (k + 3) * NPROG, NPROG, SPIN, PROFILE, False)
-            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT, KW3)
-            wE = _load_rows(_ptr(TAB, l, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4, KW4)
+            _stage_glu(X, w1t, w2t, GB, eps, loD, hiD, B, D, G, BR3, BK3, GACT)
+            wE = _load_rows(_ptr(TAB, l, 4, DT, ALIGNED), loC, hiC, G, BR4, BK4)
             # the next layer's tiles (none after the last: its rows are masked off, its table row clamped)
             ln = tl.minimum(l + 1, n_layers - 1)
             more = l + 1 < n_layers
             if PREFETCH:
-                wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, tl.where(more, hiA, loA), D, BR0, BK0, KW0)
-                wC = _load_rows(_ptr(TAB, ln, 1, DT, ALIGNED), loC, tl.where(more, hiC, loC), HE, BR2, BK2, KW2)
+                wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, tl.where(more, hiA, loA), D, BR0, BK0)
+                wC = _load_rows(_ptr(TAB, ln, 1, DT, ALIGNED), loC, tl.where(more, hiC, loC), HE, BR2, BK2)
             _barrier(CNT, TS, prow, 7, (k + 4) * NPROG, NPROG, SPIN, PROFILE, not more)
-            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4, KW4)
+            _stage_down(X, wE, GB, loC, hiC, B, D, G, BR4, BK4)
             _mark(TS, prow, 9, PROFILE)
             if more:
+                if not PREFETCH:
+                    wA = _load_rows(_ptr(TAB, ln, 0, DT, ALIGNED), loA, hiA, D, BR0, BK0)
                 _barrier(CNT, TS, prow, 10, (k + 5) * NPROG, NPROG, SPIN, PROFILE, False)
 
 
@@ -476,16 +457,6 @@ def block_v(B: int, H: int, e: int, nprog: int) -> int:
     return bv
 
 
-def chunk_width(bkp: int, elem_bytes: int) -> int:
-    """A GEMV tile's chunk width KW (``_load_rows``) for a pow2 K of ``bkp``: one 128-bit load per lane across a warp
-    (256 bf16 columns) or wider, so that a thread holds at most 32 entries of the input vector (each thread holds
-    bkp / (KW / vec) of them), 16 for a K of 4096 or more. So the 385M layer's K of 1024 takes one warp per row and
-    l3's K of 4096 (2816) eight warps along K, its layout before the chunks: at 32 entries there its tiles spill
-    (16 bytes at batch 1; ``python -m tnllm.testing.compiled``)."""
-    vec = 16 // elem_bytes
-    return max(32 * vec, bkp * vec // (16 if bkp >= 4096 else 32))
-
-
 def supported(x: Tensor, state: Tensor, wqkvu: Tensor, wout: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
               nprog: int = 0) -> bool:
     """Whether the kernel takes these inputs: fp16 / bf16 / fp32, 1 to MAX_ROWS rows, plain contiguous weights,
@@ -511,9 +482,7 @@ def _launch_args(x: Tensor, H: int, e: int, g: int, nprog: int):
                torch.empty(B * P, device=dev, dtype=torch.float32), torch.empty(B, g, device=dev, dtype=x.dtype))
     br0, br2, br3 = (max(2, _pow2(-(-N // nprog))) for N in (4 * HE, d, g))
     kw = dict(B=B, D=d, H=H, E=e, BE=_pow2(e), G=g, BV=bv, NV=NV, BP=_pow2(P), BR0=br0, BK0=_pow2(d), BR2=br2,
-              BK2=_pow2(HE), BR3=br3, BK3=_pow2(d), BR4=br2, BK4=_pow2(g),
-              NPROG=nprog)
-    kw.update({f"KW{i}": chunk_width(_pow2(k), x.element_size()) for i, k in ((0, d), (2, HE), (3, d), (4, g))})
+              BK2=_pow2(HE), BR3=br3, BK3=_pow2(d), BR4=br2, BK4=_pow2(g), NPROG=nprog)
     return scratch, kw
 
 
