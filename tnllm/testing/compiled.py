@@ -33,7 +33,8 @@ class Resources:
     (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loop_instructions`` and
     ``loop_spill_ops`` (the SASS instructions and spill loads / stores of the longest loop body, e.g. a sweep's
     chunk loop: what one thread issues per trip), ``loop_barriers`` (the CTA barriers, ``BAR.SYNC``, in that loop body:
-    each a wait for all the program's warps, e.g. a reduction across warps through shared memory), ``loads`` (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
+    each a wait for all the program's warps, e.g. a reduction across warps through shared memory), ``loads``
+    (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
     stack: int
     local: int
@@ -183,7 +184,8 @@ def main(argv=None) -> None:
                     print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
                           f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
                           f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all, "
-                          + (f"{r.loop_instructions} instructions and {r.loop_barriers} CTA barriers per layer and thread" if not lrpe else
+                          + (f"{r.loop_instructions} instructions and {r.loop_barriers} CTA barriers per layer "
+                             "and thread" if not lrpe else
                              "one layer alone: its steps are not a loop"), flush=True)
 
 
