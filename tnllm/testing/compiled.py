@@ -33,7 +33,9 @@ class Resources:
     (what the launch asks for), ``spill_ops`` (the SASS local loads and stores: LDL, STL), ``loop_instructions`` and
     ``loop_spill_ops`` (the SASS instructions and spill loads / stores of the longest loop body, e.g. a sweep's
     chunk loop: what one thread issues per trip), ``loop_barriers`` (the CTA barriers, ``BAR.SYNC``, in that loop body:
-    each a wait for all the program's warps, e.g. a reduction across warps through shared memory), ``loads``
+    each a wait for all the program's warps, e.g. a reduction across warps through shared memory),
+    ``loop_shared_ops`` (the shared-memory loads and stores, ``LDS`` / ``STS``, in that loop body: layout
+    conversions and cross-warp reductions go through shared memory), ``loads``
     (global load instructions by width suffix, e.g. ``".v4.b32"`` for 128 bits) and the PTX."""
     regs: int
     stack: int
@@ -43,6 +45,7 @@ class Resources:
     loop_instructions: int = 0
     loop_spill_ops: int = 0
     loop_barriers: int = 0
+    loop_shared_ops: int = 0
     loads: Counter = field(default_factory=Counter)
     ptx: str = ""
 
@@ -99,7 +102,8 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
                      shared=max(num["SHARED"], c.metadata.shared),
                      spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_instructions=len(body),
                      loop_spill_ops=sum(bool(re.search(r"\b(?:LDL|STL)\b", ln)) for ln in body),
-                     loop_barriers=sum(bool(re.search(r"\bBAR\.SYNC\b", ln)) for ln in body), loads=loads, ptx=ptx)
+                     loop_barriers=sum(bool(re.search(r"\bBAR\.SYNC\b", ln)) for ln in body),
+                     loop_shared_ops=sum(bool(re.search(r"\b(?:LDS|STS)\b", ln)) for ln in body), loads=loads, ptx=ptx)
 
 
 def _longest_loop(sass: str) -> list[str]:
@@ -184,8 +188,8 @@ def main(argv=None) -> None:
                     print(f"  rows={B} lrpe={lrpe!s:5} prefetch={prefetch!s:5} aligned={aligned!s:5}: {r.regs} "
                           f"registers, {r.stack} B stack, {r.spill_ops} spill loads/stores, {r.shared} B shared, "
                           f"{r.vector_loads} 128-bit global loads, {sum(r.loads.values())} global loads in all, "
-                          + (f"{r.loop_instructions} instructions and {r.loop_barriers} CTA barriers per layer "
-                             "and thread" if not lrpe else
+                          + (f"{r.loop_instructions} instructions, {r.loop_barriers} CTA barriers and "
+                             f"{r.loop_shared_ops} shared loads/stores per layer and thread" if not lrpe else
                              "one layer alone: its steps are not a loop"), flush=True)
 
 
