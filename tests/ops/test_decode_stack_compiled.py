@@ -36,9 +36,9 @@ def test_385m_layer_launch_no_spills_and_vector_loads(lrpe):
     """One layer per launch (the default path at batch 1): no register spills, 128-bit weight loads."""
     r = compiled.decode_stack_resources(lrpe=lrpe, layers=1)
     assert r.regs <= 255
-    # the LRPE layer's 32-byte frame on triton 3.6 is not register pressure (228 registers of 255)
-    budget = 32 if (lrpe and TRITON < (3, 9)) else 0
-    assert r.local == 0 and r.stack <= budget and r.spill_ops <= budget // 3, \
+    # the LRPE layer's 32-byte frame (10 local loads / stores) on triton 3.6 is not register pressure (228 of 255)
+    stack, ops = (32, 10) if (lrpe and TRITON < (3, 9)) else (0, 0)
+    assert r.local == 0 and r.stack <= stack and r.spill_ops <= ops, \
         f"{r.stack} B stack, {r.spill_ops} local loads / stores ({r.regs} registers)"
     _check_vector_loads(r, 68)
 

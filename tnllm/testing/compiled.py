@@ -100,10 +100,17 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
     body = _longest_loop(sass)
     return Resources(regs=num["REG"], stack=num["STACK"], local=num["LOCAL"],
                      shared=max(num["SHARED"], c.metadata.shared),
-                     spill_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_instructions=len(body),
-                     loop_spill_ops=sum(bool(re.search(r"\b(?:LDL|STL)\b", ln)) for ln in body),
-                     loop_barriers=sum(bool(re.search(r"\bBAR\.SYNC\b", ln)) for ln in body),
-                     loop_shared_ops=sum(bool(re.search(r"\b(?:LDS|STS)\b", ln)) for ln in body), loads=loads, ptx=ptx)
+                     spill_ops=len(re.findall(_SPILL, sass)), loop_instructions=len(body),
+                     loop_spill_ops=_matching(body, _SPILL), loop_barriers=_matching(body, r"\bBAR\.SYNC\b"),
+                     loop_shared_ops=_matching(body, r"\b(?:LDS|STS)\b"), loads=loads, ptx=ptx)
+
+
+_SPILL = r"\b(?:LDL|STL)\b"     # SASS local loads / stores
+
+
+def _matching(lines: list[str], pattern: str) -> int:
+    """How many of the SASS ``lines`` match ``pattern``."""
+    return sum(bool(re.search(pattern, ln)) for ln in lines)
 
 
 def _longest_loop(sass: str) -> list[str]:
@@ -133,8 +140,8 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
             "TS": "i64"}
     sig = {k: "*" + v for k, v in ptrs.items()}
     sig.update(eps="fp32", NL="i32")
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    _, kw = tri._launch_args(torch.empty(B, d, device="meta", dtype=dt), H, e, g, nprog)
+    from tnllm.testing import DTYPES
+    _, kw = tri._launch_args(torch.empty(B, d, device="meta", dtype=DTYPES[dtype]), H, e, g, nprog)
     kw.update(ONE_LAYER=(layers or (1 if lrpe else 23)) == 1, LRPE=lrpe, ACT=tri.ACT_CODE["silu"], GACT=tri.ACT_CODE["none"],
               PREFETCH=prefetch, SPIN=0, ALIGNED=aligned, PROFILE=False, STAGE=0, SYNC=True)
     return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
