@@ -149,6 +149,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the layers and the loss (default: torch's default mode); "
+                         "reduce-overhead replays each compiled region as a CUDA graph")
     ap.add_argument("--loss", default="naive", choices=["naive", "fused"],
                     help="naive: whole logits + F.cross_entropy; fused: tnllm.ops.fused_linear_cross_entropy")
     ap.add_argument("--loss-chunk-tokens", type=int, default=None,
@@ -157,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, one more step under torch.profiler: device time per kernel and per "
                          "kind (GEMM, attention, inductor fusions, optimizer, other) into train_profile.json")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="after the timed steps, one more step under cProfile: the host's Python time per function "
+                         "(cumulative, top 40) into train_host_profile_*.txt")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the same step (autocast bf16 on CPU, wall-clock timing, no memory statistics)")
     a = ap.parse_args(argv)
@@ -170,7 +176,7 @@ def main(argv=None):
     m = m.to(dev)
     if not a.no_compile:
         for l in layers:
-            l.compile(fullgraph=True, dynamic=False)
+            l.compile(fullgraph=True, dynamic=False, mode=a.compile_mode)
 
     if a.loss_chunk_tokens is not None and a.loss_chunk_tokens < 1:
         ap.error("--loss-chunk-tokens must be >= 1")
@@ -184,7 +190,7 @@ def main(argv=None):
         logits = m.lm_head(srms_norm(h))[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     if not a.no_compile:
-        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, mode=a.compile_mode)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=cuda)
     ids = torch.randint(1, cfg.vocab_size, (a.B, a.T), device=dev)
 
@@ -198,24 +204,31 @@ def main(argv=None):
 
     t0 = time.time()
     for _ in range(a.warmup):
+        if a.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         loss = step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     warm = time.time() - t0
-    times = []
+    times, host, losses = [], [], []
     for _ in range(a.steps):
+        if a.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()      # a new iteration: the last step's graph outputs are free
         if cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t1 = time.perf_counter()
             e0.record()
             loss = step()
             e1.record()
+            host.append((time.perf_counter() - t1) * 1e3)   # the host's time to issue the step (no sync inside)
             torch.cuda.synchronize()
             times.append(e0.elapsed_time(e1))
         else:
             t1 = time.perf_counter()
             loss = step()
             times.append((time.perf_counter() - t1) * 1e3)
+        losses.append(loss.detach().clone())        # a copy: a CUDA graph's output is overwritten by its next replay
     ms = sorted(times)[len(times) // 2]
     tokens = a.B * a.T
     L, d, H = cfg.decoder_layers, cfg.decoder_embed_dim, cfg.decoder_attention_heads
@@ -227,9 +240,15 @@ def main(argv=None):
         attn = 12 * H * e * e * (L - lrpe_layers) + 12 * H * 2 * e * e * lrpe_layers
     flops_tok = 6 * matmul_params(m) + attn
     rec = dict(impl=a.impl, loss_impl=a.loss, loss_chunk_tokens=a.loss_chunk_tokens, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
-               matmul_params=matmul_params(m), step_ms=ms, steps_ms=times, tokens_per_s=tokens / (ms * 1e-3),
+               matmul_params=matmul_params(m), step_ms=ms, steps_ms=times,
+               host_ms=sorted(host)[len(host) // 2] if host else None, compile_mode=a.compile_mode,
+               tokens_per_s=tokens / (ms * 1e-3),
                mfu=flops_tok * tokens / (ms * 1e-3) / PEAK, flops_per_token=flops_tok,
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None, warmup_s=warm,
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+               # the caching allocator's reserve (it holds CUDA graphs' private pool, whose blocks are not counted as
+               # allocated between replays): the number to compare across compile modes
+               peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None, warmup_s=warm,
+               losses=[float(v) for v in losses],
                loss=float(loss.detach()), compiled=not a.no_compile, device=dev, torch=torch.__version__)
     print(json.dumps(rec), flush=True)
     os.makedirs(a.out, exist_ok=True)
@@ -242,6 +261,20 @@ def main(argv=None):
         tag = f"{a.impl}_{a.loss}_T{a.T}_B{a.B}"
         with open(os.path.join(a.out, f"train_profile_{tag}.json"), "w") as f:
             json.dump(prof, f, indent=1)
+    if a.host_profile:
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        pr.disable()
+        if cuda:
+            torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(40)
+        with open(os.path.join(a.out, f"train_host_profile_{a.impl}_{a.loss}_T{a.T}_B{a.B}.txt"), "w") as f:
+            f.write(buf.getvalue())
     with open(os.path.join(a.out, "train_step.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 

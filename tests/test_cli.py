@@ -235,3 +235,14 @@ def test_train_fused_loss_flag():
     p = build_parser()
     assert _train_config(p.parse_args(["train", *TINY])).fused_loss is True
     assert _train_config(p.parse_args(["train", *TINY, "--no-fused-loss"])).fused_loss is False
+
+
+def test_train_compile_mode_flag_implies_compile():
+    from tnllm.cli import _train_config, build_parser
+    p = build_parser()
+    c = _train_config(p.parse_args(["train", *TINY]))
+    assert (c.compile, c.compile_mode) == (False, "default")
+    c = _train_config(p.parse_args(["train", *TINY, "--compile-mode", "reduce-overhead"]))
+    assert (c.compile, c.compile_mode) == (True, "reduce-overhead")
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", *TINY, "--compile-mode", "turbo"])

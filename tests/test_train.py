@@ -266,3 +266,19 @@ def test_compile_is_per_block_so_the_chunked_loss_path_is_compiled_too(tmp_path,
     eager = Trainer(tiny_cfg(tmp_path / "run2", corpus, arch=arch), log=quiet)
     eager.setup()
     assert not is_compiled(eager.model)
+
+
+def test_compile_mode_reaches_every_block_and_is_validated(tmp_path, corpus, monkeypatch):
+    """``compile_mode`` is the blocks' torch.compile mode (CUDA graphs with reduce-overhead); it needs
+    ``compile=True`` and a mode torch.compile knows."""
+    import tnllm.compile as tc
+    seen = []
+    real = tc.compile_model
+    monkeypatch.setattr(tc, "compile_model", lambda m, mode="default", **kw: seen.append(mode) or real(m, mode, **kw))
+    t = Trainer(tiny_cfg(tmp_path / "run", corpus, compile=True, compile_mode="reduce-overhead"), log=quiet)
+    t.setup()
+    assert seen == ["reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        Trainer(tiny_cfg(tmp_path / "a", corpus, compile=True, compile_mode="turbo"), log=quiet)
+    with pytest.raises(ValueError, match="needs compile=True"):
+        Trainer(tiny_cfg(tmp_path / "a", corpus, compile_mode="reduce-overhead"), log=quiet)

@@ -73,6 +73,10 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of init, data order and sampling")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--compile", action="store_true", help="torch.compile every decoder block (fullgraph; the head and the loss stay eager)")
+    g.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                   help="the blocks' torch.compile mode (implies --compile); reduce-overhead replays each block as "
+                        "a CUDA graph (one-process training only)")
     g.add_argument("--no-fused-loss", action="store_true",
                    help="the head + cross entropy on logits (checkpointed chunks of loss_chunk_tokens rows) instead "
                         "of tnllm.ops.fused_linear_cross_entropy, which never materialises [B, T, V] logits")
@@ -97,7 +101,8 @@ def _train_config(a: argparse.Namespace):
                        seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps, lr=a.lr, min_lr=a.min_lr,
                        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
-                       keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device, compile=a.compile,
+                       keep_checkpoints=a.keep_checkpoints, seed=a.seed, device=a.device,
+                       compile=a.compile or a.compile_mode is not None, compile_mode=a.compile_mode or "default",
                        resume=a.resume, progress=not a.no_progress, plot=not a.no_plot,
                        pack_documents=a.pack_documents, fused_loss=not a.no_fused_loss)
 

@@ -133,6 +133,10 @@ def _fused_impl(x: Tensor, weight: Tensor, target: Tensor, ignore_index: int, ch
             torch.mm(g, w, out=dx[i:i + c])                               # dx is contiguous: rows are a view
             if g.dtype == acc:
                 dw.addmm_(g.T, xc)
+            elif dw.is_cuda:
+                # fp16/bf16 operands accumulated by cuBLAS straight into the fp32 dW (beta = 1): no rounded
+                # product and no separate fp32 add over [V, d] per chunk
+                torch.addmm(dw, g.T, xc, out_dtype=acc, out=dw)
             else:
                 dw.add_(g.T @ xc)                                        # bf16/fp16 product, fp32 accumulation
         if mean:

@@ -192,6 +192,10 @@ class DistributedTrainer(Trainer):
         if ac not in AC_MODES:
             raise ValueError(f"`ac` must be one of {AC_MODES}, got {ac!r}")
         mixed_precision(mp)                                # validates the name
+        if cfg.compile_mode != "default":
+            raise ValueError(f"compile_mode={cfg.compile_mode!r}: the distributed trainer compiles the blocks in the "
+                             "default mode only (FSDP2 gathers the parameters into new memory every step, which a "
+                             "CUDA graph cannot replay)")
         on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
         g_rank, world, _ = init_distributed("nccl" if on_gpu else "gloo")
         if not is_initialized():                           # e.g. `tnllm train --tp 2` without torchrun

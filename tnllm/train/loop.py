@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    # the blocks' torch.compile mode: "reduce-overhead" (and "max-autotune") also replay each compiled block as a
+    # CUDA graph, which removes the host's launch time from a step that the host cannot issue fast enough
+    compile_mode: str = "default"
     resume: bool = False
     progress: bool = True
     plot: bool = True
@@ -82,6 +85,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        from tnllm.compile.policy import MODES
+        if self.compile_mode not in MODES:
+            raise ValueError(f"compile_mode must be one of {MODES}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True (`--compile`)")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -314,7 +322,7 @@ class Trainer:
             # `hidden_states` one past `loss_chunk_tokens`, run compiled blocks; a whole-model compile would
             # cover the forward only
             from tnllm.compile import compile_model
-            compile_model(model)
+            compile_model(model, mode=c.compile_mode)
         self.model = model
         self.optimizer = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas),
                                            fused=self.dev.type == "cuda")
@@ -349,8 +357,15 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
+    def _graph_step_begin(self) -> None:
+        """With CUDA-graph compile modes: tell the graph trees a new iteration starts, so the blocks' graphs
+        replay over the previous step's (now dead) outputs instead of re-recording."""
+        if self.cfg.compile and self.cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
+
     def train_step(self, batch: torch.Tensor) -> float:
         self.model.train()
+        self._graph_step_begin()
         with self._autocast():
             loss = lm_loss(self.model, batch.to(self.dev, non_blocking=True), self.cfg.loss_chunk_tokens,
                            self.cfg.fused_loss)
@@ -368,6 +383,7 @@ class Trainer:
         self.model.eval()
         losses = []
         for b in self.val_batches:
+            self._graph_step_begin()
             with self._autocast():
                 losses.append(float(lm_loss(self.model, b.to(self.dev), self.cfg.loss_chunk_tokens,
                                            self.cfg.fused_loss)))
