@@ -253,3 +253,13 @@ def test_torchrun_tnllm_train_equals_one_process_and_resumes_on_other_world(tmp_
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert k == k2
         assert W.rel(v, v2) <= 1e-5, (k, W.rel(v, v2))       # whole-tensor relative error
+
+
+def test_distributed_trainer_refuses_cuda_graph_compile_modes(tmp_path):
+    """FSDP2 gathers parameters into new memory every step: a CUDA-graph compile mode is refused up front,
+    before any process group is needed."""
+    from tnllm.train.dist import DistributedTrainer
+    from tnllm.train.loop import TrainConfig
+    cfg = TrainConfig(out_dir=str(tmp_path), preset="tiny", device="cpu", compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="default mode only"):
+        DistributedTrainer(cfg)
