@@ -78,6 +78,11 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from tnllm.ops.lightning_attn import triton as tri
         tri.FUSED_DKDV = False       # read at each launch; restored by main after this implementation's record
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name.startswith("tnllm_chunk"):   # the public op with the sweeps' default chunk of N rows (CHUNK_ROWS)
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        tri.CHUNK_ROWS = int(name[len("tnllm_chunk"):])   # read at each launch; restored by main after the record
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -318,6 +323,8 @@ def main(argv=None):
                     "split forced on (tnllm_autosplit; AUTO_SPLIT in ops/lightning_attn/triton.py)")
     ap.add_argument("--separate-dkdv", action="store_true", help="also time the public op with the backward's dk "
                     "and dv as two sweeps (tnllm_separate; FUSED_DKDV in ops/lightning_attn/triton.py)")
+    ap.add_argument("--chunks", default="", help="comma list of row counts per chunk of the sweeps' default "
+                    "configuration to time as tnllm_chunk<n> (CHUNK_ROWS in ops/lightning_attn/triton.py; default 64)")
     ap.add_argument("--plot", default=None, help="only draw the plot of this attention.json")
     ap.add_argument("--png", default="docs/attention.png")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -360,13 +367,15 @@ def main(argv=None):
     path = os.path.join(a.out, "attention.json")
     recs = []
     from tnllm.ops.lightning_attn import triton as tri
-    nf_default, split_default, fused_default = tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV
+    nf_default, split_default, fused_default, chunk_default = (tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV,
+                                                               tri.CHUNK_ROWS)
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
             names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers \
                 + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m] \
-                + (["tnllm_autosplit"] if a.auto_split else []) + (["tnllm_separate"] if a.separate_dkdv else [])
+                + (["tnllm_autosplit"] if a.auto_split else []) + (["tnllm_separate"] if a.separate_dkdv else []) \
+                + [f"tnllm_chunk{n}" for n in a.chunks.split(",") if n]
             for name in names:
                 if name == "fla_chunk" and shape_name not in a.fla_shapes.split(","):
                     continue
@@ -385,6 +394,8 @@ def main(argv=None):
                     tri.AUTO_SPLIT = split_default
                 if name == "tnllm_separate":
                     tri.FUSED_DKDV = fused_default
+                if name.startswith("tnllm_chunk"):
+                    tri.CHUNK_ROWS = chunk_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

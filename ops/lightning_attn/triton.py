@@ -74,6 +74,11 @@ AUTO_SPLIT = True
 # same at B2 H8, so D128 keeps two sweeps). True / False force it on / off.
 FUSED_DKDV = "auto"
 FUSED_MAX_D = 64
+# Rows per chunk of the sweeps' default configuration (default_config), read at each launch. 64 is the measured
+# default (H200 tile sweep, docs/benchmarks.md). At D128 with 4 warps it spills registers (104 B of stack with
+# triton 3.6, 96 B with 3.9) where 32 does not (`python -m tnllm.testing.compiled attention`); 32 was not yet
+# timed against it at the op level: `bench/attention.py --chunks 32` does.
+CHUNK_ROWS = 64
 
 
 @triton.jit
@@ -426,7 +431,7 @@ def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     BC = min(_pow2(DC), 64)
     if dtype == torch.float32:
         BC = min(BC, 32)
-    return SweepConfig(BC=BC, CHUNK=64, num_warps=4, num_stages=2)
+    return SweepConfig(BC=BC, CHUNK=CHUNK_ROWS, num_warps=4, num_stages=2)
 
 
 def _last_unit(x: Tensor) -> Tensor:

@@ -121,6 +121,15 @@ def test_auto_split_through_the_launchers(monkeypatch):
     assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
 
 
+def test_default_chunk_rows_through_the_launchers(monkeypatch):
+    """CHUNK_ROWS sets the chunk of the launchers' default configuration (read at each launch): 32 rows over a
+    tail of 70 = 2 * 32 + 6, fp16 and fp32, against the oracle."""
+    monkeypatch.setattr(tri, "CHUNK_ROWS", 32)
+    assert tri.default_config(128, 128, torch.bfloat16).CHUNK == 32
+    for dtype in (torch.float16, torch.float32):
+        check(1, 2, 70, 16, 24, dtype, seed=11, state=True)
+
+
 @pytest.fixture
 def dkdv_spy(monkeypatch):
     """The fused dk/dv sweep forced on at every width (the default takes it only for Dk, Dv <= 64), counted."""

@@ -168,7 +168,8 @@ def _print_attention() -> None:
     import triton
     print(f"Lightning Attention sweep kernel (forward direction), bf16, sm_90, triton {triton.__version__}:")
     for DA, BC, CHUNK, warps, stages in ((128, 64, 64, 4, 2), (128, 64, 64, 4, 1), (128, 64, 64, 8, 2),
-                                         (128, 32, 64, 4, 2), (128, 64, 32, 4, 2), (64, 64, 64, 4, 2)):
+                                         (128, 32, 64, 4, 2), (128, 64, 32, 4, 2), (128, 128, 32, 8, 2),
+                                         (64, 64, 64, 4, 2), (64, 64, 32, 4, 2)):
         r = sweep_resources(DA=DA, DC=max(DA, BC), BC=BC, CHUNK=CHUNK, num_warps=warps, num_stages=stages)
         print(f"  state tile [{DA}, {BC}], CHUNK {CHUNK}, {warps} warps, {stages} stages: {r.regs} registers, "
               f"{r.stack} B stack, {r.spill_ops} spill loads/stores ({r.loop_spill_ops} in the chunk loop), "
