@@ -152,7 +152,8 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         step()
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
-    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk")):   # vs the blocked form in fp32, same inputs
+    # vs the blocked form in fp32, same inputs
+    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk")):
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
