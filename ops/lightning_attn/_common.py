@@ -112,6 +112,33 @@ def check_decay_values(s: Tensor) -> None:
         _DECAY_OK[key] = (weakref.ref(s, lambda _r, key=key: _DECAY_OK.pop(key, None)), version, s.device)
 
 
+def token_major(x: Tensor) -> bool:
+    """Whether ``x`` [B, H, T, D] steps over heads faster than over positions (``stride(1) < stride(2)``, H and T
+    both above 1): a view of [B, T, H, D] memory, as the model's q, k and v are (head slices of the fused qkvu
+    projection, or an activation of them)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) < x.stride(2)
+
+
+def empty_grad(x: Tensor) -> Tensor:
+    """An uninitialised dense tensor of ``x``'s shape, dtype and device for the gradient of ``x`` [B, H, T, D]:
+    token-major ([B, T, H, D] memory, transposed) when ``x`` is, else contiguous. The backward's gradients take
+    this layout, so that the gradient of a head-sliced projection flows back into it without a transposing copy
+    (the real kernels and the fake kernel apply the same rule to the same strides)."""
+    if token_major(x):
+        B, H, T, D = x.shape
+        return x.new_empty(B, T, H, D).transpose(1, 2)
+    return x.new_empty(x.shape)
+
+
+def as_grad_layout(x: Tensor, g: Tensor) -> Tensor:
+    """``g`` (the gradient of ``x``) in ``empty_grad(x)``'s layout: ``g`` itself when its strides already are,
+    else a copy."""
+    want = empty_grad(x)
+    if g.stride() == want.stride() or x.numel() == 0:
+        return g
+    return want.copy_(g)
+
+
 def _is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
     return is_fake(t) or t.device.type == "meta"

@@ -2,8 +2,10 @@
 
 * CPU (and any non-CUDA device): the blocked PyTorch form (``blocked.py``).
 * CUDA: the Triton kernels (``triton.py``), imported lazily on first CUDA call.
-* A fake kernel for tracing whose outputs are contiguous, exactly like the real ones (inductor's
-  custom-op layout constraint is "needs_exact_strides": a mismatch breaks compiled backward).
+* A fake kernel for tracing whose outputs have exactly the real ones' strides (inductor's custom-op layout
+  constraint is "needs_exact_strides": a mismatch breaks compiled backward): o and the states contiguous; dq, dk
+  and dv dense in the order of heads and positions of q, k and v (``empty_grad``: token-major for the model's
+  head slices of its [B, T, 4h] projection, whose gradient then needs no transposing copy).
 * Autograd through ``register_autograd``; the backward is itself a custom op, so compiled
   training graphs hold the two ops and nothing traced from Python.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, check_inputs
+from ._common import acc_dtype, as_grad_layout, check_inputs, empty_grad
 from .blocked import DEFAULT_BLOCK, _check_block, blocked_bwd, blocked_fwd
 
 
@@ -35,16 +37,21 @@ def _(q, k, v, s, initial_state, block_size):
 @torch.library.custom_op("tnllm::lightning_attn_bwd", mutates_args=())
 def lightning_attn_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, s: Tensor,
                        initial_state: Tensor | None, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward: (dq, dk, dv, d initial_state); the last is zeros when there is no initial state."""
-    return blocked_bwd(do, dS, q, k, v, s, initial_state, block_size)
+    """Backward: (dq, dk, dv, d initial_state); the last is zeros when there is no initial state. dq, dk and dv
+    are laid out as ``empty_grad`` of q, k and v."""
+    return _grad_layouts(q, k, v, blocked_bwd(do, dS, q, k, v, s, initial_state, block_size))
+
+
+def _grad_layouts(q, k, v, grads):
+    dq, dk, dv, dS0 = grads
+    return as_grad_layout(q, dq), as_grad_layout(k, dk), as_grad_layout(v, dv), dS0
 
 
 @lightning_attn_bwd.register_fake
 def _(do, dS, q, k, v, s, initial_state, block_size):
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(B, H, Dk, Dv, dtype=acc_dtype(q.dtype)))
+    return empty_grad(q), empty_grad(k), empty_grad(v), q.new_empty(B, H, Dk, Dv, dtype=acc_dtype(q.dtype))
 
 
 @lightning_attn_fwd.register_kernel("cuda")
@@ -56,7 +63,7 @@ def _fwd_cuda(q, k, v, s, initial_state, block_size):
 @lightning_attn_bwd.register_kernel("cuda")
 def _bwd_cuda(do, dS, q, k, v, s, initial_state, block_size):
     from . import triton as tri
-    return tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, initial_state)
+    return _grad_layouts(q, k, v, tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, initial_state))
 
 
 def _setup_context(ctx, inputs, output):

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from .._device import num_sms as _num_sms
 from .._triton_interp import patch as _patch_interpreter
+from ._common import empty_grad
 
 _patch_interpreter()
 
@@ -583,7 +584,8 @@ def lightning_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initia
 
 def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: Tensor, s: Tensor,
                               initial_state: Tensor | None, cfgs: dict | None = None):
-    """Backward: (dq, dk, dv in the dtypes of q/k/v, dS0 [B, H, Dk, Dv] fp32), all contiguous.
+    """Backward: (dq, dk, dv in the dtypes of q/k/v, laid out as ``empty_grad`` of q/k/v (token-major for
+    token-major inputs), dS0 [B, H, Dk, Dv] fp32 contiguous).
 
     ``cfgs`` optionally maps "dq"/"dk"/"dv" to a SweepConfig (benchmark sweeps)."""
     if not supported(q, v):
@@ -607,19 +609,23 @@ def _bwd_sweeps(do, dS, q, k, v, s, initial_state, NS: int, cfgs: dict | None, c
     S0 = initial_state.float() if initial_state is not None else None
     G = dS.float() if dS is not None else None
     kw = dict(cu=cu, order=order)
+    # the dense op writes the gradients in their inputs' order of heads and positions (empty_grad); the packed op
+    # (cu) keeps contiguous ones, as its fake kernel says
+    grad = empty_grad if cu is None else (lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
     dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
-                cfg=cfgs.get("dq"), **kw)
+                cfg=cfgs.get("dq"), out=grad(q), **kw)
     fused = FUSED_DKDV if FUSED_DKDV != "auto" else (Dk <= FUSED_MAX_D and Dv <= FUSED_MAX_D)
     # packed sequences keep the two sweeps: on the H200 (triton 3.6) a packed variant of the fused sweep hit an
     # illegal memory access on inputs with a non-finite entry (tests/gpu/test_varlen_gpu.py), not seen under
     # the interpreter; the cause was not found, so the fused kernel has no packed variant
     if fused and q.dtype != torch.float32 and cu is None:
-        dk, dv = _dkdv(q, k, v, do, s, G, dS0, cfg=cfgs.get("dkdv"))
+        dk, dv = _dkdv(q, k, v, do, s, G, dS0, cfg=cfgs.get("dkdv"), dk=grad(k), dv=grad(v))
     else:
         dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
-                    cfg=cfgs.get("dk"), **kw)
-        dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"), **kw)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dS0
+                    cfg=cfgs.get("dk"), out=grad(k), **kw)
+        dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"),
+                    out=grad(v), **kw)
+    return dq, dk, dv, dS0
 
 
 def default_dkdv_config(Dk: int, Dv: int) -> SweepConfig:

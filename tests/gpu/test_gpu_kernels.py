@@ -196,6 +196,45 @@ def test_compile_fullgraph_cuda():
         assert rel(x, y) < 1e-3
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_token_major_gradients_and_compiled_projection_cuda(D):
+    """The model's layout: q, k, v head slices of one [B, T, 4h] projection. The backward writes dq, dk, dv
+    token-major, as the fake kernel says (real against fake strides on CUDA), and a compiled projection ->
+    slices -> silu -> lightning_attn -> loss gives the eager gradients of the projection's input and weight."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from tnllm.ops.lightning_attn import _common
+    B, H, T = 2, 4, 300
+    h = H * D
+    g = torch.Generator(device="cuda").manual_seed(D)
+    x = torch.randn(B, T, 256, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(4 * h, 256, device="cuda", generator=g) / 16).bfloat16().requires_grad_()
+    s = torch.tensor([0.05 * (i + 1) for i in range(H)], device="cuda")
+
+    def f(x, w):
+        q, k, v, u = (x @ w.T).chunk(4, dim=-1)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        o = lightning_attn(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, s, check_decay=False)
+        return (o.transpose(1, 2).reshape(B, T, h).float() * u.float()).sin().sum()
+
+    q, k, v, _ = (x @ w.T).detach().chunk(4, dim=-1)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+    do = torch.randn(B, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    args = (do, None, q, k, v, s, None, 64)
+    real = torch.ops.tnllm.lightning_attn_bwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.tnllm.lightning_attn_bwd(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                    for a in args))
+    for r, fk, t in zip(real[:3], fake[:3], (q, k, v)):
+        assert _common.token_major(t) and _common.token_major(r) and r.stride() == fk.stride()
+    ref = torch.ops.tnllm.lightning_attn_bwd(do, None, q.contiguous(), k.contiguous(), v.contiguous(), s, None, 64)
+    for a, b in zip(real[:3], ref[:3]):
+        assert torch.equal(a, b)
+    ga = torch.autograd.grad(f(x, w), [x, w])
+    gb = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w), [x, w])
+    for a, b in zip(gb, ga):
+        assert rel(a, b) < 2e-2, rel(a, b)
+
+
 @pytest.mark.parametrize("dt", ["bf16", "fp32"])
 def test_norm_gate_cuda(dt):
     from tnllm.ops.norm_triton import _reference, srms_norm_gate

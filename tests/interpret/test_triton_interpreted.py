@@ -23,7 +23,7 @@ import tnllm.testing as tt  # noqa: E402
 from tnllm.ops import norm_triton as nt  # noqa: E402
 from tnllm.ops.lightning_attn import op as la_op  # noqa: E402
 from tnllm.ops.lightning_attn import triton as tri  # noqa: E402
-from tnllm.ops.lightning_attn._common import check_inputs  # noqa: E402
+from tnllm.ops.lightning_attn._common import check_inputs, empty_grad  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 assert isinstance(tri._la_sweep_kernel, InterpretedFunction), "the kernels were decorated without the interpreter"
@@ -44,8 +44,9 @@ class _TritonFn(torch.autograd.Function):
         cfgs = None if ctx.cfg is None else {n: ctx.cfg for n in ("dq", "dk", "dv", "dkdv")}
         with tt.poisoned_allocations():
             dq, dk, dv, dS0 = tri.lightning_attn_bwd_triton(do.contiguous(), dS, q, k, v, s, S0, cfgs=cfgs)
-        for x in (dq, dk, dv, dS0):
-            assert x.is_contiguous()
+        for g, x in ((dq, q), (dk, k), (dv, v)):     # the fake kernel's layout rule (empty_grad)
+            assert g.stride() == empty_grad(x).stride(), (g.stride(), x.stride())
+        assert dS0.is_contiguous()
         return dq, dk, dv, None, (dS0 if S0 is not None else None), None
 
 
@@ -119,6 +120,24 @@ def test_auto_split_through_the_launchers(monkeypatch):
     assert tri.auto_split(2, 10, 8) == 2
     check(1, 2, 600, 16, 16, torch.float32, seed=9, state=True)
     assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
+
+
+@pytest.mark.parametrize("Dk,Dv", [(16, 24), (64, 64), (144, 24)], ids=str)   # fused dk/dv at 64; cut at 144
+def test_backward_writes_token_major_gradients(Dk, Dv):
+    """Token-major q, k, v ([B, T, H, D] memory, as the model's head slices): the launchers write dq, dk, dv
+    token-major (``empty_grad``), with the same values as for contiguous copies of the inputs."""
+    from tnllm.ops.lightning_attn._common import token_major
+    case = tt.Case(2, 3, 70, Dk, Dv, torch.float16, layout="bthd", rates=(0.1, 0.5, 0.9), state=True, seed=3)
+    q, k, v, s, S0, do, dS = tt.make_inputs(case)
+    q, k, v, S0 = (x.detach() for x in (q, k, v, S0))
+    assert token_major(q) and token_major(v)
+    got = tri.lightning_attn_bwd_triton(do, dS.float(), q, k, v, s, S0.float())
+    ref = tri.lightning_attn_bwd_triton(do, dS.float(), q.contiguous(), k.contiguous(), v.contiguous(), s, S0.float())
+    for g, r, x in zip(got[:3], ref[:3], (q, k, v)):
+        assert token_major(g) and g.stride() == x.new_empty(2, 70, 3, x.shape[-1]).transpose(1, 2).stride()
+        assert not token_major(r) and r.is_contiguous()
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    torch.testing.assert_close(got[3], ref[3], rtol=0, atol=0)
 
 
 def test_default_chunk_rows_through_the_launchers(monkeypatch):

@@ -299,3 +299,24 @@ def test_zero_length_with_state_through_the_op():
     torch.testing.assert_close(S, S0.detach(), rtol=0, atol=0)
     (S * 3).sum().backward()
     torch.testing.assert_close(S0.grad, torch.full_like(S0, 3.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", tt.LAYOUTS)
+@pytest.mark.parametrize("B,H,T", [(2, 3, 17), (1, 1, 9), (2, 4, 1), (1, 2, 0)], ids=str)
+def test_backward_gradient_layout_real_equals_fake(layout, B, H, T):
+    """dq, dk, dv come out dense in the order of heads and positions of q, k, v (token-major for the model's
+    [B, T, H, D] head slices, so their gradient flows into the projection without a transposing copy), and the
+    fake kernel that inductor plans with gives exactly the real strides, for every layout and edge shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v, s, _, do, _ = make(B, H, T, 8, 4, torch.float32, 7, state=False, layout=layout)
+    args = (do.float().contiguous(), None, q.detach(), k.detach(), v.detach(), s, None, 16)
+    real = torch.ops.tnllm.lightning_attn_bwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.tnllm.lightning_attn_bwd(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                    for a in args))
+    for r, f, x in zip(real[:3], fake[:3], (q, k, v)):
+        assert r.shape == x.shape and r.stride() == f.stride(), (layout, r.stride(), f.stride())
+        assert r.stride() == _common.empty_grad(x).stride()
+        assert _common.token_major(r) == _common.token_major(x)
+    if layout == "bthd" and H > 1 and T > 1:
+        assert _common.token_major(real[0])          # the model's layout: gradients token-major too
