@@ -131,12 +131,11 @@ def empty_grad(x: Tensor) -> Tensor:
 
 
 def as_grad_layout(x: Tensor, g: Tensor) -> Tensor:
-    """``g`` (the gradient of ``x``) in ``empty_grad(x)``'s layout: ``g`` itself when its strides already are,
-    else a copy."""
-    want = empty_grad(x)
-    if g.stride() == want.stride() or x.numel() == 0:
+    """``g`` (the gradient of ``x``) in ``empty_grad(x)``'s layout: ``g`` itself when its strides already are
+    (compared on the meta device: nothing is allocated then), else a copy."""
+    if g.stride() == empty_grad(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")).stride():
         return g
-    return want.copy_(g)
+    return empty_grad(x).copy_(g)
 
 
 def _is_fake(t: Tensor) -> bool:
