@@ -185,7 +185,8 @@ def compare_grid(base: TrainConfig, seeds: Sequence[int], lrs: Sequence[float] |
             "tokens_per_run": steps * base.batch_size * base.seq_len, "time_budget_s": time_budget,
             "step_time_s": step_times, "params": params,
             "data": base.data or "embedded (Python standard library)", "tokenizer": base.tokenizer,
-            "preset": base.preset, "model_config": base.model_config, "device": base.device, "compile": base.compile}
+            "preset": base.preset, "model_config": base.model_config, "device": base.device, "compile": base.compile,
+            "compile_mode": base.compile_mode}
     if len(archs) == 2:
         ratio = params[archs[1]] / params[archs[0]]
         log(f"parameters: " + ", ".join(f"{a} {p:,}" for a, p in params.items()) + f" (ratio {ratio:.4f})")
