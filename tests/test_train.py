@@ -282,3 +282,6 @@ def test_compile_mode_reaches_every_block_and_is_validated(tmp_path, corpus, mon
         Trainer(tiny_cfg(tmp_path / "a", corpus, compile=True, compile_mode="turbo"), log=quiet)
     with pytest.raises(ValueError, match="needs compile=True"):
         Trainer(tiny_cfg(tmp_path / "a", corpus, compile_mode="reduce-overhead"), log=quiet)
+    with pytest.raises(ValueError, match="with pack_documents"):
+        Trainer(tiny_cfg(tmp_path / "a", corpus, compile=True, compile_mode="reduce-overhead", pack_documents=True),
+                log=quiet)

@@ -90,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {MODES}, got {self.compile_mode!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True (`--compile`)")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.pack_documents:
+            raise ValueError(f"compile_mode={self.compile_mode!r} with pack_documents: each packed batch has its own "
+                             "number of documents (cu_seqlens), so nearly every step would record new CUDA graphs; "
+                             "use the default compile mode (or max-autotune-no-cudagraphs)")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
