@@ -38,8 +38,10 @@ import torch
 from torch import Tensor
 
 from .._device import num_sms as _num_sms
+from .._launch import cdiv, next_pow2
 from ..norm import EPS
 from ..sglu.triton import ACT_CODE
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -143,10 +145,9 @@ def _counters(device: torch.device, B: int) -> Tensor:
 def block_v(B: int, H: int, e: int, Dk: int, num_sms: int) -> int:
     """Value columns per program: a tile of at most 8192 fp32 state elements, halved (down to 16)
     until the grid has at least two programs per SM."""
-    import triton
-    BE = triton.next_power_of_2(e)
-    bv = min(BE, max(16, 8192 // triton.next_power_of_2(Dk)))
-    while bv > 16 and B * H * triton.cdiv(e, bv) < 2 * num_sms:
+    BE = next_pow2(e)
+    bv = min(BE, max(16, 8192 // next_pow2(Dk)))
+    while bv > 16 and B * H * cdiv(e, bv) < 2 * num_sms:
         bv //= 2
     return bv
 
@@ -189,17 +190,17 @@ def gla_decode_triton(qkvu: Tensor, state: Tensor, s: Tensor, theta: Tensor | No
         return y
     if bv is None:
         bv = block_v(B, H, e, Dk, _num_sms(qkvu.device))
-    NV = triton.cdiv(e, bv)
+    NV = cdiv(e, bv)
     P = H * NV
     ss = torch.empty(B * P, device=qkvu.device, dtype=torch.float32)
     cnt = _counters(qkvu.device, B)
-    BE = triton.next_power_of_2(e)
-    BW = min(1024, triton.next_power_of_2(H * e))
+    BE = next_pow2(e)
+    BW = min(1024, next_pow2(H * e))
     warps = 4 if Dk * bv <= 4096 else 8
     D = norm_input.shape[1] if norm else 1
     kernel[(B * P,)](qkvu, state, state_out, rate, th, ps, y, ss, cnt, norm_input if norm else qkvu,
                      qkvu.stride(0), y.stride(0), norm_input.stride(0) if norm else 0, eps,
                      H=H, E=e, BE=BE, BV=bv, NV=NV, LRPE=lrpe, ACT=ACT_CODE[act], BW=BW,
-                     BP=triton.next_power_of_2(P), NORM=norm, D=D, BD=min(4096, triton.next_power_of_2(D)),
+                     BP=next_pow2(P), NORM=norm, D=D, BD=min(4096, next_pow2(D)),
                      num_warps=warps)
     return y

@@ -53,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._device import num_sms as _num_sms
+from .._launch import cdiv, next_pow2
 from .._triton_interp import patch as _patch_interpreter
 from ._common import empty_grad
 
@@ -422,7 +423,7 @@ def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
@@ -455,8 +456,8 @@ def _split_plan(n_split: int, programs: int, n_chunks: int, device) -> tuple[int
     if n_split <= 0:
         n_split = auto_split(programs, n_chunks, _num_sms(device)) if AUTO_SPLIT else 1
     n_split = max(1, min(n_split, n_chunks))
-    cps = triton.cdiv(n_chunks, n_split)
-    return triton.cdiv(n_chunks, cps), cps
+    cps = cdiv(n_chunks, n_split)
+    return cdiv(n_chunks, cps), cps
 
 
 def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *, BC: int, CHUNK: int,
@@ -468,7 +469,7 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
     B, H, T, DA = Bm.shape
     DC = C.shape[-1]
     W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
-    n_tiles = triton.cdiv(DC, BC)
+    n_tiles = cdiv(DC, BC)
     _la_local_state_kernel[(B * H * (n_split - 1) * n_tiles,)](
         Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps,
         Bm.stride(0), Bm.stride(1), Bm.stride(2), C.stride(0), C.stride(1), C.stride(2),
@@ -519,8 +520,8 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     BA = _pow2(DA)
     BC = min(cfg.BC, _pow2(DC))
     CHUNK = cfg.CHUNK
-    n_tiles = triton.cdiv(DC, BC)
-    n_chunks = triton.cdiv(T, CHUNK)
+    n_tiles = cdiv(DC, BC)
+    n_chunks = cdiv(T, CHUNK)
     n_split = cfg.n_split
     varlen = cu is not None
     if varlen:
@@ -669,7 +670,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     q, k, v, do = _last_unit(q), _last_unit(k), _last_unit(v), _last_unit(do)
     assert dk.stride(-1) == 1 and dv.stride(-1) == 1
     BK, BV, CHUNK = _pow2(Dk), _pow2(Dv), cfg.CHUNK
-    n_chunks = triton.cdiv(T, CHUNK)
+    n_chunks = cdiv(T, CHUNK)
     n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device)
     s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
     # the earlier splits' local states of G: those of the dv sweep (Bm = q, C = do, reverse frame)
