@@ -124,10 +124,11 @@ def empty_grad(x: Tensor) -> Tensor:
     token-major ([B, T, H, D] memory, transposed) when ``x`` is, else contiguous. The backward's gradients take
     this layout, so that the gradient of a head-sliced projection flows back into it without a transposing copy
     (the real kernels and the fake kernel apply the same rule to the same strides)."""
+    kw = dict(dtype=x.dtype, device=x.device)      # torch.empty, as every launcher allocates (tests poison it)
     if token_major(x):
         B, H, T, D = x.shape
-        return x.new_empty(B, T, H, D).transpose(1, 2)
-    return x.new_empty(x.shape)
+        return torch.empty(B, T, H, D, **kw).transpose(1, 2)
+    return torch.empty(x.shape, **kw)
 
 
 def as_grad_layout(x: Tensor, g: Tensor) -> Tensor:
