@@ -160,6 +160,10 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, one more step under torch.profiler: device time per kernel and per "
                          "kind (GEMM, attention, inductor fusions, optimizer, other) into train_profile.json")
+    ap.add_argument("--ac", default="none", choices=["none", "full", "selective"],
+                    help="activation checkpointing per TNL block (tnllm.train.parallelize.apply_ac, as `tnllm train "
+                         "--ac`): full recomputes the block's forward in backward, selective keeps the attention "
+                         "op's outputs and recomputes the rest")
     ap.add_argument("--host-profile", action="store_true",
                     help="after the timed steps, one more step under cProfile: the host's Python time per function "
                          "(cumulative, top 40) into train_host_profile_*.txt")
@@ -172,8 +176,13 @@ def main(argv=None):
     from tnllm.ops import srms_norm
     cfg = TransNormerConfig.from_preset(a.preset)
     torch.manual_seed(0)
+    if a.ac != "none" and a.impl == "sdpa":
+        ap.error("--ac applies to the TNL model (--impl tnllm or naive), not the SDPA baseline")
     m, layers = build(a.impl, cfg)
     m = m.to(dev)
+    if a.ac != "none":
+        from tnllm.train.parallelize import apply_ac
+        apply_ac(m, a.ac)                     # before compile, as the trainer's parallelize order has it
     if not a.no_compile:
         for l in layers:
             l.compile(fullgraph=True, dynamic=False, mode=a.compile_mode)
@@ -241,7 +250,7 @@ def main(argv=None):
     flops_tok = 6 * matmul_params(m) + attn
     rec = dict(impl=a.impl, loss_impl=a.loss, loss_chunk_tokens=a.loss_chunk_tokens, preset=a.preset, B=a.B, T=a.T, params=sum(p.numel() for p in m.parameters()),
                matmul_params=matmul_params(m), step_ms=ms, steps_ms=times,
-               host_ms=sorted(host)[len(host) // 2] if host else None, compile_mode=a.compile_mode,
+               host_ms=sorted(host)[len(host) // 2] if host else None, compile_mode=a.compile_mode, ac=a.ac,
                tokens_per_s=tokens / (ms * 1e-3),
                mfu=flops_tok * tokens / (ms * 1e-3) / PEAK, flops_per_token=flops_tok,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,

@@ -216,3 +216,22 @@ def test_gemv_bench_cpu(tmp_path):
         ("l3", "sglu_gate+addmm_"), ("l3", "residual_gemv(gate)")}
     assert len(rows) == 2 * 13 and all(r["us"] > 0 and r["rel_err"] < 1e-2 for r in rows)
     assert "| l3 | 96 x 64 | 3 | addmm_ |" in out
+
+
+def test_train_step_bench_activation_checkpointing_cpu(tmp_path):
+    """--ac full / selective recompute the blocks' forward in backward: the same losses step by step as without,
+    recorded with the policy; the SDPA baseline refuses it. (The CPU step runs under bf16 autocast. Selective
+    checkpointing runs the block under a torch dispatch mode, and under it some CPU bf16 ops round differently:
+    the same difference shows with a policy that saves every op and recomputes none. So its losses agree to 1e-3,
+    full AC's exactly.)"""
+    for ac in ("none", "full", "selective"):
+        run([BENCH / "train_step.py", "--device", "cpu", "--impl", "tnllm", "--preset", "tiny", "--T", "32", "--B", "2",
+             "--steps", "2", "--warmup", "1", "--no-compile", "--ac", ac, "--out", tmp_path / "t"], tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "t" / "train_step.jsonl").read_text().splitlines()]
+    assert [r["ac"] for r in recs] == ["none", "full", "selective"]
+    assert recs[1]["losses"] == recs[0]["losses"]
+    assert recs[2]["losses"] == pytest.approx(recs[0]["losses"], rel=1e-3)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(BENCH))
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--device", "cpu", "--impl", "sdpa", "--ac",
+                           "full"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--ac applies to the TNL model" in proc.stderr
