@@ -53,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._device import num_sms as _num_sms
+from .._launch import cdiv
 from .._triton_interp import patch as _patch_interpreter
 from .._triton_rows import apply_act, gla_state_load, gla_state_step
 from ..norm import EPS
@@ -476,7 +477,7 @@ def _launch_args(x: Tensor, H: int, e: int, g: int, nprog: int):
     HE = H * e
     dev = x.device
     bv = block_v(B, H, e, nprog)
-    NV = triton.cdiv(e, bv)
+    NV = cdiv(e, bv)
     P = H * NV
     scratch = (torch.empty(B, 4 * HE, device=dev, dtype=x.dtype), torch.empty(B, HE, device=dev, dtype=x.dtype),
                torch.empty(B * P, device=dev, dtype=torch.float32), torch.empty(B, g, device=dev, dtype=x.dtype))

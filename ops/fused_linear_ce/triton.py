@@ -17,6 +17,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .._launch import next_pow2
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -86,7 +88,7 @@ def ce_rows_triton(logits: Tensor, target: Tensor, ignore_index: int, grad: bool
     loss = torch.empty(c, device=logits.device, dtype=torch.float32)
     if c == 0:
         return loss
-    BV = block or min(4096 if logits.element_size() == 2 else 2048, triton.next_power_of_2(V))
+    BV = block or min(4096 if logits.element_size() == 2 else 2048, next_pow2(V))
     kernel[(c,)](logits, target.contiguous(), loss, logits.stride(0), V, ignore_index, BV=BV, GRAD=grad,
                  num_warps=8 if BV >= 2048 else 4)
     return loss

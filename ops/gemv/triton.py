@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._launch import cdiv, next_pow2
 from ..norm import EPS
 from ..sglu.triton import ACT_CODE
 
@@ -108,8 +109,8 @@ def residual_gemv_triton(x: Tensor, y: Tensor, w: Tensor, gate: str | None, eps:
     if K == 0:
         return out.copy_(x)
     cfg = cfg or default_config(N, K)
-    kernel[(triton.cdiv(N, cfg.BN), B)](
+    kernel[(cdiv(N, cfg.BN), B)](
         x, y, w, out, x.stride(0), y.stride(0), w.stride(0), out.stride(0), eps, N, K=K, BN=cfg.BN, BK=cfg.BK,
         GATE=gate is not None, ACT=ACT_CODE[gate] if gate is not None else 0,
-        BD=min(4096, triton.next_power_of_2(N)), num_warps=cfg.num_warps)
+        BD=min(4096, next_pow2(N)), num_warps=cfg.num_warps)
     return out

@@ -11,6 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .._launch import cdiv, next_pow2
 from ..norm import EPS
 
 ACT_CODE = {"none": 0, "silu": 1, "swish": 1, "relu": 2}
@@ -74,10 +75,10 @@ def sglu_gate_triton(l12: Tensor, norm_input: Tensor | None, act: str, eps: floa
         return out
     # 256 columns per program at small batch (more programs in flight); 1024 from 32 rows on, where the
     # grid is large anyway and each program's read of the x row (for the folded norm) costs more
-    BG = block or min(256 if B < 32 else 1024, triton.next_power_of_2(G))
-    NG = triton.cdiv(G, BG)
+    BG = block or min(256 if B < 32 else 1024, next_pow2(G))
+    NG = cdiv(G, BG)
     D = norm_input.shape[1] if norm else 1
     kernel[(B * NG,)](l12, norm_input if norm else l12, out, l12.stride(0), norm_input.stride(0) if norm else 0,
                       out.stride(0), eps, G=G, BG=BG, NG=NG, ACT=ACT_CODE[act], NORM=norm, D=D,
-                      BD=min(4096, triton.next_power_of_2(D)), num_warps=4 if BG <= 256 else 8)
+                      BD=min(4096, next_pow2(D)), num_warps=4 if BG <= 256 else 8)
     return out
