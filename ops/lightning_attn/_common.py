@@ -139,6 +139,13 @@ def as_grad_layout(x: Tensor, g: Tensor) -> Tensor:
     return empty_grad(x).copy_(g)
 
 
+def grads_in_layout(q: Tensor, k: Tensor, v: Tensor, grads: tuple) -> tuple:
+    """(dq, dk, dv, dS0) with dq, dk, dv in ``empty_grad``'s layout of q, k, v: for the blocked form's contiguous
+    gradients (the CPU kernel and the Triton path's fallback); the sweeps allocate the layout themselves."""
+    dq, dk, dv, dS0 = grads
+    return as_grad_layout(q, dq), as_grad_layout(k, dk), as_grad_layout(v, dv), dS0
+
+
 def _is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
     return is_fake(t) or t.device.type == "meta"

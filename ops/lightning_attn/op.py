@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, as_grad_layout, check_inputs, empty_grad
+from ._common import acc_dtype, check_inputs, empty_grad, grads_in_layout
 from .blocked import DEFAULT_BLOCK, _check_block, blocked_bwd, blocked_fwd
 
 
@@ -39,12 +39,7 @@ def lightning_attn_bwd(do: Tensor, dS: Tensor | None, q: Tensor, k: Tensor, v: T
                        initial_state: Tensor | None, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, d initial_state); the last is zeros when there is no initial state. dq, dk and dv
     are laid out as ``empty_grad`` of q, k and v."""
-    return _grad_layouts(q, k, v, blocked_bwd(do, dS, q, k, v, s, initial_state, block_size))
-
-
-def _grad_layouts(q, k, v, grads):
-    dq, dk, dv, dS0 = grads
-    return as_grad_layout(q, dq), as_grad_layout(k, dk), as_grad_layout(v, dv), dS0
+    return grads_in_layout(q, k, v, blocked_bwd(do, dS, q, k, v, s, initial_state, block_size))
 
 
 @lightning_attn_bwd.register_fake
@@ -63,7 +58,7 @@ def _fwd_cuda(q, k, v, s, initial_state, block_size):
 @lightning_attn_bwd.register_kernel("cuda")
 def _bwd_cuda(do, dS, q, k, v, s, initial_state, block_size):
     from . import triton as tri
-    return _grad_layouts(q, k, v, tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, initial_state))
+    return tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, initial_state)
 
 
 def _setup_context(ctx, inputs, output):

@@ -55,7 +55,7 @@ from torch import Tensor
 from .._device import num_sms as _num_sms
 from .._launch import cdiv, next_pow2
 from .._triton_interp import patch as _patch_interpreter
-from ._common import empty_grad
+from ._common import empty_grad, grads_in_layout
 
 _patch_interpreter()
 
@@ -591,7 +591,7 @@ def lightning_attn_bwd_triton(do: Tensor, dS: Tensor | None, q: Tensor, k: Tenso
     ``cfgs`` optionally maps "dq"/"dk"/"dv" to a SweepConfig (benchmark sweeps)."""
     if not supported(q, v):
         from .blocked import blocked_bwd
-        return blocked_bwd(do, dS, q, k, v, s, initial_state)
+        return grads_in_layout(q, k, v, blocked_bwd(do, dS, q, k, v, s, initial_state))
     return _bwd_sweeps(do, dS, q, k, v, s, initial_state, q.shape[0], cfgs)
 
 
@@ -602,17 +602,15 @@ def _bwd_sweeps(do, dS, q, k, v, s, initial_state, NS: int, cfgs: dict | None, c
     cfgs = cfgs or {}
     do = do.to(v.dtype)
     dS0 = torch.empty(NS, H, Dk, Dv, device=q.device, dtype=torch.float32)
-    if T == 0:
-        dS0.copy_(dS) if dS is not None else dS0.zero_()
-        return torch.empty_like(q, memory_format=torch.contiguous_format), \
-            torch.empty_like(k, memory_format=torch.contiguous_format), \
-            torch.empty_like(v, memory_format=torch.contiguous_format), dS0
-    S0 = initial_state.float() if initial_state is not None else None
-    G = dS.float() if dS is not None else None
-    kw = dict(cu=cu, order=order)
     # the dense op writes the gradients in their inputs' order of heads and positions (empty_grad); the packed op
     # (cu) keeps contiguous ones, as its fake kernel says
     grad = empty_grad if cu is None else (lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+    if T == 0:
+        dS0.copy_(dS) if dS is not None else dS0.zero_()
+        return grad(q), grad(k), grad(v), dS0
+    S0 = initial_state.float() if initial_state is not None else None
+    G = dS.float() if dS is not None else None
+    kw = dict(cu=cu, order=order)
     dq = _sweep(do, v, k, s, S0.transpose(-1, -2) if S0 is not None else None, reverse=False, e0=0,
                 cfg=cfgs.get("dq"), out=grad(q), **kw)
     fused = FUSED_DKDV if FUSED_DKDV != "auto" else (Dk <= FUSED_MAX_D and Dv <= FUSED_MAX_D)

@@ -140,6 +140,19 @@ def test_backward_writes_token_major_gradients(Dk, Dv):
     torch.testing.assert_close(got[3], ref[3], rtol=0, atol=0)
 
 
+def test_backward_fallback_keeps_the_gradient_layout():
+    """Inputs the kernels do not take (fp64 here) go to the blocked form, whose gradients are then laid out as the
+    sweeps' (``empty_grad``): token-major for token-major q, k, v, as the fake kernel says."""
+    from tnllm.ops.lightning_attn._common import token_major
+    case = tt.Case(1, 2, 40, 8, 4, torch.float64, layout="bthd", rates=(0.2, 0.7), state=False, seed=5)
+    q, k, v, s, _, do, _ = tt.make_inputs(case)
+    q, k, v = (x.detach() for x in (q, k, v))
+    assert not tri.supported(q, v)
+    got = tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None)
+    for g, x in zip(got[:3], (q, k, v)):
+        assert token_major(g) and g.stride() == empty_grad(x).stride()
+
+
 def test_default_chunk_rows_through_the_launchers(monkeypatch):
     """CHUNK_ROWS sets the chunk of the launchers' default configuration (read at each launch): 32 rows over a
     tail of 70 = 2 * 32 + 6, fp16 and fp32, against the oracle."""
