@@ -204,6 +204,8 @@ def main(argv=None):
     ids = torch.randint(1, cfg.vocab_size, (a.B, a.T), device=dev)
 
     def step():
+        if a.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()      # a new iteration: the last step's graph outputs are free
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = loss_fn(m.hidden_states(ids), ids)
         loss.backward()
@@ -213,8 +215,6 @@ def main(argv=None):
 
     t0 = time.time()
     for _ in range(a.warmup):
-        if a.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
         loss = step()
     if cuda:
         torch.cuda.synchronize()
@@ -222,8 +222,6 @@ def main(argv=None):
     warm = time.time() - t0
     times, host, losses = [], [], []
     for _ in range(a.steps):
-        if a.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()      # a new iteration: the last step's graph outputs are free
         if cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t1 = time.perf_counter()
@@ -261,13 +259,13 @@ def main(argv=None):
                loss=float(loss.detach()), compiled=not a.no_compile, device=dev, torch=torch.__version__)
     print(json.dumps(rec), flush=True)
     os.makedirs(a.out, exist_ok=True)
+    tag = f"{a.impl}_{a.loss}_T{a.T}_B{a.B}"
     if a.profile:
         prof = profile_step(step, cuda)
         prof.update(impl=a.impl, loss_impl=a.loss, preset=a.preset, B=a.B, T=a.T, step_ms=ms)
         print(json.dumps({k: prof[k] for k in ("kinds_ms", "kernel_ms_total")}), flush=True)
         for r in prof["kernels"][:25]:
             print(f"{r['ms']:9.3f} ms  x{r['count']:<5d} {r['kind']:10s} {r['name'][:110]}", flush=True)
-        tag = f"{a.impl}_{a.loss}_T{a.T}_B{a.B}"
         with open(os.path.join(a.out, f"train_profile_{tag}.json"), "w") as f:
             json.dump(prof, f, indent=1)
     if a.host_profile:
@@ -282,7 +280,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         buf = io.StringIO()
         pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(40)
-        with open(os.path.join(a.out, f"train_host_profile_{a.impl}_{a.loss}_T{a.T}_B{a.B}.txt"), "w") as f:
+        with open(os.path.join(a.out, f"train_host_profile_{tag}.txt"), "w") as f:
             f.write(buf.getvalue())
     with open(os.path.join(a.out, "train_step.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")

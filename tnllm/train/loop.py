@@ -90,7 +90,7 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {MODES}, got {self.compile_mode!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True (`--compile`)")
-        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.pack_documents:
+        if self.cuda_graphs and self.pack_documents:
             raise ValueError(f"compile_mode={self.compile_mode!r} with pack_documents: each packed batch has its own "
                              "number of documents (cu_seqlens), so nearly every step would record new CUDA graphs; "
                              "use the default compile mode (or max-autotune-no-cudagraphs)")
@@ -100,6 +100,11 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled blocks replay as CUDA graphs (the compile modes that use them)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -364,7 +369,7 @@ class Trainer:
     def _graph_step_begin(self) -> None:
         """With CUDA-graph compile modes: tell the graph trees a new iteration starts, so the blocks' graphs
         replay over the previous step's (now dead) outputs instead of re-recording."""
-        if self.cfg.compile and self.cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.cfg.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
     def train_step(self, batch: torch.Tensor) -> float:
