@@ -203,15 +203,19 @@ def sweep(out, dtype, shapes=()):
                                             SC(32, 64, 4, 2, 1), SC(128, 64, 8, 2, 1), SC(64, 128, 8, 2, 1), SC(64, 64, 4, 1, 1),
                                             # CHUNK 32: no register spills at D128 (sm_90, python -m tnllm.testing.compiled
                                             # resources; the CHUNK 64 default spills 96-120 bytes)
-                                            SC(64, 32, 4, 2, 1), SC(64, 32, 4, 3, 1)]),
+                                            SC(64, 32, 4, 2, 1), SC(64, 32, 4, 3, 1),
+                                            # the whole [128, 128] state in 8 warps at CHUNK 32: no spills, no recomputed
+                                            # A Bm^T per tile, one program per SM (128 programs: one wave on 132 SMs)
+                                            SC(128, 32, 8, 2, 1), SC(128, 32, 8, 3, 1)]),
         "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1),
                                             SC(64, 32, 4, 2, 1)]),
         "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2)]),
         "t32k": (("fwd", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 8),
-                                 SC(64, 32, 4, 2, 8)]),
+                                 SC(64, 32, 4, 2, 8), SC(128, 32, 8, 2, 4), SC(128, 32, 8, 2, 8)]),
         "train": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 16),
                                   SC(32, 64, 4, 2, 1), SC(32, 64, 4, 2, 2), SC(32, 64, 4, 2, 4), SC(32, 64, 4, 2, 8),
-                                  SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4), SC(64, 32, 4, 2, 16), SC(64, 32, 4, 2, 8)]),
+                                  SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4), SC(64, 32, 4, 2, 16), SC(64, 32, 4, 2, 8),
+                                  SC(128, 32, 8, 2, 8), SC(128, 32, 8, 2, 16)]),
     }
     dkdv_cands = [SC(0, 64, 8, 2), SC(0, 64, 4, 2), SC(0, 32, 4, 2), SC(0, 32, 8, 2), SC(0, 64, 8, 3), SC(0, 32, 4, 3)]
     for name in ("main", "d64", "lrpe", "t32k", "train"):   # the fused dk/dv sweep: (CHUNK, warps, stages) candidates
