@@ -83,6 +83,17 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from tnllm.ops.lightning_attn import triton as tri
         tri.CHUNK_ROWS = int(name[len("tnllm_chunk"):])   # read at each launch; restored by main after the record
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name.startswith("tnllm_cfg"):   # the public op with WIDE_CONFIG (16-bit sweeps wider than 64) = BC x CHUNK, warps
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        spec = name[len("tnllm_cfg"):]
+        if spec == "none":
+            tri.WIDE_CONFIG = None
+        else:
+            bc, rest = spec.split("x")
+            chunk, warps = rest.split("w")
+            tri.WIDE_CONFIG = tri.SweepConfig(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -374,6 +385,7 @@ def main(argv=None):
     from tnllm.ops.lightning_attn import triton as tri
     nf_default, split_default, fused_default, chunk_default = (tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV,
                                                                tri.CHUNK_ROWS)
+    wide_default = tri.WIDE_CONFIG
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
@@ -401,6 +413,8 @@ def main(argv=None):
                     tri.FUSED_DKDV = fused_default
                 if name.startswith("tnllm_chunk"):
                     tri.CHUNK_ROWS = chunk_default
+                if name.startswith("tnllm_cfg"):
+                    tri.WIDE_CONFIG = wide_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

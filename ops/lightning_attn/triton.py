@@ -81,6 +81,10 @@ FUSED_MAX_D = 64
 # triton 3.6, 96 B with 3.9) where 32 does not (`python -m tnllm.testing.compiled attention`); 32 was not yet
 # timed against it at the op level: `bench/attention.py --chunks 32` does.
 CHUNK_ROWS = 64
+# The sweeps' configuration for 16-bit state tiles wider than 64 columns (Dv > 64), read at each launch by
+# default_config; None: [DA, 64] tiles of CHUNK_ROWS rows in 4 warps. `bench/attention.py` times the public op
+# under another one as tnllm_cfg<BC>x<CHUNK>w<warps> (tnllm_cfgnone: None).
+WIDE_CONFIG: "SweepConfig | None" = None
 
 
 @triton.jit
@@ -430,6 +434,8 @@ def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     """Tile choice (H200 sweep in docs/benchmarks.md): state tile [DA <= 128, BC = 64] fp32 in
     registers, 4 warps, 2 stages; fp32 (ieee dots) takes BC = 32. Only configurations that passed
     the GPU suite on triton 3.6 / H200 are used (launches with DA or DC = 256 did not: see _sweep)."""
+    if WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
+        return WIDE_CONFIG
     BC = min(_pow2(DC), 64)
     if dtype == torch.float32:
         BC = min(BC, 32)
