@@ -402,12 +402,13 @@ class SweepConfig:
     nonfinite: int = -1     # the masking of non-finite C entries (NF of _la_sweep_kernel); -1: NONFINITE_MODE
 
 
-def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
+def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when
     the programs fill at least half the SMs (``2 * programs > num_sms``) or the sequence is short (< 8
     chunks). Else the split count k (at most 16, each split at least 4 chunks long) that minimises the
-    chunk steps of the slowest program, waves x chunks per split, counting two resident programs per SM
-    (waves = ceil(programs * k / (2 * num_sms))); ties go to more splits. Whole waves matter: on the H200
+    chunk steps of the slowest program, waves x chunks per split, counting ``per_sm`` resident programs per SM
+    (waves = ceil(programs * k / (per_sm * num_sms)); two for the 4-warp tiles, one for 8 warps, whose ~250
+    registers per thread fill the register file); ties go to more splits. Whole waves matter: on the H200
     (132 SMs) at B2 H8 T8192 D128 (32 programs, 128 chunks; the 385M training step) the forward sweep took
     0.161 ms with 4 splits, 0.240 with 9 (288 programs: a third wave almost empty) and 0.135 with 16
     (bench/attention.py --sweep --sweep-shapes train). A split costs a pre-pass over its Bm and C rows, so
@@ -415,7 +416,7 @@ def auto_split(programs: int, n_chunks: int, num_sms: int) -> int:
     slower, 1.30 -> 1.70 ms fwd+bwd, so those run unsplit."""
     if 2 * programs > num_sms or n_chunks < 8:
         return 1
-    slots = 2 * num_sms
+    slots = per_sm * num_sms
     best_cost, best = None, 1
     for k in range(1, min(16, n_chunks // 4) + 1):
         cps = -(-n_chunks // k)
@@ -456,11 +457,12 @@ def _last_unit(x: Tensor) -> Tensor:
     return x if unit and aligned else x.clone(memory_format=torch.contiguous_format)
 
 
-def _split_plan(n_split: int, programs: int, n_chunks: int, device) -> tuple[int, int]:
+def _split_plan(n_split: int, programs: int, n_chunks: int, device, num_warps: int = 4) -> tuple[int, int]:
     """(splits, chunks per split) of a sweep: ``n_split`` <= 0 is automatic (one split unless AUTO_SPLIT, see
-    auto_split, for ``programs`` programs per split); every split non-empty, all but the last full."""
+    auto_split, for ``programs`` programs per split of ``num_warps`` warps); every split non-empty, all but the
+    last full."""
     if n_split <= 0:
-        n_split = auto_split(programs, n_chunks, _num_sms(device)) if AUTO_SPLIT else 1
+        n_split = auto_split(programs, n_chunks, _num_sms(device), 2 if num_warps <= 4 else 1) if AUTO_SPLIT else 1
     n_split = max(1, min(n_split, n_chunks))
     cps = cdiv(n_chunks, n_split)
     return cdiv(n_chunks, cps), cps
@@ -534,7 +536,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         # one program walks one whole sequence: no split pre-pass (its local states would be per sequence)
         assert B == 1 and order is not None
         n_split = 1
-    n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device)
+    n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device, cfg.num_warps)
     s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
     ieee = A.dtype == torch.float32
     W = _local_states(Bm, C, s32, n_split, cps, BC=BC, CHUNK=CHUNK, reverse=reverse, ieee=ieee,
@@ -675,7 +677,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     assert dk.stride(-1) == 1 and dv.stride(-1) == 1
     BK, BV, CHUNK = _pow2(Dk), _pow2(Dv), cfg.CHUNK
     n_chunks = cdiv(T, CHUNK)
-    n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device)
+    n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device, cfg.num_warps)
     s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
     # the earlier splits' local states of G: those of the dv sweep (Bm = q, C = do, reverse frame)
     W = _local_states(q, do, s32, n_split, cps, BC=min(64, BV), CHUNK=CHUNK, reverse=True, ieee=False,

@@ -43,6 +43,10 @@ def test_auto_split_policy():
     assert auto_split(1, 94, sms) == 16              # one long head: at most 16 splits
     assert auto_split(8, 7, sms) == 1                # under 8 chunks: not worth a pre-pass
     assert auto_split(8, 12, sms) == 3               # every split at least 4 chunks long
+    # one resident program per SM (8 warps) instead of two: the waves double, and so does the cost of a split
+    assert auto_split(40, 128, sms, per_sm=2) == 13    # 520 programs: 2 waves of 10 chunks
+    assert auto_split(40, 128, sms, per_sm=1) == 16    # 13 splits would take 4 waves of 132: 16 take 5 of 8 chunks
+    assert auto_split(16, 128, sms, per_sm=1) == 16    # B2 H8 D128 as one [128, 128] tile per head
     for programs in (1, 3, 17, 64, 131):
         for n_chunks in (8, 9, 31, 100, 10_000):
             k = auto_split(programs, n_chunks, sms)
