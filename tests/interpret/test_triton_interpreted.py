@@ -8,6 +8,7 @@ The launchers, wrapped as a form with lightning_attn's signature, go through tnl
 the fp64 oracle (outputs, final states, all gradients) at tile/chunk/split/tail edges, and through
 the edge contract, with poisoned (NaN) allocations so that an element never written fails.
 """
+import dataclasses
 import functools
 import math
 import os
@@ -160,6 +161,20 @@ def test_default_chunk_rows_through_the_launchers(monkeypatch):
     assert tri.default_config(128, 128, torch.bfloat16).CHUNK == 32
     for dtype in (torch.float16, torch.float32):
         check(1, 2, 70, 16, 24, dtype, seed=11, state=True)
+
+
+def test_wide_config_through_the_launchers(monkeypatch):
+    """WIDE_CONFIG replaces the default configuration of the 16-bit sweeps wider than 64 columns (read at each
+    launch): one [DA, 128] state tile in 8 warps, chunks of 32, over a tail of 70 and a Dv of 96 (masked state
+    columns), with an automatic split; fp32 keeps its narrow tiles. Against the oracle."""
+    wide = tri.SweepConfig(BC=128, CHUNK=32, num_warps=8, num_stages=2)
+    monkeypatch.setattr(tri, "WIDE_CONFIG", wide)
+    assert tri.default_config(128, 128, torch.bfloat16) == wide and tri.default_config(128, 96, torch.float16) == wide
+    assert tri.default_config(128, 64, torch.float16).BC == 64 and tri.default_config(128, 128, torch.float32).BC == 32
+    for dtype in (torch.float16, torch.float32):
+        check(1, 2, 70, 24, 96, dtype, seed=12, state=True)
+    monkeypatch.setattr(tri, "WIDE_CONFIG", dataclasses.replace(wide, n_split=2))
+    check(1, 2, 70, 24, 96, torch.float16, seed=13, state=True)
 
 
 @pytest.fixture
