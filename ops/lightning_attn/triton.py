@@ -82,8 +82,11 @@ FUSED_MAX_D = 64
 # timed against it at the op level: `bench/attention.py --chunks 32` does.
 CHUNK_ROWS = 64
 # The sweeps' configuration for 16-bit state tiles wider than 64 columns (Dv > 64), read at each launch by
-# default_config; None: [DA, 64] tiles of CHUNK_ROWS rows in 4 warps. `bench/attention.py` times the public op
-# under another one as tnllm_cfg<BC>x<CHUNK>w<warps> (tnllm_cfgnone: None).
+# default_config: the whole [DA, 128] state of a head in one program of 8 warps, chunks of 32 rows. It compiles
+# without register spills (246 registers, 0 bytes of stack with triton 3.6 and 3.9, sm_90) and forms A Bm^T once
+# per head instead of once per 64-column tile; its programs fill one per SM. None: [DA, 64] tiles of CHUNK_ROWS
+# rows in 4 warps (two per SM). `bench/attention.py` times the public op under another one as
+# tnllm_cfg<BC>x<CHUNK>w<warps> (tnllm_cfgnone: None).
 WIDE_CONFIG: "SweepConfig | None" = None
 
 
@@ -400,6 +403,9 @@ class SweepConfig:
     num_stages: int = 2
     n_split: int = 0
     nonfinite: int = -1     # the masking of non-finite C entries (NF of _la_sweep_kernel); -1: NONFINITE_MODE
+
+
+WIDE_CONFIG = SweepConfig(BC=128, CHUNK=32, num_warps=8, num_stages=2)
 
 
 def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> int:

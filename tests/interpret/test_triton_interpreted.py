@@ -158,7 +158,7 @@ def test_default_chunk_rows_through_the_launchers(monkeypatch):
     """CHUNK_ROWS sets the chunk of the launchers' default configuration (read at each launch): 32 rows over a
     tail of 70 = 2 * 32 + 6, fp16 and fp32, against the oracle."""
     monkeypatch.setattr(tri, "CHUNK_ROWS", 32)
-    assert tri.default_config(128, 128, torch.bfloat16).CHUNK == 32
+    assert tri.default_config(128, 64, torch.bfloat16).CHUNK == 32
     for dtype in (torch.float16, torch.float32):
         check(1, 2, 70, 16, 24, dtype, seed=11, state=True)
 
