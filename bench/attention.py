@@ -220,7 +220,9 @@ def sweep(out, dtype, shapes=()):
                                             SC(128, 32, 8, 2, 1), SC(128, 32, 8, 3, 1)]),
         "lrpe": (("fwd", "dq", "dk", "dv"), [SC(64, 64, 8, 1, 1), SC(32, 64, 8, 1, 1), SC(32, 64, 4, 2, 1), SC(64, 64, 8, 2, 1),
                                             SC(64, 32, 4, 2, 1)]),
-        "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2)]),
+        # 128 programs of one [64, 64] tile: half the 2 x 132 resident slots; 2 splits fill them in one wave
+        "d64": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(32, 64, 4, 2, 1), SC(32, 64, 4, 3, 2), SC(64, 64, 4, 2, 2),
+                                SC(64, 64, 4, 2, 4), SC(64, 32, 4, 2, 2)]),
         "t32k": (("fwd", "dv"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 8),
                                  SC(64, 32, 4, 2, 8), SC(128, 32, 8, 2, 4), SC(128, 32, 8, 2, 8)]),
         "train": (("fwd", "dk"), [SC(64, 64, 4, 2, 1), SC(64, 64, 4, 2, 2), SC(64, 64, 4, 2, 4), SC(64, 64, 4, 2, 16),
@@ -228,7 +230,8 @@ def sweep(out, dtype, shapes=()):
                                   SC(64, 128, 8, 2, 4), SC(64, 64, 4, 3, 4), SC(64, 32, 4, 2, 16), SC(64, 32, 4, 2, 8),
                                   SC(128, 32, 8, 2, 8), SC(128, 32, 8, 2, 16)]),
     }
-    dkdv_cands = [SC(0, 64, 8, 2), SC(0, 64, 4, 2), SC(0, 32, 4, 2), SC(0, 32, 8, 2), SC(0, 64, 8, 3), SC(0, 32, 4, 3)]
+    dkdv_cands = [SC(0, 64, 8, 2), SC(0, 64, 4, 2), SC(0, 32, 4, 2), SC(0, 32, 8, 2), SC(0, 64, 8, 3), SC(0, 32, 4, 3),
+                  SC(0, 64, 4, 2, 2), SC(0, 32, 4, 2, 2)]
     for name in ("main", "d64", "lrpe", "t32k", "train"):   # the fused dk/dv sweep: (CHUNK, warps, stages) candidates
         plans[name] = (plans[name][0] + ("dkdv",), plans[name][1])
     if shapes:
