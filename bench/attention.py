@@ -164,7 +164,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
     # vs the blocked form in fp32, same inputs
-    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk")):
+    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk", "tnllm_cfg")):
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
