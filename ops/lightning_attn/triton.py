@@ -82,11 +82,12 @@ FUSED_MAX_D = 64
 # timed against it at the op level: `bench/attention.py --chunks 32` does.
 CHUNK_ROWS = 64
 # The sweeps' configuration for 16-bit state tiles wider than 64 columns (Dv > 64), read at each launch by
-# default_config: the whole [DA, 128] state of a head in one program of 8 warps, chunks of 32 rows. It compiles
-# without register spills (246 registers, 0 bytes of stack with triton 3.6 and 3.9, sm_90) and forms A Bm^T once
-# per head instead of once per 64-column tile; its programs fill one per SM. None: [DA, 64] tiles of CHUNK_ROWS
-# rows in 4 warps (two per SM). `bench/attention.py` times the public op under another one as
-# tnllm_cfg<BC>x<CHUNK>w<warps> (tnllm_cfgnone: None).
+# default_config; None (the default): [DA, 64] tiles of CHUNK_ROWS rows in 4 warps, two programs per SM. The
+# candidate is SweepConfig(BC=128, CHUNK=32, num_warps=8): the whole [DA, 128] state of a head in one program
+# (one per SM), A Bm^T formed once per head instead of once per 64-column tile, and no register spills (246
+# registers and 0 bytes of stack forward, 242 / 0 reverse, with triton 3.6 for sm_90, where the default spills
+# 104 bytes); it passes the interpreter tests but has not been timed or tested on a GPU. `bench/attention.py`
+# times the public op under another value as tnllm_cfg<BC>x<CHUNK>w<warps> (e.g. tnllm_cfg128x32w8).
 WIDE_CONFIG: "SweepConfig | None" = None
 
 
@@ -405,9 +406,6 @@ class SweepConfig:
     nonfinite: int = -1     # the masking of non-finite C entries (NF of _la_sweep_kernel); -1: NONFINITE_MODE
 
 
-WIDE_CONFIG = SweepConfig(BC=128, CHUNK=32, num_warps=8, num_stages=2)
-
-
 def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when
     the programs fill at least half the SMs (``2 * programs > num_sms``) or the sequence is short (< 8
@@ -439,8 +437,9 @@ def _pow2(n: int) -> int:
 
 def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     """Tile choice (H200 sweep in docs/benchmarks.md): state tile [DA <= 128, BC = 64] fp32 in
-    registers, 4 warps, 2 stages; fp32 (ieee dots) takes BC = 32. Only configurations that passed
-    the GPU suite on triton 3.6 / H200 are used (launches with DA or DC = 256 did not: see _sweep)."""
+    registers, CHUNK_ROWS rows per chunk, 4 warps, 2 stages; fp32 (ieee dots) takes BC = 32; WIDE_CONFIG, when
+    set, for 16-bit tiles wider than 64. Only configurations that passed the GPU suite on triton 3.6 / H200 are
+    defaults (launches with DA or DC = 256 did not: see _sweep)."""
     if WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
         return WIDE_CONFIG
     BC = min(_pow2(DC), 64)
