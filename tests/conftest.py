@@ -38,6 +38,28 @@ if _XDIST_WORKERS:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--sweep-wide", default="", metavar="BCxCHUNKwWARPS",
+                     help="run the session with the Lightning Attention sweeps' WIDE_CONFIG set (16-bit tiles wider "
+                          "than 64 columns), e.g. 128x32w8; 'none' unsets it")
+
+
+def pytest_configure(config):
+    spec = config.getoption("--sweep-wide")
+    if not spec:
+        return
+    from tnllm.ops.lightning_attn import triton as tri
+    if spec == "none":
+        tri.WIDE_CONFIG = None
+        return
+    try:
+        bc, rest = spec.split("x")
+        chunk, warps = rest.split("w")
+        tri.WIDE_CONFIG = tri.SweepConfig(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
+    except ValueError:
+        raise pytest.UsageError(f"--sweep-wide: expected BCxCHUNKwWARPS (e.g. 128x32w8) or 'none', got {spec!r}")
+
+
 def pytest_collection_finish(session):
     """On a machine with >= 8 cores (e.g. a GPU host), start the interpreter suite's child process now, so that
     it runs beside the rest of the suite (it keeps one core busy for minutes); its test collects the result.
