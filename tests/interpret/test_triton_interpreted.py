@@ -175,6 +175,12 @@ def test_wide_config_through_the_launchers(monkeypatch):
         check(1, 2, 70, 24, 96, dtype, seed=12, state=True)
     monkeypatch.setattr(tri, "WIDE_CONFIG", dataclasses.replace(wide, n_split=2))
     check(1, 2, 70, 24, 96, torch.float16, seed=13, state=True)
+    monkeypatch.setattr(tri, "WIDE_CONFIG", wide)
+    chosen = []
+    default_config = tri.default_config
+    monkeypatch.setattr(tri, "default_config", lambda *a: chosen.append(default_config(*a)) or chosen[-1])
+    tt.assert_forms_agree(triton_form, dtypes=(torch.float16,), max_examples=4, max_T=80, dims=(72, 96, 128))
+    assert wide in chosen, "no sweep of the property run took the wide configuration"
 
 
 @pytest.fixture
