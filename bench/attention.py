@@ -94,6 +94,16 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
             chunk, warps = rest.split("w")
             tri.WIDE_CONFIG = tri.SweepConfig(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
+    if name.startswith("tnllm_split"):   # the public op with every sweep cut into N sequence splits (not auto_split's)
+        import dataclasses
+
+        from tnllm.ops import lightning_attn
+        from tnllm.ops.lightning_attn import triton as tri
+        n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config
+        # restored by main after the record
+        tri.default_config = lambda *a: dataclasses.replace(base(*a), n_split=n)
+        tri.default_dkdv_config = lambda *a: dataclasses.replace(base_dkdv(*a), n_split=n)
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
         diff = idx[:, None] - idx[None, :]
@@ -164,7 +174,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
     # vs the blocked form in fp32, same inputs
-    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk", "tnllm_cfg")):
+    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk", "tnllm_cfg", "tnllm_split")):
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
@@ -388,7 +398,7 @@ def main(argv=None):
     from tnllm.ops.lightning_attn import triton as tri
     nf_default, split_default, fused_default, chunk_default = (tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV,
                                                                tri.CHUNK_ROWS)
-    wide_default = tri.WIDE_CONFIG
+    wide_default, config_default, dkdv_default = tri.WIDE_CONFIG, tri.default_config, tri.default_dkdv_config
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
@@ -418,6 +428,8 @@ def main(argv=None):
                     tri.CHUNK_ROWS = chunk_default
                 if name.startswith("tnllm_cfg"):
                     tri.WIDE_CONFIG = wide_default
+                if name.startswith("tnllm_split"):
+                    tri.default_config, tri.default_dkdv_config = config_default, dkdv_default
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
