@@ -90,9 +90,7 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         if spec == "none":
             tri.WIDE_CONFIG = None
         else:
-            bc, rest = spec.split("x")
-            chunk, warps = rest.split("w")
-            tri.WIDE_CONFIG = tri.SweepConfig(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
+            tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name.startswith("tnllm_split"):   # the public op with every sweep cut into N sequence splits (not auto_split's)
         import dataclasses

@@ -53,11 +53,9 @@ def pytest_configure(config):
         tri.WIDE_CONFIG = None
         return
     try:
-        bc, rest = spec.split("x")
-        chunk, warps = rest.split("w")
-        tri.WIDE_CONFIG = tri.SweepConfig(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
-    except ValueError:
-        raise pytest.UsageError(f"--sweep-wide: expected BCxCHUNKwWARPS (e.g. 128x32w8) or 'none', got {spec!r}")
+        tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
+    except ValueError as e:
+        raise pytest.UsageError(f"--sweep-wide (or 'none'): {e}")
 
 
 def pytest_collection_finish(session):

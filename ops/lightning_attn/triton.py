@@ -405,6 +405,18 @@ class SweepConfig:
     n_split: int = 0
     nonfinite: int = -1     # the masking of non-finite C entries (NF of _la_sweep_kernel); -1: NONFINITE_MODE
 
+    @classmethod
+    def from_spec(cls, spec: str) -> "SweepConfig":
+        """``"<BC>x<CHUNK>w<warps>"`` (e.g. ``"128x32w8"``) -> SweepConfig(BC, CHUNK, num_warps), 2 stages, automatic
+        splits: how the benchmark and the test option ``--sweep-wide`` name a configuration."""
+        try:
+            bc, rest = spec.split("x")
+            chunk, warps = rest.split("w")
+            return cls(BC=int(bc), CHUNK=int(chunk), num_warps=int(warps), num_stages=2)
+        except ValueError:
+            raise ValueError(f"SweepConfig.from_spec: expected '<BC>x<CHUNK>w<warps>' (e.g. '128x32w8'), got "
+                             f"{spec!r}") from None
+
 
 def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when

@@ -51,3 +51,11 @@ def test_auto_split_policy():
         for n_chunks in (8, 9, 31, 100, 10_000):
             k = auto_split(programs, n_chunks, sms)
             assert 1 <= k <= 16 and (k == 1 or n_chunks // k >= 4)
+
+
+def test_sweep_config_from_spec():
+    from tnllm.ops.lightning_attn.triton import SweepConfig
+    assert SweepConfig.from_spec("128x32w8") == SweepConfig(BC=128, CHUNK=32, num_warps=8, num_stages=2)
+    for bad in ("128x32", "x32w8", "128-32w8", "axbwc"):
+        with pytest.raises(ValueError, match="from_spec"):
+            SweepConfig.from_spec(bad)
