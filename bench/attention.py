@@ -172,7 +172,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
     # vs the blocked form in fp32, same inputs
-    if name == "tnllm" or name.startswith(("tnllm_nf", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk", "tnllm_cfg", "tnllm_split")):
+    if name.startswith("tnllm") and name != "tnllm_api":     # the op and its variants (make_impl)
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
@@ -394,9 +394,9 @@ def main(argv=None):
     path = os.path.join(a.out, "attention.json")
     recs = []
     from tnllm.ops.lightning_attn import triton as tri
-    nf_default, split_default, fused_default, chunk_default = (tri.NONFINITE_MODE, tri.AUTO_SPLIT, tri.FUSED_DKDV,
-                                                               tri.CHUNK_ROWS)
-    wide_default, config_default, dkdv_default = tri.WIDE_CONFIG, tri.default_config, tri.default_dkdv_config
+    # the settings of the Triton module (and its two config functions) that make_impl's tnllm_* variants replace
+    defaults = {knob: getattr(tri, knob) for knob in ("NONFINITE_MODE", "AUTO_SPLIT", "FUSED_DKDV", "CHUNK_ROWS",
+                                                      "WIDE_CONFIG", "default_config", "default_dkdv_config")}
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
@@ -416,18 +416,8 @@ def main(argv=None):
                         rec = dict(impl=name, shape=shape_name, error=f"{type(e).__name__}: {str(e)[:300]}")
                         traceback.print_exc(limit=1)
                         _empty_cache()
-                if name.startswith("tnllm_nf"):
-                    tri.NONFINITE_MODE = nf_default
-                if name == "tnllm_autosplit":
-                    tri.AUTO_SPLIT = split_default
-                if name == "tnllm_separate":
-                    tri.FUSED_DKDV = fused_default
-                if name.startswith("tnllm_chunk"):
-                    tri.CHUNK_ROWS = chunk_default
-                if name.startswith("tnllm_cfg"):
-                    tri.WIDE_CONFIG = wide_default
-                if name.startswith("tnllm_split"):
-                    tri.default_config, tri.default_dkdv_config = config_default, dkdv_default
+                for knob, value in defaults.items():      # undo what a tnllm_* variant's make_impl set
+                    setattr(tri, knob, value)
                 log(json.dumps(rec))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
