@@ -159,8 +159,9 @@ def _la_local_state_kernel(
 @triton.jit
 def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam, ja, jc, mS,
                  DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
-                 E0: tl.constexpr, HAS_S0: tl.constexpr):
-    """The state tile a program starts its split from: S0' (or 0) with the earlier splits' local states folded in."""
+                 E0: tl.constexpr, HAS_S0: tl.constexpr, WT: tl.constexpr):
+    """The state tile a program starts its split from: S0' (or 0) with the earlier splits' local states folded in.
+    WT: W holds the local states transposed, [DC, DA] each (the pre-pass of the mirrored sweep, see _sweep)."""
     if HAS_S0:
         s0 = S0 + b.to(tl.int64) * s0_b + h.to(tl.int64) * s0_h
         S = tl.load(s0 + ja[:, None] * s0_r + jc[None, :] * s0_c, mask=mS, other=0.0).to(tl.float32)
@@ -168,8 +169,11 @@ def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, 
         S = tl.zeros([BA, BC], dtype=tl.float32)
     split_len = chunks_per_split * CHUNK
     for p in range(0, split):
-        L = tl.load(W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC) + ja[:, None] * DC + jc[None, :],
-                    mask=mS, other=0.0)
+        w = W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC)
+        if WT:
+            L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
+        else:
+            L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
         e = split_len + tl.where(p == 0, E0, 0)
         S = S * _lam_pow(log_lam, e) + L
     return S
@@ -229,6 +233,7 @@ def _sweep_program(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
+    WT: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -256,7 +261,7 @@ def _sweep_program(
     mS = ma[:, None] & mc[None, :]
 
     S = _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam,
-                     ja, jc, mS, DA, DC, BA, BC, CHUNK, E0, HAS_S0)
+                     ja, jc, mS, DA, DC, BA, BC, CHUNK, E0, HAS_S0, WT)
     diff = jj[:, None] - jj[None, :]
     causal = diff >= 0
     Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
@@ -295,7 +300,7 @@ def _la_sweep_kernel(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, WT: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -305,12 +310,12 @@ def _la_sweep_kernel(
             _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN)
+                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN, WT)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN)
+                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN, WT)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -352,7 +357,7 @@ def _la_dkdv_kernel(
     mv = jv < DVW
     mS = mk[:, None] & mv[None, :]
     G = _start_state(G0, W, b, h, bh, split, n_split, chunks_per_split, g0_b, g0_h, g0_r, g0_c, log_lam,
-                     jk, jv, mS, DKW, DVW, BK, BV, CHUNK, -1, HAS_G0)
+                     jk, jv, mS, DKW, DVW, BK, BV, CHUNK, -1, HAS_G0, False)
     diff = jj[:, None] - jj[None, :]
     causal = diff >= 0
     Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
@@ -505,7 +510,8 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
 
 def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, reverse: bool, e0: int,
            final: Tensor | None = None, sf_shift: bool = False, cfg: SweepConfig | None = None,
-           out: Tensor | None = None, cu: Tensor | None = None, order: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, cu: Tensor | None = None, order: Tensor | None = None,
+           local: dict | None = None) -> Tensor:
     """One sweep (module docstring). A, Bm [B, H, T, DA]; C [B, H, T, DC]; S0 [B, H, DA, DC] view or None;
     ``final`` [B, H, DA, DC] fp32 view to receive the final state; ``out`` an optional [B, H, T, DC]
     view (unit last stride) to write. Returns Out [B, H, T, DC] in C's dtype (contiguous if allocated here).
@@ -513,6 +519,11 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     Packed sequences: ``cu`` (int32/int64 [N + 1] on the device, read only by the kernel) cuts the one row
     (B = 1) into N sequences, each swept on its own from its own state; S0 and ``final`` are then
     [N, H, DA, DC]. ``order`` (int32 [N]) is the order in which the sequences' programs are launched.
+
+    ``local``: a dict shared by two mirrored sweeps (the backward's dv sweep, Bm = q and C = do, then its dk sweep,
+    Bm = do and C = q, both in the reverse frame), whose split pre-passes give transposed local states. The first
+    sweep that splits stores its pre-pass there; the second reads it transposed (WT) instead of running its own,
+    when its split plan, chunk rows and widths mirror the first's.
 
     Widths over TILE_D are cut into launches of <= TILE_D (on triton 3.6 / H200 the single launches
     with DA or DC = 256 faulted or gave wrong results): DC by column slices of Out, S0 and the final
@@ -556,8 +567,15 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device, cfg.num_warps)
     s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
     ieee = A.dtype == torch.float32
-    W = _local_states(Bm, C, s32, n_split, cps, BC=BC, CHUNK=CHUNK, reverse=reverse, ieee=ieee,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    plan = (n_split, cps, CHUNK, reverse, e0, B, H, T)
+    wt = local is not None and n_split > 1 and local.get("plan") == plan and local.get("widths") == (DC, DA)
+    if wt:
+        W = local["W"]
+    else:
+        W = _local_states(Bm, C, s32, n_split, cps, BC=BC, CHUNK=CHUNK, reverse=reverse, ieee=ieee,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if local is not None and n_split > 1:
+            local.update(W=W, plan=plan, widths=(DA, DC))
     s0 = S0 if S0 is not None else s32
     s0_st = tuple(S0.stride()) if S0 is not None else (0, 0, 0, 0)
     # The final state is always stored (to scratch when unused): on triton 3.6 / H200 the variant
@@ -573,7 +591,8 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
             C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, num_warps=cfg.num_warps,
+              num_stages=cfg.num_stages)
     if nf == 2:
         # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then
         # the masked sweep over the same grid, where only the programs with a non-zero count run (they redo
@@ -645,10 +664,12 @@ def _bwd_sweeps(do, dS, q, k, v, s, initial_state, NS: int, cfgs: dict | None, c
     if fused and q.dtype != torch.float32 and cu is None:
         dk, dv = _dkdv(q, k, v, do, s, G, dS0, cfg=cfgs.get("dkdv"), dk=grad(k), dv=grad(v))
     else:
-        dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
-                    cfg=cfgs.get("dk"), out=grad(k), **kw)
+        # dv first: its split pre-pass (local states of q^T do) serves the dk sweep too, transposed
+        local = {}
         dv = _sweep(k, q, do, s, G, reverse=True, e0=-1, final=dS0, sf_shift=True, cfg=cfgs.get("dv"),
-                    out=grad(v), **kw)
+                    out=grad(v), local=local, **kw)
+        dk = _sweep(v, do, q, s, G.transpose(-1, -2) if G is not None else None, reverse=True, e0=-1,
+                    cfg=cfgs.get("dk"), out=grad(k), local=local, **kw)
     return dq, dk, dv, dS0
 
 

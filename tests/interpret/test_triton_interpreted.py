@@ -120,7 +120,36 @@ def test_auto_split_through_the_launchers(monkeypatch):
     monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
     assert tri.auto_split(2, 10, 8) == 2
     check(1, 2, 600, 16, 16, torch.float32, seed=9, state=True)
-    assert spy.launches >= 4, "the launcher did not split (one pre-pass per sweep: fwd, dq, dk, dv)"
+    assert spy.launches >= 3, "the launcher did not split (a pre-pass for fwd, dq, and one shared by dv and dk)"
+
+
+@pytest.mark.parametrize("Dk,Dv,cfg", [
+    (16, 16, None),                                            # automatic split (8 SMs), equal widths
+    (16, 24, None),                                            # Dk != Dv: the dk sweep reads [Dk, Dv] states transposed
+    (20, 36, tri.SweepConfig(BC=16, CHUNK=16, n_split=3)),     # several DC tiles (3 for dv, 2 for dk), a tail
+], ids=["auto-16x16", "auto-16x24", "split3-20x36"])
+def test_dk_sweep_reuses_the_dv_pre_pass(Dk, Dv, cfg, monkeypatch):
+    """The unfused backward (fp32) runs the dv sweep first and its split pre-pass (local states of q^T do) serves
+    the dk sweep transposed: three pre-pass launches per forward + backward (forward, dq, dv) instead of four,
+    with outputs, states and gradients against the oracle; and four again where the plans differ."""
+    spy = _Spy(tri._la_local_state_kernel)
+    monkeypatch.setattr(tri, "_la_local_state_kernel", spy)
+    monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
+    check(1, 2, 600, Dk, Dv, torch.float32, seed=Dk + Dv, state=True, cfg=cfg)
+    assert spy.launches == 3, spy.launches
+    # mirrored widths but a different split plan (the dk sweep forced to 2 splits, dv to 3): no sharing
+    spy.launches = 0
+    q, k, v = (torch.randn(1, 2, 300, D, dtype=torch.float32) for D in (Dk, Dk, Dv))
+    do = torch.randn(1, 2, 300, Dv)
+    s = torch.tensor([0.2, 0.9])
+    cfgs = {"dq": tri.SweepConfig(BC=16, CHUNK=16, n_split=1), "dk": tri.SweepConfig(BC=16, CHUNK=16, n_split=2),
+            "dv": tri.SweepConfig(BC=16, CHUNK=16, n_split=3)}
+    got = tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None, cfgs=cfgs)
+    assert spy.launches == 2, spy.launches
+    ref = tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None,
+                                        cfgs={n: tri.SweepConfig(BC=16, CHUNK=16, n_split=1) for n in cfgs})
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("Dk,Dv", [(16, 24), (64, 64), (144, 24)], ids=str)   # fused dk/dv at 64; cut at 144
