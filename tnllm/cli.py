@@ -73,8 +73,8 @@ def _add_train_args(p: argparse.ArgumentParser, out_default: str, steps_default:
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of init, data order and sampling")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--compile", action="store_true", help="torch.compile every decoder block (fullgraph; the head and the loss stay eager)")
-    g.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
-                                                            "max-autotune-no-cudagraphs"],
+    from tnllm.compile.policy import MODES     # the training loop checks its compile_mode against the same tuple
+    g.add_argument("--compile-mode", default=None, choices=MODES,
                    help="the blocks' torch.compile mode (implies --compile); reduce-overhead replays each block as "
                         "a CUDA graph (one-process training only)")
     g.add_argument("--no-fused-loss", action="store_true",
