@@ -26,8 +26,9 @@ be cut into a few splits (SweepConfig.n_split): a cheap pre-pass writes each spl
 contribution [DA, DC] (a few per head, not one per chunk), and each split folds the earlier ones
 into its starting state. The backward's dk and dv sweeps share one pre-pass: dk's local states
 (do^T q) are the transposes of dv's (q^T do), read transposed (WT). All decays are lam^m with
-m >= 0 (exp of -s*m, exactly 1 at m = 0), finite for any T and any rate (s = inf: lam = 0). Masks are wheres, so a non-finite entry of A or Bm at frame
-position r never reaches an output at a frame position before r. A non-finite entry of C would, through the
+m >= 0 (exp of -s*m, exactly 1 at m = 0), finite for any T and any rate (s = inf: lam = 0).
+Masks are wheres, so a non-finite entry of A or Bm at frame position r never reaches an output at
+a frame position before r. A non-finite entry of C would, through the
 0 * inf of the masked intra-chunk product; but it always makes the program's state non-finite (the update
 Bm^T C sums every valid row), so the default (NONFINITE_MODE = 2) runs the unmasked sweep, each program
 counting the non-finite entries of its final state, then a masked launch (C's non-finite entries zeroed for
