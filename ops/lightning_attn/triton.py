@@ -439,7 +439,19 @@ def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> i
     slower, 1.30 -> 1.70 ms fwd+bwd, so those run unsplit."""
     if 2 * programs > num_sms or n_chunks < 8:
         return 1
-    slots = per_sm * num_sms
+    key = (programs, n_chunks, num_sms, per_sm)
+    best = _AUTO_SPLIT_MEMO.get(key)
+    if best is None:
+        if len(_AUTO_SPLIT_MEMO) > 4096:        # many distinct lengths (e.g. prefills of every prompt length)
+            _AUTO_SPLIT_MEMO.clear()
+        best = _AUTO_SPLIT_MEMO[key] = _min_cost_split(programs, n_chunks, per_sm * num_sms)
+    return best
+
+
+_AUTO_SPLIT_MEMO: dict = {}     # (programs, n_chunks, num_sms, per_sm) -> splits: a launch asks again every call
+
+
+def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
     best_cost, best = None, 1
     for k in range(1, min(16, n_chunks // 4) + 1):
         cps = -(-n_chunks // k)
@@ -475,10 +487,12 @@ def _last_unit(x: Tensor) -> Tensor:
     ``contiguous()`` returns such a view itself when every dimension but the last has size 1 (T = 1 at
     B = H = 1: ``is_contiguous`` ignores the strides of size-1 dimensions), and that view, misaligned,
     gave wrong outputs in bf16 and illegal memory accesses in fp16 on the H200 (triton 3.6)."""
-    es = x.element_size()
-    unit = x.stride(-1) == 1 or x.shape[-1] == 1
-    aligned = x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1])
-    return x if unit and aligned else x.clone(memory_format=torch.contiguous_format)
+    st = x.stride()
+    if (st[-1] == 1 or x.shape[-1] == 1) and x.data_ptr() % 16 == 0:
+        a = 16 // x.element_size()               # elements per 16 bytes: every outer stride a multiple of it
+        if not any(v % a for v in st[:-1]):
+            return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _split_plan(n_split: int, programs: int, n_chunks: int, device, num_warps: int = 4) -> tuple[int, int]:
@@ -589,9 +603,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     grid = (NS * H * n_split * n_tiles,)
     fl = torch.empty(grid[0], device=C.device, dtype=torch.int32) if nf == 2 else s32
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
-            A.stride(0), A.stride(1), A.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
-            C.stride(0), C.stride(1), C.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *s0_st, *sf_st)
+            *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
@@ -727,11 +739,8 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     grid = (B * H * n_split,)
     nf = cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE
     fl = torch.empty(grid[0], device=q.device, dtype=torch.int32) if nf == 2 else s32
-    args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            *g0_st, *dS0.stride())
+    args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
