@@ -60,6 +60,11 @@ def test_decode_bench_cpu(tmp_path):
     assert any(r.get("section") == "check" and r.get("greedy_agreement") == 1.0 for r in res["rows"])
 
 
+def test_launch_host_bench_cpu(tmp_path):
+    out = run([BENCH / "launch_host.py", "--shape", "1,2,256,32", "--calls", "5", "--rounds", "2"], tmp_path)
+    assert "'fwd_us'" in out and "'bwd_us'" in out and "binder" in out
+
+
 def test_host_sync_bench_cpu(tmp_path):
     out = run([BENCH / "host_sync.py", "--device", "cpu", "--out", tmp_path / "h"], tmp_path)
     res = json.loads((tmp_path / "h" / "host_sync.json").read_text())
