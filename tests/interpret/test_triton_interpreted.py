@@ -131,7 +131,8 @@ def test_auto_split_through_the_launchers(monkeypatch):
 def test_dk_sweep_reuses_the_dv_pre_pass(Dk, Dv, cfg, monkeypatch):
     """The unfused backward (fp32) runs the dv sweep first and its split pre-pass (local states of q^T do) serves
     the dk sweep transposed: three pre-pass launches per forward + backward (forward, dq, dv) instead of four,
-    with outputs, states and gradients against the oracle; and four again where the plans differ."""
+    with outputs, states and gradients against the oracle. Where the two plans differ, each sweep runs its own
+    pre-pass (two in a backward whose dq sweep does not split), with the same gradients as unsplit sweeps."""
     spy = _Spy(tri._la_local_state_kernel)
     monkeypatch.setattr(tri, "_la_local_state_kernel", spy)
     monkeypatch.setattr(tri, "_num_sms", lambda device: 8)
