@@ -248,3 +248,15 @@ def test_train_step_bench_activation_checkpointing_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--device", "cpu", "--impl", "sdpa", "--ac",
                            "full"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ac applies to the TNL model" in proc.stderr
+
+
+def test_op_host_bench_needs_cuda(tmp_path):
+    """bench/op_host.py times real Triton launches: off CUDA it stops with a usage error that names the
+    device-free alternative, rather than a traceback."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(BENCH))
+    proc = subprocess.run([sys.executable, str(BENCH / "op_host.py"), "--out", str(tmp_path / "o")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "launch_host.py" in proc.stderr, proc.stderr
+    bad = subprocess.run([sys.executable, str(BENCH / "op_host.py"), "--shape", "2,8", "--out", str(tmp_path / "o")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--shape: expected B,H,T,D" in bad.stderr, bad.stderr
