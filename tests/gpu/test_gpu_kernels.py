@@ -266,3 +266,27 @@ def test_tiny_model_cuda_matches_cpu():
     ref = m(ids)
     got = m.cuda()(ids.cuda()).cpu()
     assert rel(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("B,H,T,D,dt,layout", [(2, 8, 2048, 128, "bf16", "bthd"), (1, 4, 300, 64, "fp32", "contiguous"),
+                                               (2, 2, 1000, 64, "bf16", "padded")], ids=str)
+def test_eager_fast_path_is_the_op_cuda(B, H, T, D, dt, layout):
+    """The public call's eager fast path (an autograd.Function over the Triton launchers) gives the op's outputs,
+    final state and gradients bit for bit, in the op's gradient layout (a split launch at B2 H8 D128)."""
+    import sys
+    op = sys.modules["tnllm.ops.lightning_attn.op"]
+    case = tt.Case(B, H, T, D, D, DT[dt], device="cuda", layout=layout, state=True, seed=11,
+                   rates=tuple(float(x) for x in torch.linspace(0.01, 1.0, H)))
+    runs = []
+    for fast in (True, False):
+        q, k, v, s, S0, do, dS = tt.make_inputs(case)
+        op.EAGER_FAST_PATH = fast
+        try:
+            o, S = lightning_attn(q, k, v, s, initial_state=S0, output_final_state=True)
+        finally:
+            op.EAGER_FAST_PATH = True
+        grads = torch.autograd.grad((o.float() * do.float()).sum() + (S * dS.float()).sum(), (q, k, v, S0))
+        runs.append((o, S, *grads))
+    for a, b in zip(*runs):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
