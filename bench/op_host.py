@@ -9,11 +9,13 @@ shape's D), so the wall time is the host's:
 
 * ``launcher fwd`` / ``launcher bwd``: the Triton launchers called directly (tile choice, allocations, launches);
 * ``op fwd (no grad)`` / ``op bwd``: the same through the torch.library custom ops (the dispatcher);
-* ``op fwd (grad)``: the forward op recording its autograd node;
-* ``fwd+bwd``: ``o = op(q, k, v); o.backward(do)`` as a training step runs it.
+* ``op fwd+bwd``: ``torch.ops.tnllm.lightning_attn_fwd(...)[0].backward(do)``, the op with its registered autograd;
+* ``public fwd+bwd``: ``tnllm.ops.lightning_attn(q, k, v, s).backward(do)``, as a user calls it (in plain eager
+  mode an autograd.Function over the same launchers, no dispatcher);
 
-Then the same ``fwd+bwd`` at the real shape (host time without a sync, as bench/attention.py's host column), and
-a cProfile of ``--profile-calls`` tiny fwd+bwd calls (the top functions by own time) to name what is slow.
+each also with Triton's own launch for every kernel (``ops/_launch.py`` ``FAST_LAUNCH`` off). Then the public call
+and the op at the real shape (host time without a sync, as bench/attention.py's host column), and a cProfile of
+``--profile-calls`` tiny public fwd+bwd calls (the top functions by own time).
 Writes op_host.json and op_host_profile.txt under --out.
 """
 from __future__ import annotations
@@ -68,36 +70,49 @@ def main(argv=None) -> None:
         return q, k, v, do, s
 
     q, k, v, do, s = inputs(1, 1, 64)
+    from tnllm.ops import _launch, lightning_attn
     fwd_op, bwd_op = torch.ops.tnllm.lightning_attn_fwd, torch.ops.tnllm.lightning_attn_bwd
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
-    def step(q=qg, k=kg, v=vg, do=do, s=s):
+    def op_step(q=qg, k=kg, v=vg, do=do, s=s):          # the custom op (the dispatcher, its autograd wrapper)
         fwd_op(q, k, v, s, None, 64)[0].backward(do)
+        q.grad = k.grad = v.grad = None
+
+    def step(q=qg, k=kg, v=vg, do=do, s=s):             # the public call (in eager mode: the fast path)
+        lightning_attn(q, k, v, s).backward(do)
         q.grad = k.grad = v.grad = None
 
     def op_fwd_nograd():
         with torch.no_grad():
             fwd_op(q, k, v, s, None, 64)
-    rows = {
-        "launcher fwd": _host_us(lambda: tri.lightning_attn_fwd_triton(q, k, v, s, None), a.calls),
-        "launcher bwd": _host_us(lambda: tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None), a.calls),
-        "op fwd (no grad)": _host_us(op_fwd_nograd, a.calls),
-        "op bwd": _host_us(lambda: bwd_op(do, None, q, k, v, s, None, 64), a.calls),
-        "op fwd (grad)": _host_us(lambda: fwd_op(qg, kg, vg, s, None, 64), a.calls),
-        "fwd+bwd": _host_us(step, a.calls),
-        "torch.empty x4": _host_us(lambda: [torch.empty(1, 1, 64, D, device=dev, dtype=dt) for _ in range(4)], a.calls),
-    }
+
+    def both(label, fn):          # with and without the cached launches (ops/_launch.py FAST_LAUNCH)
+        rows[label] = _host_us(fn, a.calls)
+        _launch.FAST_LAUNCH = False
+        try:
+            rows[label + ", Triton's launch"] = _host_us(fn, a.calls)
+        finally:
+            _launch.FAST_LAUNCH = True
+    rows = {}
+    both("launcher fwd", lambda: tri.lightning_attn_fwd_triton(q, k, v, s, None))
+    both("launcher bwd", lambda: tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None))
+    both("op fwd (no grad)", op_fwd_nograd)
+    both("op bwd", lambda: bwd_op(do, None, q, k, v, s, None, 64))
+    both("op fwd+bwd", op_step)
+    both("public fwd+bwd", step)
+    rows["torch.empty x4"] = _host_us(lambda: [torch.empty(1, 1, 64, D, device=dev, dtype=dt) for _ in range(4)],
+                                      a.calls)
     Q, K, V, DO, S = inputs(B, H, T)
     Qg, Kg, Vg = (x.detach().requires_grad_() for x in (Q, K, V))
-    big = lambda: step(Qg, Kg, Vg, DO, S)
-    for _ in range(3):
-        big()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        big()
-    rows[f"fwd+bwd B{B} H{H} T{T} D{D}, no sync"] = (time.perf_counter() - t) / 10 * 1e6
-    torch.cuda.synchronize()
+    for label, fn in (("public", lambda: step(Qg, Kg, Vg, DO, S)), ("op", lambda: op_step(Qg, Kg, Vg, DO, S))):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            fn()
+        rows[f"{label} fwd+bwd B{B} H{H} T{T} D{D}, no sync"] = (time.perf_counter() - t) / 10 * 1e6
+        torch.cuda.synchronize()
     for name, us in rows.items():
         print(f"{name:40s} {us:9.1f} us", flush=True)
     with open(os.path.join(a.out, "op_host.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""Integer helpers for the Triton launchers' Python side (grids, tile widths).
+"""The Triton launchers' Python side: integer helpers (grids, tile widths) and cached launches (``launch``).
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects (triton 3.6 and 3.9): called
 from Python each costs about 1.5 us, and a Lightning Attention backward computes about 27 of them per call, on the
@@ -21,3 +21,80 @@ def next_pow2(n: int) -> int:
     n |= n >> 16
     n |= n >> 32
     return n + 1
+
+
+# -- cached launches -------------------------------------------------------------------------------------------
+# ``kernel[grid](*args, **kw)`` costs a Lightning Attention call about 20-40 us of host time per launch on a GPU
+# host: Triton binds and specialises every argument (``native_specialize_impl`` for each of ~36), hashes the cache
+# key, looks up the device and stream, builds the launch metadata and calls the (empty) launch hooks, and a forward
+# + backward makes 6 to 11 launches, which leaves the eager op host-bound below the largest shapes. ``launch`` does
+# the first launch of each specialisation through Triton and keeps the compiled kernel; later launches with the
+# same specialisation call the compiled kernel's launcher directly. The key holds what Triton specialises on, for
+# every run-time argument (a tensor's dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and
+# its 32-bit range), and every constexpr and launch option (``kw``), so it is never coarser than Triton's own.
+# Off (plain ``kernel[grid]``) under the Triton interpreter, with Triton launch hooks set (profilers), and where
+# this Triton lacks the compiled kernel's ``run`` / ``function`` / ``packed_metadata`` (checked at the first launch).
+FAST_LAUNCH = True
+_CACHE: dict = {}
+_CACHE_MAX = 4096
+_I32 = (-2 ** 31, 2 ** 31)
+
+
+def _spec(args) -> tuple:
+    out = []
+    for a in args:
+        if type(a) is int:
+            out.append(-1 if a == 1 else (a % 16 == 0) + 2 * (_I32[0] <= a < _I32[1]) + 4 * (a >= 2 ** 63))
+        elif a is None or type(a) is bool:
+            out.append(a)
+        elif type(a) is float:
+            out.append(float)
+        else:                                   # a tensor (anything else gets its type and value: never coarser)
+            out.append((a.dtype, a.data_ptr() % 16 == 0) if hasattr(a, "data_ptr") else (type(a), a))
+    return tuple(out)
+
+
+def _hooks_set() -> bool:
+    from triton import knobs
+    rt = knobs.runtime
+    return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
+def _raw_stream(dev: int) -> int:
+    import torch
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)       # what Triton's driver uses, where it exists
+    return get(dev) if get is not None else torch.cuda.current_stream(dev).cuda_stream
+
+
+def launch(kernel, grid: int, args: tuple, kw: dict) -> None:
+    """``kernel[(grid,)](*args, **kw)`` for a 1-D grid, the binding skipped after the first launch of each
+    specialisation (see above). ``args`` are the kernel's run-time parameters in order, ``args[0]`` a tensor; ``kw``
+    all the rest by name, each a constexpr (an int, bool or None: its value is part of the key), and the launch
+    options (num_warps, num_stages)."""
+    if not FAST_LAUNCH or not args[0].is_cuda or _interpreting() or _hooks_set():
+        kernel[(grid,)](*args, **kw)
+        return
+    import torch
+    dev = torch.cuda.current_device()
+    key = (id(kernel), dev, _spec(args), tuple(kw.items()))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        ck, tail = hit
+        ck.run(grid, 1, 1, _raw_stream(dev), ck.function, ck.packed_metadata, None, None, None,
+               *args, *[kw[n] for n in tail])
+        return
+    ck = kernel[(grid,)](*args, **kw)
+    names = getattr(kernel, "arg_names", None)
+    if names is None or not all(hasattr(ck, a) for a in ("run", "function", "packed_metadata")):
+        return                                   # another Triton: every launch goes through kernel[grid]
+    tail = tuple(names[len(args):])
+    if any(n not in kw for n in tail):           # a parameter left to its default: keep Triton's binding
+        return
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = (ck, tail)

@@ -55,7 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._device import num_sms as _num_sms
-from .._launch import cdiv, next_pow2
+from .._launch import cdiv, launch, next_pow2
 from .._triton_interp import patch as _patch_interpreter
 from ._common import empty_grad, grads_in_layout
 
@@ -516,11 +516,10 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
     DC = C.shape[-1]
     W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
     n_tiles = cdiv(DC, BC)
-    _la_local_state_kernel[(B * H * (n_split - 1) * n_tiles,)](
-        Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps,
-        Bm.stride(0), Bm.stride(1), Bm.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
-        num_warps=num_warps, num_stages=num_stages)
+    launch(_la_local_state_kernel, B * H * (n_split - 1) * n_tiles,
+           (Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps, *Bm.stride()[:3], *C.stride()[:3]),
+           dict(DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
+                num_warps=num_warps, num_stages=num_stages))
     return W
 
 
@@ -600,8 +599,8 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     NS = cu.shape[0] - 1 if varlen else B           # states (and program groups): sequences or rows
     sf = final if final is not None else torch.empty(NS, H, DA, DC, device=C.device, dtype=torch.float32)
     sf_st = tuple(sf.stride())
-    grid = (NS * H * n_split * n_tiles,)
-    fl = torch.empty(grid[0], device=C.device, dtype=torch.int32) if nf == 2 else s32
+    grid = NS * H * n_split * n_tiles
+    fl = torch.empty(grid, device=C.device, dtype=torch.int32) if nf == 2 else s32
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
@@ -611,10 +610,10 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then
         # the masked sweep over the same grid, where only the programs with a non-zero count run (they redo
         # their split; the others exit at once): two single-loop kernels, the fast one unburdened by the masking
-        _la_sweep_kernel[grid](*args, NF=0, WRITE_FLAG=True, REDO=False, **kw)
-        _la_sweep_kernel[grid](*args, NF=1, WRITE_FLAG=False, REDO=True, **kw)
+        launch(_la_sweep_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))
+        launch(_la_sweep_kernel, grid, args, dict(kw, NF=1, WRITE_FLAG=False, REDO=True))
     else:
-        _la_sweep_kernel[grid](*args, NF=nf, WRITE_FLAG=False, REDO=False, **kw)
+        launch(_la_sweep_kernel, grid, args, dict(kw, NF=nf, WRITE_FLAG=False, REDO=False))
     return out
 
 
@@ -736,18 +735,18 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
                       num_warps=4, num_stages=2)
     g0 = G if G is not None else s32
     g0_st = tuple(G.stride()) if G is not None else (0, 0, 0, 0)
-    grid = (B * H * n_split,)
+    grid = B * H * n_split
     nf = cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE
-    fl = torch.empty(grid[0], device=q.device, dtype=torch.int32) if nf == 2 else s32
+    fl = torch.empty(grid, device=q.device, dtype=torch.int32) if nf == 2 else s32
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
-        _la_dkdv_kernel[grid](*args, NF=0, WRITE_FLAG=True, REDO=False, **kw)
-        _la_dkdv_kernel[grid](*args, NF=1, WRITE_FLAG=False, REDO=True, **kw)
+        launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))
+        launch(_la_dkdv_kernel, grid, args, dict(kw, NF=1, WRITE_FLAG=False, REDO=True))
     else:
-        _la_dkdv_kernel[grid](*args, NF=nf, WRITE_FLAG=False, REDO=False, **kw)
+        launch(_la_dkdv_kernel, grid, args, dict(kw, NF=nf, WRITE_FLAG=False, REDO=False))
     return dk, dv
 
 
