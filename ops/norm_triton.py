@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._launch import next_pow2
+from ._launch import launch, next_pow2
 from .norm import EPS, srms_norm
 
 
@@ -117,8 +117,8 @@ def srms_norm_gate_fwd_triton(o: Tensor, u: Tensor, eps: float = EPS) -> Tensor:
     if B * T == 0:
         return y
     BH, BE = next_pow2(H), next_pow2(E)
-    fwd_kernel[(B * T,)](o, u, y, T, o.stride(0), o.stride(1), o.stride(2), u.stride(0), u.stride(1),
-                         y.stride(0), y.stride(1), eps, H=H, E=E, BH=BH, BE=BE, num_warps=_warps(H * E))
+    launch(fwd_kernel, B * T, (o, u, y, T, *o.stride()[:3], *u.stride()[:2], *y.stride()[:2], eps),
+           dict(H=H, E=E, BH=BH, BE=BE, num_warps=_warps(H * E)))
     return y
 
 
@@ -137,8 +137,8 @@ def srms_norm_gate_bwd_triton(dy: Tensor, o: Tensor, u: Tensor, eps: float = EPS
     if B * T == 0:
         return dx, du
     BH, BE = next_pow2(H), next_pow2(E)
-    bwd_kernel[(B * T,)](dy, o, u, dx, du, T, o.stride(0), o.stride(1), o.stride(2), u.stride(0), u.stride(1),
-                         dy.stride(0), dy.stride(1), eps, H=H, E=E, BH=BH, BE=BE, num_warps=_warps(H * E))
+    launch(bwd_kernel, B * T, (dy, o, u, dx, du, T, *o.stride()[:3], *u.stride()[:2], *dy.stride()[:2], eps),
+           dict(H=H, E=E, BH=BH, BE=BE, num_warps=_warps(H * E)))
     return dx, du
 
 
