@@ -189,7 +189,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         peak = float("nan")           # no allocator statistics off CUDA
     check = {}
     # vs the blocked form in fp32, same inputs
-    if name.startswith("tnllm") and name != "tnllm_api":     # the op and its variants (make_impl)
+    if name.startswith("tnllm"):     # the op, the public call and their variants (make_impl)
         from tnllm.ops.lightning_attn.blocked import blocked_bwd, blocked_fwd
         o = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(o, [q, k, v], do)
