@@ -29,6 +29,8 @@ def test_attention_bench_cpu(tmp_path):
     for r in rows.values():
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
     assert max(rows["tnllm"]["check_rel_err"].values()) < 1e-2
+    assert set(rows["tnllm_api"]["check_rel_err"]) == {"o", "dq", "dk", "dv"}      # the public call is checked too
+    assert max(rows["tnllm_api"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_autosplit"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_chunk32"]["check_rel_err"].values()) < 1e-2
     assert "| tiny B1 H2 T100" in out
