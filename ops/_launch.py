@@ -24,16 +24,19 @@ def next_pow2(n: int) -> int:
 
 
 # -- cached launches -------------------------------------------------------------------------------------------
-# ``kernel[grid](*args, **kw)`` costs a Lightning Attention call about 20-40 us of host time per launch on a GPU
-# host: Triton binds and specialises every argument (``native_specialize_impl`` for each of ~36), hashes the cache
-# key, looks up the device and stream, builds the launch metadata and calls the (empty) launch hooks, and a forward
-# + backward makes 6 to 11 launches, which leaves the eager op host-bound below the largest shapes. ``launch`` does
+# On every ``kernel[grid](*args, **kw)`` Triton binds and specialises each argument (``native_specialize_impl`` for
+# each of the sweep's 36), hashes the cache key, looks up the device and stream, builds the launch metadata and
+# calls the (empty) launch hooks; a Lightning Attention forward + backward makes 6 to 11 launches, and the eager op
+# was host-bound below the largest shapes. Skipping that saved 12-18 us per launch on an H100 host (triton 3.6,
+# ``bench/op_host.py``: the D128 forward's two launches 96 -> 73 us, the backward's six 496 -> 389). ``launch`` does
 # the first launch of each specialisation through Triton and keeps the compiled kernel; later launches with the
 # same specialisation call the compiled kernel's launcher directly. The key holds what Triton specialises on, for
 # every run-time argument (a tensor's dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and
 # its 32-bit range), and every constexpr and launch option (``kw``), so it is never coarser than Triton's own.
-# Off (plain ``kernel[grid]``) under the Triton interpreter, with Triton launch hooks set (profilers), and where
-# this Triton lacks the compiled kernel's ``run`` / ``function`` / ``packed_metadata`` (checked at the first launch).
+# Off (plain ``kernel[grid]``) under the Triton interpreter, for non-CUDA tensors, with Triton launch hooks set
+# (profilers), and where this Triton lacks the compiled kernel's ``run`` / ``function`` / ``packed_metadata``
+# (checked at the first launch). Triton's debug and instrumentation settings are read at the first launch of each
+# specialisation only.
 FAST_LAUNCH = True
 _CACHE: dict = {}
 _CACHE_MAX = 4096
