@@ -118,3 +118,14 @@ def test_full_activation_checkpointing_through_the_fast_path(monkeypatch):
     assert len(calls) == 3                          # plain call, checkpointed forward, its recompute
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_vmap_goes_through_the_op():
+    """Under torch.func transforms the op is called (vmap batches it with its per-sample fallback, as before the
+    fast path existed), and the result is the per-sample call's."""
+    q, k, v, s, *_ = tt.make_inputs(tt.Case(1, 2, 9, 4, 4, torch.float64, state=False, seed=1))
+    q, k, v = (x.detach() for x in (q, k, v))
+    qs = torch.stack([q, 2 * q])
+    got = torch.func.vmap(lambda q: lightning_attn(q, k, v, s))(qs)
+    for i in range(2):
+        torch.testing.assert_close(got[i], lightning_attn(qs[i], k, v, s), rtol=0, atol=0)
