@@ -118,14 +118,15 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Te
 # may be watching or transforming the call, the op is called instead, so every tracer, mode and policy sees
 # ``tnllm::lightning_attn_fwd``: torch.compile / export (``is_compiling``), dispatch modes (fake tensors, make_fx,
 # selective activation checkpointing, FlopCounterMode, the tests' counters), torch-function modes (including
-# ``with torch.device(...)``), torch.func transforms (vmap) and tensor subclasses (DTensor, FakeTensor, functional
-# tensors).
+# ``with torch.device(...)``), torch.func transforms (vmap), torch.jit tracing and tensor subclasses (DTensor,
+# FakeTensor, functional tensors).
 EAGER_FAST_PATH = True
 
 
 def _plain_eager(*tensors) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None):
         return False
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 

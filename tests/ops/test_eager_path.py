@@ -129,3 +129,23 @@ def test_vmap_goes_through_the_op():
     got = torch.func.vmap(lambda q: lightning_attn(q, k, v, s))(qs)
     for i in range(2):
         torch.testing.assert_close(got[i], lightning_attn(qs[i], k, v, s), rtol=0, atol=0)
+
+
+def test_autocast_and_jit_trace_agree_with_the_op(monkeypatch):
+    """Under CPU autocast the fast path is the op to the bit (both run the same kernels under the same autocast
+    state); torch.jit.trace records the op, not a Python autograd.Function."""
+    res = []
+    for fast in (True, False):
+        monkeypatch.setattr(OP, "EAGER_FAST_PATH", fast)
+        q, k, v, s, S0, do, dS = tt.make_inputs(tt.Case(2, 2, 40, 8, 8, torch.float32, state=True, seed=1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, S = lightning_attn(q, k, v, s, initial_state=S0, output_final_state=True)
+        res.append((o, S, *torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), (q, k, v, S0))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setattr(OP, "EAGER_FAST_PATH", True)
+    q, k, v, s, *_ = tt.make_inputs(tt.Case(1, 2, 16, 8, 8, torch.float32, state=False, seed=2))
+    q, k, v = (x.detach() for x in (q, k, v))
+    traced = torch.jit.trace(lambda q, k, v: lightning_attn(q, k, v, s, check_decay=False), (q, k, v))
+    assert "tnllm::lightning_attn_fwd" in str(traced.graph)
+    torch.testing.assert_close(traced(q, k, v), lightning_attn(q, k, v, s), rtol=0, atol=0)
