@@ -7,7 +7,8 @@ binder that Triton's JIT runs on every launch of the sweep kernel (its specialis
 
 The tensors are CPU tensors of the given shape in the layout the model passes (token-major head slices); the
 grids are sized for 132 SMs (an H200), as on the GPU. Prints microseconds per call (the median of ``--rounds``
-rounds of ``--calls`` calls). What a real launch adds on top of the binder (the CUDA driver call) needs a GPU.
+rounds of ``--calls`` calls). What a real launch adds on top of the binder (the CUDA driver call) needs a GPU:
+bench/op_host.py times the whole stack there, with and without the cached launches of ops/_launch.py.
 """
 from __future__ import annotations
 
