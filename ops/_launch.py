@@ -26,8 +26,8 @@ def next_pow2(n: int) -> int:
 # -- cached launches -------------------------------------------------------------------------------------------
 # On every ``kernel[grid](*args, **kw)`` Triton binds and specialises each argument (``native_specialize_impl`` for
 # each of the sweep's 36), hashes the cache key, looks up the device and stream, builds the launch metadata and
-# calls the (empty) launch hooks; a Lightning Attention forward + backward makes 6 (D64) to 11 (the 385M training shape) launches, and the eager op
-# was host-bound below the largest shapes. Skipping that saved 12-18 us per launch on an H100 host (triton 3.6,
+# calls the (empty) launch hooks; a Lightning Attention forward + backward makes 6 (D64) to 11 (the 385M training
+# shape) launches, and the eager op was host-bound below the largest shapes. Skipping that saved 12-18 us per launch on an H100 host (triton 3.6,
 # ``bench/op_host.py``: the D128 forward's two launches 96 -> 73 us, the backward's six 496 -> 389). ``launch`` does
 # the first launch of each specialisation through Triton and keeps the compiled kernel; later launches with the
 # same specialisation call the compiled kernel's launcher directly. The key holds what Triton specialises on, for

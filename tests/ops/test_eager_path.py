@@ -90,7 +90,8 @@ def test_fake_tensors_and_compile_trace_the_op(monkeypatch):
         o = lightning_attn(mode.from_tensor(q.detach()), mode.from_tensor(k.detach()), mode.from_tensor(v.detach()),
                            s, check_decay=False)
         assert o.shape == (1, 2, 20, 8)
-    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda q, k, v: lightning_attn(q, k, v, s, check_decay=False))(q, k, v)
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(lambda q, k, v: lightning_attn(q, k, v, s, check_decay=False))(q, k, v)
     assert "tnllm.lightning_attn_fwd" in gm.code
     graphs = []
     torch._dynamo.reset()
