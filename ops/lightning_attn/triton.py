@@ -470,13 +470,25 @@ def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     """Tile choice (H200 sweep in docs/benchmarks.md): state tile [DA <= 128, BC = 64] fp32 in
     registers, CHUNK_ROWS rows per chunk, 4 warps, 2 stages; fp32 (ieee dots) takes BC = 32; WIDE_CONFIG, when
     set, for 16-bit tiles wider than 64. Only configurations that passed the GPU suite on triton 3.6 / H200 are
-    defaults (launches with DA or DC = 256 did not: see _sweep)."""
-    if WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
-        return WIDE_CONFIG
-    BC = min(_pow2(DC), 64)
-    if dtype == torch.float32:
-        BC = min(BC, 32)
-    return SweepConfig(BC=BC, CHUNK=CHUNK_ROWS, num_warps=4, num_stages=2)
+    defaults (launches with DA or DC = 256 did not: see _sweep). Memoised on its inputs and the two module
+    settings it reads (a launch asks on every sweep)."""
+    key = (DA, DC, dtype, WIDE_CONFIG, CHUNK_ROWS)
+    cfg = _CONFIG_MEMO.get(key)
+    if cfg is None:
+        if WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
+            cfg = WIDE_CONFIG
+        else:
+            BC = min(_pow2(DC), 64)
+            if dtype == torch.float32:
+                BC = min(BC, 32)
+            cfg = SweepConfig(BC=BC, CHUNK=CHUNK_ROWS, num_warps=4, num_stages=2)
+        if len(_CONFIG_MEMO) > 1024:
+            _CONFIG_MEMO.clear()
+        _CONFIG_MEMO[key] = cfg
+    return cfg
+
+
+_CONFIG_MEMO: dict = {}
 
 
 def _last_unit(x: Tensor) -> Tensor:
@@ -489,8 +501,11 @@ def _last_unit(x: Tensor) -> Tensor:
     gave wrong outputs in bf16 and illegal memory accesses in fp16 on the H200 (triton 3.6)."""
     st = x.stride()
     if (st[-1] == 1 or x.shape[-1] == 1) and x.data_ptr() % 16 == 0:
-        a = 16 // x.element_size()               # elements per 16 bytes: every outer stride a multiple of it
-        if not any(v % a for v in st[:-1]):
+        outer = 0
+        for v in st[:-1]:
+            outer |= v
+        # elements per 16 bytes (a power of 2): every outer stride a multiple of it, i.e. of their bitwise or
+        if outer % (16 // x.element_size()) == 0:
             return x
     return x.clone(memory_format=torch.contiguous_format)
 
