@@ -65,7 +65,7 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
     if name in ("tnllm", "tnllm_graph"):
         import tnllm.ops  # noqa: F401
         return (lambda q, k, v: torch.ops.tnllm.lightning_attn_fwd(q, k, v, s, None, 64)[0]), "bhtd"
-    if name == "tnllm_api":   # the public wrapper: adds input checks (one host sync on the sign of s)
+    if name == "tnllm_api":   # the public call: input checks (the decay check memoised), the eager fast path
         from tnllm.ops import lightning_attn
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name.startswith("tnllm_nf"):   # the public op with the sweep's non-finite masking mode NF forced

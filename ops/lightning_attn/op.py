@@ -68,11 +68,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, s, initial_state)
 
 
-def _backward(ctx, do, dS):
+def _backward(ctx, do, dS, bwd=None):
+    """The forward op's backward, through the backward op, or through ``bwd`` (the eager fast path's kernels)."""
     q, k, v, s, initial_state = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(q[..., :1].expand(*q.shape[:3], v.shape[-1]))
-    dq, dk, dv, dS0 = torch.ops.tnllm.lightning_attn_bwd(do.contiguous(), dS, q, k, v, s, initial_state, ctx.block_size)
+    bwd = bwd or torch.ops.tnllm.lightning_attn_bwd
+    dq, dk, dv, dS0 = bwd(do.contiguous(), dS, q, k, v, s, initial_state, ctx.block_size)
     return dq, dk, dv, None, (dS0 if ctx.has_state else None), None
 
 
@@ -155,10 +157,5 @@ class _LightningAttnEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
-        if torch.is_grad_enabled():     # create_graph: through the backward op, whose missing derivative names it
-            return _backward(ctx, do, dS)
-        q, k, v, s, initial_state = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(q[..., :1].expand(*q.shape[:3], v.shape[-1]))
-        dq, dk, dv, dS0 = _bwd_kernel(do.contiguous(), dS, q, k, v, s, initial_state, ctx.block_size)
-        return dq, dk, dv, None, (dS0 if ctx.has_state else None), None
+        # create_graph: through the backward op, whose missing derivative names it; else straight to the kernels
+        return _backward(ctx, do, dS, None if torch.is_grad_enabled() else _bwd_kernel)
