@@ -91,6 +91,12 @@ CHUNK_ROWS = 64
 # 104 bytes); it passes the interpreter tests but has not been timed or tested on a GPU. `bench/attention.py`
 # times the public op under another value as tnllm_cfg<BC>x<CHUNK>w<warps> (e.g. tnllm_cfg128x32w8).
 WIDE_CONFIG: "SweepConfig | None" = None
+# The split pre-pass's state tile width (_local_states), read at each launch. None: the sweep's own BC, so a
+# [DA, DC] local state is computed as DC / BC column tiles, each program re-reading its split's Bm rows; an int:
+# tiles of min(PREPASS_BC, DC) columns (8 warps where the fp32 tile is wider than [128, 64]), Bm read once per
+# split when DC fits. The pre-pass reads Bm and C once more than an unsplit sweep (about 0.7 of a sweep's bytes at
+# D128, where Bm is read twice); `bench/attention.py` times the public op under a value as tnllm_prepass<BC>.
+PREPASS_BC: "int | None" = None
 
 
 @triton.jit
@@ -529,6 +535,9 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
         return s32
     B, H, T, DA = Bm.shape
     DC = C.shape[-1]
+    if PREPASS_BC is not None and not ieee:
+        BC = min(_pow2(PREPASS_BC), _pow2(DC))
+        num_warps = 8 if _pow2(DA) * BC > 128 * 64 else num_warps
     W = torch.empty(B * H * (n_split - 1) * DA * DC, device=C.device, dtype=torch.float32)
     n_tiles = cdiv(DC, BC)
     launch(_la_local_state_kernel, B * H * (n_split - 1) * n_tiles,
