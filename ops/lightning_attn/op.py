@@ -119,18 +119,28 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Te
 # hundred on a GPU host, where the eager op is otherwise host-bound at the 385M training shape. Whenever anything
 # may be watching or transforming the call, the op is called instead, so every tracer, mode and policy sees
 # ``tnllm::lightning_attn_fwd``: torch.compile / export (``is_compiling``), dispatch modes (fake tensors, make_fx,
-# selective activation checkpointing, FlopCounterMode, the tests' counters), torch-function modes (including
-# ``with torch.device(...)``), torch.func transforms (vmap), torch.jit tracing and tensor subclasses (DTensor,
-# FakeTensor, functional tensors).
+# selective activation checkpointing, FlopCounterMode, the tests' counters), torch-function modes other than the
+# default-device one, torch.func transforms (vmap), torch.jit tracing and tensor subclasses (DTensor, FakeTensor,
+# functional tensors). The default-device mode (``torch.set_default_device``, ``with torch.device(...)``) only
+# fills in the device of factory calls that name none; the kernels name theirs, so it keeps the fast path.
 EAGER_FAST_PATH = True
 
 
 def _plain_eager(*tensors) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None):
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+        return False
+    if torch._C._is_torch_function_mode_enabled() and not _only_device_modes():
         return False
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+def _only_device_modes() -> bool:
+    """Whether every active torch-function mode is the default-device one (``torch.set_default_device``)."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+    stack = _get_current_function_mode_stack()
+    return bool(stack) and all(type(m) is DeviceContext for m in stack)
 
 
 def _fwd_kernel(q, k, v, s, initial_state, block_size):

@@ -71,7 +71,15 @@ def test_plain_eager_takes_the_fast_path_and_modes_see_the_op(monkeypatch):
     with Watch():
         lightning_attn(q, k, v, s).backward(do)
     assert torch.ops.tnllm.lightning_attn_fwd.default in seen and torch.ops.tnllm.lightning_attn_bwd.default in seen
-    with torch.device("cpu"):                       # a torch-function mode
+    from torch.overrides import TorchFunctionMode
+
+    class Fn(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with Fn():                                      # a torch-function mode
+        lightning_attn(q, k, v, s)
+    assert len(calls) == 1
+    with torch.device("cpu"), Fn():                 # the default-device mode under another one
         lightning_attn(q, k, v, s)
     assert len(calls) == 1
     OP.EAGER_FAST_PATH = False
@@ -80,6 +88,26 @@ def test_plain_eager_takes_the_fast_path_and_modes_see_the_op(monkeypatch):
     finally:
         OP.EAGER_FAST_PATH = True
     assert len(calls) == 1
+
+
+def test_the_default_device_keeps_the_fast_path(monkeypatch):
+    """``torch.set_default_device`` / ``with torch.device(...)`` (a torch-function mode that only fills in factory
+    calls' devices) keeps the fast path, with the op's outputs and gradients to the bit."""
+    calls = _count_fast(monkeypatch)
+    case = tt.Case(2, 2, 33, 8, 4, torch.float32, state=True, seed=7)
+    want = _run(case, False, "both")
+    with torch.device("cpu"):
+        got = _run(case, True, "both")
+    assert len(calls) == 1
+    torch.set_default_device("cpu")
+    try:
+        again = _run(case, True, "both")
+    finally:
+        torch.set_default_device(None)
+    assert len(calls) == 2
+    for a, b, c in zip(got, want, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
 
 
 def test_fake_tensors_and_compile_trace_the_op(monkeypatch):
