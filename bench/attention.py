@@ -97,10 +97,17 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         else:
             tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith("tnllm_prepass"):   # the public op with the split pre-pass's state tile N columns wide
+    if name.startswith(("tnllm_prepass", "tnllm_prefix")):
+        # the public op with the split pre-pass's state tile N columns wide (tnllm_prepass<N>), its local states
+        # folded into prefixes (tnllm_prefix: PREFIX_SCAN), or both (tnllm_prepass<N>prefix); read at each launch,
+        # restored by main after the record
         from tnllm.ops import lightning_attn
         from tnllm.ops.lightning_attn import triton as tri
-        tri.PREPASS_BC = int(name[len("tnllm_prepass"):])   # read at each launch; restored by main after the record
+        rest = name[len("tnllm_"):]
+        tri.PREFIX_SCAN = rest.endswith("prefix")
+        width = rest[len("prepass"):len(rest) - (6 if tri.PREFIX_SCAN else 0)] if rest.startswith("prepass") else ""
+        if width:
+            tri.PREPASS_BC = int(width)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name.startswith("tnllm_split"):   # the public op with every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
@@ -442,7 +449,8 @@ def main(argv=None):
     from tnllm.ops.lightning_attn import triton as tri
     # the settings of the Triton module (and its two config functions) that make_impl's tnllm_* variants replace
     defaults = {knob: getattr(tri, knob) for knob in ("NONFINITE_MODE", "AUTO_SPLIT", "FUSED_DKDV", "CHUNK_ROWS",
-                                                      "WIDE_CONFIG", "PREPASS_BC", "default_config", "default_dkdv_config")}
+                                                      "WIDE_CONFIG", "PREPASS_BC", "PREFIX_SCAN",
+                                                      "default_config", "default_dkdv_config")}
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):

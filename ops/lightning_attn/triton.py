@@ -97,6 +97,11 @@ WIDE_CONFIG: "SweepConfig | None" = None
 # split when DC fits. The pre-pass reads Bm and C once more than an unsplit sweep (about 0.7 of a sweep's bytes at
 # D128, where Bm is read twice); `bench/attention.py` times the public op under a value as tnllm_prepass<BC>.
 PREPASS_BC: "int | None" = None
+# Fold the split pre-pass's local states into prefixes in one more small launch (_la_prefix_kernel), so that each
+# sweep program starts from one stored tile instead of folding all the earlier splits' tiles itself (the program of
+# split p reads p tiles of [DA, BC] fp32: at the 385M training shape, 16 splits, up to 15 x 32 KiB). Read at each
+# launch; `bench/attention.py` times the public op with it as tnllm_prefix (and tnllm_prepass<BC>prefix).
+PREFIX_SCAN = False
 
 
 @triton.jit
@@ -167,24 +172,54 @@ def _la_local_state_kernel(
 @triton.jit
 def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam, ja, jc, mS,
                  DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
-                 E0: tl.constexpr, HAS_S0: tl.constexpr, WT: tl.constexpr):
+                 E0: tl.constexpr, HAS_S0: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr):
     """The state tile a program starts its split from: S0' (or 0) with the earlier splits' local states folded in.
-    WT: W holds the local states transposed, [DC, DA] each (the pre-pass of the mirrored sweep, see _sweep)."""
+    WT: W holds the local states transposed, [DC, DA] each (the pre-pass of the mirrored sweep, see _sweep).
+    PREFIX: W holds the folded prefixes (_la_prefix_kernel), so one tile is read instead of ``split``."""
     if HAS_S0:
         s0 = S0 + b.to(tl.int64) * s0_b + h.to(tl.int64) * s0_h
         S = tl.load(s0 + ja[:, None] * s0_r + jc[None, :] * s0_c, mask=mS, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BA, BC], dtype=tl.float32)
     split_len = chunks_per_split * CHUNK
-    for p in range(0, split):
-        w = W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC)
-        if WT:
-            L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
-        else:
-            L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
-        e = split_len + tl.where(p == 0, E0, 0)
-        S = S * _lam_pow(log_lam, e) + L
+    if PREFIX:
+        if split > 0:
+            w = W + (bh.to(tl.int64) * (n_split - 1) + split - 1) * (DA * DC)
+            if WT:
+                L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
+            else:
+                L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
+            if HAS_S0:     # S0' decays over the earlier splits: sum of their exponents, E0 once
+                S = S * _lam_pow(log_lam, split * split_len + E0)
+            S = S + L
+    else:
+        for p in range(0, split):
+            w = W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC)
+            if WT:
+                L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
+            else:
+                L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
+            e = split_len + tl.where(p == 0, E0, 0)
+            S = S * _lam_pow(log_lam, e) + L
     return S
+
+
+@triton.jit(do_not_specialize=["H", "n_prev", "split_len"])
+def _la_prefix_kernel(W, s_ptr, H, n_prev, split_len, N: tl.constexpr, BLOCK: tl.constexpr):
+    """W[bh, p] <- sum_{p' <= p} lam^((p - p') * split_len) W[bh, p'] in place: the split pre-pass's local states
+    folded into prefixes (PREFIX_SCAN), so that a sweep program reads one tile instead of all the earlier ones.
+    A program per (b*h, BLOCK of the N = DA * DC entries of a state)."""
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(N, BLOCK)
+    bh = pid // nblk
+    offs = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    lam_len = tl.exp(-tl.load(s_ptr + bh % H).to(tl.float32) * split_len)     # split_len >= 1: no -inf * 0
+    base = W + bh.to(tl.int64) * n_prev * N
+    P = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in range(0, n_prev):
+        P = P * lam_len + tl.load(base + p * N + offs, mask=m, other=0.0)
+        tl.store(base + p * N + offs, P, mask=m)
 
 
 @triton.jit
@@ -241,7 +276,7 @@ def _sweep_program(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
-    WT: tl.constexpr,
+    WT: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -269,7 +304,7 @@ def _sweep_program(
     mS = ma[:, None] & mc[None, :]
 
     S = _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam,
-                     ja, jc, mS, DA, DC, BA, BC, CHUNK, E0, HAS_S0, WT)
+                     ja, jc, mS, DA, DC, BA, BC, CHUNK, E0, HAS_S0, WT, PREFIX)
     diff = jj[:, None] - jj[None, :]
     causal = diff >= 0
     Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
@@ -308,7 +343,7 @@ def _la_sweep_kernel(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    VARLEN: tl.constexpr, WT: tl.constexpr,
+    VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -318,12 +353,12 @@ def _la_sweep_kernel(
             _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN, WT)
+                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN, WT, PREFIX)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN, WT)
+                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN, WT, PREFIX)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -336,6 +371,7 @@ def _la_dkdv_kernel(
     g0_b, g0_h, g0_r, g0_c, sf_b, sf_h, sf_r, sf_c,
     DKW: tl.constexpr, DVW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
     HAS_G0: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
+    PREFIX: tl.constexpr,
 ):
     """dk and dv in one reverse sweep (the dk and dv sweeps of the module docstring share their state: the dk
     sweep's is the transpose of the dv sweep's, G = sum lam^.. q^T do). A program per (b*h, split) holds the
@@ -365,7 +401,7 @@ def _la_dkdv_kernel(
     mv = jv < DVW
     mS = mk[:, None] & mv[None, :]
     G = _start_state(G0, W, b, h, bh, split, n_split, chunks_per_split, g0_b, g0_h, g0_r, g0_c, log_lam,
-                     jk, jv, mS, DKW, DVW, BK, BV, CHUNK, -1, HAS_G0, False)
+                     jk, jv, mS, DKW, DVW, BK, BV, CHUNK, -1, HAS_G0, False, PREFIX)
     diff = jj[:, None] - jj[None, :]
     causal = diff >= 0
     Dm = tl.where(causal, _lam_pow(log_lam, tl.maximum(diff, 0)), 0.0)
@@ -528,9 +564,9 @@ def _split_plan(n_split: int, programs: int, n_chunks: int, device, num_warps: i
 
 
 def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *, BC: int, CHUNK: int,
-                  reverse: bool, ieee: bool, num_warps: int, num_stages: int) -> Tensor:
+                  reverse: bool, ieee: bool, num_warps: int, num_stages: int, prefix: bool = False) -> Tensor:
     """The split pre-pass: each earlier split's local state [DA, DC] (fp32, flat [B * H * (n_split - 1) * DA * DC]),
-    or ``s32`` itself (never read) for one split."""
+    or ``s32`` itself (never read) for one split. ``prefix``: folded into prefixes (PREFIX_SCAN)."""
     if n_split == 1:
         return s32
     B, H, T, DA = Bm.shape
@@ -544,6 +580,11 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
            (Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps, *Bm.stride()[:3], *C.stride()[:3]),
            dict(DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
                 num_warps=num_warps, num_stages=num_stages))
+    if prefix and n_split > 2:
+        N = DA * DC
+        BLOCK = min(1024, _pow2(N))
+        launch(_la_prefix_kernel, B * H * cdiv(N, BLOCK), (W, s32, H, n_split - 1, cps * CHUNK),
+               dict(N=N, BLOCK=BLOCK, num_warps=4))
     return W
 
 
@@ -606,13 +647,14 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device, cfg.num_warps)
     s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
     ieee = A.dtype == torch.float32
-    plan = (n_split, cps, CHUNK, reverse, e0, B, H, T)
+    prefix = PREFIX_SCAN and n_split > 1
+    plan = (n_split, cps, CHUNK, reverse, e0, B, H, T, prefix)
     wt = local is not None and n_split > 1 and local.get("plan") == plan and local.get("widths") == (DC, DA)
     if wt:
         W = local["W"]
     else:
         W = _local_states(Bm, C, s32, n_split, cps, BC=BC, CHUNK=CHUNK, reverse=reverse, ieee=ieee,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, prefix=prefix)
         if local is not None and n_split > 1:
             local.update(W=W, plan=plan, widths=(DA, DC))
     s0 = S0 if S0 is not None else s32
@@ -628,7 +670,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, num_warps=cfg.num_warps,
+              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix, num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
         # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then
@@ -755,8 +797,9 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device, cfg.num_warps)
     s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
     # the earlier splits' local states of G: those of the dv sweep (Bm = q, C = do, reverse frame)
+    prefix = PREFIX_SCAN and n_split > 1
     W = _local_states(q, do, s32, n_split, cps, BC=min(64, BV), CHUNK=CHUNK, reverse=True, ieee=False,
-                      num_warps=4, num_stages=2)
+                      num_warps=4, num_stages=2, prefix=prefix)
     g0 = G if G is not None else s32
     g0_st = tuple(G.stride()) if G is not None else (0, 0, 0, 0)
     grid = B * H * n_split
@@ -764,7 +807,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     fl = torch.empty(grid, device=q.device, dtype=torch.int32) if nf == 2 else s32
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
-    kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False,
+    kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

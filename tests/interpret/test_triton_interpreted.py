@@ -177,6 +177,30 @@ def test_prepass_width(prepass_bc, dtype, monkeypatch):
     assert widths[0] == 2 * 2 * 2 * tiles, (widths, tiles)
 
 
+@pytest.mark.parametrize("Dk,Dv,dtype,n_split", [
+    (20, 36, torch.float32, 3),     # two sweeps, the dk sweep reading the dv pre-pass's prefixes transposed
+    (20, 36, torch.float16, 4),     # the fused dk/dv sweep (fp16 at widths <= 64) from prefixes
+    (16, 16, torch.float32, 2),     # one earlier split: the prefix launch is skipped, PREFIX still read
+], ids=["fp32-split3", "fp16-split4", "fp32-split2"])
+def test_prefix_scan(Dk, Dv, dtype, n_split, monkeypatch):
+    """PREFIX_SCAN: the pre-pass's local states folded into prefixes by _la_prefix_kernel, each sweep program
+    reading one tile. Outputs, states (S0 decayed over the earlier splits in one power) and all gradients against
+    the oracle, with fast and infinite decays, and equal to the sweeps without it."""
+    spy = _Spy(tri._la_prefix_kernel)
+    monkeypatch.setattr(tri, "_la_prefix_kernel", spy)
+    monkeypatch.setattr(tri, "PREFIX_SCAN", True)
+    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=n_split)
+    check(2, 2, 150, Dk, Dv, dtype, seed=n_split, state=True, cfg=cfg, rates=(0.05, math.inf))
+    assert spy.launches == (0 if n_split == 2 else 3), spy.launches   # forward, dq, dv (dk) or dk/dv
+    q, k, v = (torch.randn(1, 2, 200, D, dtype=torch.float32) for D in (Dk, Dk, Dv))
+    s, S0 = torch.tensor([0.02, 0.7]), torch.randn(1, 2, Dk, Dv)
+    got = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    monkeypatch.setattr(tri, "PREFIX_SCAN", False)
+    want = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("Dk,Dv", [(16, 24), (64, 64), (144, 24)], ids=str)   # fused dk/dv at 64; cut at 144
 def test_backward_writes_token_major_gradients(Dk, Dv):
     """Token-major q, k, v ([B, T, H, D] memory, as the model's head slices): the launchers write dq, dk, dv

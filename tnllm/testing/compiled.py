@@ -159,7 +159,7 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
                 CU="fp32", ORD="fp32")
     kw = dict(DA=DA, DC=DC, BA=max(16, 1 << (DA - 1).bit_length()), BC=BC, CHUNK=CHUNK, REVERSE=reverse,
               E0=int(reverse), HAS_S0=False, WRITE_SF=True, SF_SHIFT=reverse, IEEE=dtype == "fp32", NF=0,
-              WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt)
+              WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False)
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
     div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
     return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
