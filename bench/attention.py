@@ -97,17 +97,22 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         else:
             tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith(("tnllm_prepass", "tnllm_prefix")):
-        # the public op with the split pre-pass's state tile N columns wide (tnllm_prepass<N>), its local states
-        # folded into prefixes (tnllm_prefix: PREFIX_SCAN), or both (tnllm_prepass<N>prefix); read at each launch,
-        # restored by main after the record
+    if name.startswith(("tnllm_prepass", "tnllm_prefix", "tnllm_noprefix")):
+        # the public op with the split pre-pass's state tile N columns wide (tnllm_prepass<N>; 0: the sweep's own
+        # tile), its local states folded into prefixes or not (tnllm_prefix / tnllm_noprefix: PREFIX_SCAN), or both
+        # (tnllm_prepass<N>prefix, tnllm_prepass<N>noprefix); read at each launch, restored by main after the record
         from tnllm.ops import lightning_attn
         from tnllm.ops.lightning_attn import triton as tri
         rest = name[len("tnllm_"):]
-        tri.PREFIX_SCAN = rest.endswith("prefix")
-        width = rest[len("prepass"):len(rest) - (6 if tri.PREFIX_SCAN else 0)] if rest.startswith("prepass") else ""
-        if width:
-            tri.PREPASS_BC = int(width)
+        for flag, value in (("noprefix", False), ("prefix", True)):
+            if rest.endswith(flag):
+                tri.PREFIX_SCAN, rest = value, rest[:-len(flag)]
+                break
+        if rest.startswith("prepass"):
+            width = int(rest[len("prepass"):])
+            tri.PREPASS_BC = width or None
+        elif rest:
+            raise ValueError(f"unknown implementation {name!r}")
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name.startswith("tnllm_split"):   # the public op with every sweep cut into N sequence splits (not auto_split's)
         import dataclasses

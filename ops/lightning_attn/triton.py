@@ -23,8 +23,8 @@ quadratic term + inter-chunk state term, then the state update. Splitting DC cos
 A Bm^T per tile but keeps the state in registers and gives B*H*DC/BC programs; programs of one
 head run side by side, so the re-reads of A and Bm mostly hit L2. For small B*H the sequence can
 be cut into a few splits (SweepConfig.n_split): a cheap pre-pass writes each split's local state
-contribution [DA, DC] (a few per head, not one per chunk), and each split folds the earlier ones
-into its starting state. The backward's dk and dv sweeps share one pre-pass: dk's local states
+contribution [DA, DC] (a few per head, not one per chunk), one small launch folds them into prefixes
+(PREFIX_SCAN), and each split starts from the prefix of the earlier ones. The backward's dk and dv sweeps share one pre-pass: dk's local states
 (do^T q) are the transposes of dv's (q^T do), read transposed (WT). All decays are lam^m with
 m >= 0 (exp of -s*m, exactly 1 at m = 0), finite for any T and any rate (s = inf: lam = 0).
 Masks are wheres, so a non-finite entry of A or Bm at frame position r never reaches an output at
@@ -94,14 +94,16 @@ WIDE_CONFIG: "SweepConfig | None" = None
 # The split pre-pass's state tile width (_local_states), read at each launch. None: the sweep's own BC, so a
 # [DA, DC] local state is computed as DC / BC column tiles, each program re-reading its split's Bm rows; an int:
 # tiles of min(PREPASS_BC, DC) columns (8 warps where the fp32 tile is wider than [128, 64]), Bm read once per
-# split when DC fits. The pre-pass reads Bm and C once more than an unsplit sweep (about 0.7 of a sweep's bytes at
-# D128, where Bm is read twice); `bench/attention.py` times the public op under a value as tnllm_prepass<BC>.
-PREPASS_BC: "int | None" = None
+# split when DC fits (16-bit inputs; fp32 keeps the sweep's tiles). `bench/attention.py` times the public op under
+# a value as tnllm_prepass<BC> (0: None). 128 (H200, B2 H16 T32768 D128, fwd+bwd): 2.803 -> 2.608 ms alone,
+# 2.571 with PREFIX_SCAN (docs/benchmarks.md, "The split pre-pass").
+PREPASS_BC: "int | None" = 128
 # Fold the split pre-pass's local states into prefixes in one more small launch (_la_prefix_kernel), so that each
 # sweep program starts from one stored tile instead of folding all the earlier splits' tiles itself (the program of
 # split p reads p tiles of [DA, BC] fp32: at the 385M training shape, 16 splits, up to 15 x 32 KiB). Read at each
-# launch; `bench/attention.py` times the public op with it as tnllm_prefix (and tnllm_prepass<BC>prefix).
-PREFIX_SCAN = False
+# launch; `bench/attention.py` times the public op with it off as tnllm_noprefix (tnllm_prepass<BC>noprefix).
+# On (H200, B2 H16 T32768 D128, fwd+bwd): 2.803 -> 2.666 ms alone, 2.571 with PREPASS_BC = 128.
+PREFIX_SCAN = True
 
 
 @triton.jit

@@ -169,6 +169,21 @@ def test_split_launches_equal_one_split_cuda(B, H, T, Dk, Dv, dt):
                 assert rel(a, b) <= tol, (n, name, rel(a, b))
 
 
+@pytest.mark.parametrize("prepass_bc,prefix", [(None, False), (None, True), (128, False), (128, True)],
+                         ids=["tiles-fold", "tiles-prefix", "wide-fold", "wide-prefix"])
+def test_prepass_settings_cuda(prepass_bc, prefix, monkeypatch):
+    """Every setting of the split pre-pass (PREPASS_BC: its state tile width; PREFIX_SCAN: local states folded into
+    prefixes by one more launch) against the oracle, at split shapes with an initial state, a Dk != Dv head, and
+    the fused dk/dv sweep (D64)."""
+    from tnllm.ops.lightning_attn import triton as tri
+    monkeypatch.setattr(tri, "PREPASS_BC", prepass_bc)
+    monkeypatch.setattr(tri, "PREFIX_SCAN", prefix)
+    assert tri.auto_split(2 * 4 * 2, tri.cdiv(3000, 64), tri._num_sms(torch.device("cuda"))) > 2
+    check(2, 4, 3000, 128, 128, torch.bfloat16, True)
+    check(1, 2, 1500, 256, 128, torch.bfloat16, True)
+    check(1, 3, 4000, 64, 64, torch.float16, True, rates=(0.01, 0.5, math.inf))
+
+
 def test_auto_split_op_matches_oracle_cuda(monkeypatch):
     """The default op with AUTO_SPLIT on (small B*H: the sequence is split automatically) against the oracle."""
     from tnllm.ops.lightning_attn import triton as tri

@@ -153,11 +153,11 @@ def test_dk_sweep_reuses_the_dv_pre_pass(Dk, Dv, cfg, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prepass_bc", [16, 64], ids=lambda b: f"prepass{b}")
+@pytest.mark.parametrize("prepass_bc", [None, 16, 64], ids=lambda b: f"prepass{b}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_prepass_width(prepass_bc, dtype, monkeypatch):
     """PREPASS_BC: the split pre-pass in state tiles of its own width (one [DA, DC] tile where DC fits, several
-    where it does not), the sweeps in tiles of 16 columns; fp32 keeps the sweep's tiles. Outputs, states and all
+    where it does not; None: the sweep's tiles), the sweeps in tiles of 16 columns; fp32 keeps the sweep's tiles. Outputs, states and all
     gradients against the oracle, with a tail, several DC tiles, the dk sweep reading the dv pre-pass transposed
     and the fused dk/dv sweep's pre-pass (fp16)."""
     widths = []
@@ -170,10 +170,10 @@ def test_prepass_width(prepass_bc, dtype, monkeypatch):
     monkeypatch.setattr(tri, "_la_local_state_kernel", Spy(real))
     monkeypatch.setattr(tri, "PREPASS_BC", prepass_bc)
     cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=3)
-    check(2, 2, 150, 20, 36, dtype, seed=prepass_bc, state=True, cfg=cfg)
+    check(2, 2, 150, 20, 36, dtype, seed=prepass_bc or 0, state=True, cfg=cfg)
     assert widths, "no pre-pass ran"
     # the forward's pre-pass: B * H * (n_split - 1) programs times its column tiles (DC = 36)
-    tiles = -(-36 // (16 if dtype == torch.float32 else min(prepass_bc, 64)))
+    tiles = -(-36 // (16 if dtype == torch.float32 or prepass_bc is None else min(prepass_bc, 64)))
     assert widths[0] == 2 * 2 * 2 * tiles, (widths, tiles)
 
 
