@@ -459,7 +459,8 @@ def main(argv=None):
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):
-            names = ["tnllm"] + (["tnllm_api"] if shape_name in ("main", "tiny") else []) + peers \
+            # the op through the dispatcher and the public call a user makes (the eager fast path), at every shape
+            names = ["tnllm", "tnllm_api"] + [p for p in peers if p != "tnllm_api"] \
                 + [f"tnllm_nf{m}" for m in a.nonfinite_modes.split(",") if m] \
                 + (["tnllm_autosplit"] if a.auto_split else []) + (["tnllm_separate"] if a.separate_dkdv else []) \
                 + [f"tnllm_chunk{n}" for n in a.chunks.split(",") if n]
