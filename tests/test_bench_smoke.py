@@ -68,6 +68,9 @@ def test_decode_bench_cpu(tmp_path):
 def test_launch_host_bench_cpu(tmp_path):
     out = run([BENCH / "launch_host.py", "--shape", "1,2,256,32", "--calls", "5", "--rounds", "2"], tmp_path)
     assert "'fwd_us'" in out and "'bwd_us'" in out
+    # a split shape: the pre-pass and its prefix launch are stubbed too
+    split = run([BENCH / "launch_host.py", "--shape", "1,2,4096,32", "--calls", "5", "--rounds", "2"], tmp_path)
+    assert "'fwd_us'" in split and "'bwd_us'" in split
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import make_backend
