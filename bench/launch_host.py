@@ -39,10 +39,10 @@ def _per_call_us(fn, calls: int, rounds: int) -> float:
 
 def launchers(B, H, T, D, calls, rounds) -> dict:
     from tnllm.ops.lightning_attn import triton as tri
-    saved = {n: getattr(tri, n) for n in ("_la_sweep_kernel", "_la_local_state_kernel", "_la_prefix_kernel", "_la_dkdv_kernel",
-                                        "_num_sms")}
+    kernels = ("_la_sweep_kernel", "_la_local_state_kernel", "_la_prefix_kernel", "_la_dkdv_kernel")
+    saved = {n: getattr(tri, n) for n in kernels + ("_num_sms",)}
     try:
-        for n in ("_la_sweep_kernel", "_la_local_state_kernel", "_la_prefix_kernel", "_la_dkdv_kernel"):
+        for n in kernels:
             setattr(tri, n, _Stub())
         tri._num_sms = lambda device: 132
         mk = lambda: torch.randn(B, T, H, D, dtype=torch.bfloat16).transpose(1, 2)

@@ -24,8 +24,9 @@ A Bm^T per tile but keeps the state in registers and gives B*H*DC/BC programs; p
 head run side by side, so the re-reads of A and Bm mostly hit L2. For small B*H the sequence can
 be cut into a few splits (SweepConfig.n_split): a cheap pre-pass writes each split's local state
 contribution [DA, DC] (a few per head, not one per chunk), one small launch folds them into prefixes
-(PREFIX_SCAN), and each split starts from the prefix of the earlier ones. The backward's dk and dv sweeps share one pre-pass: dk's local states
-(do^T q) are the transposes of dv's (q^T do), read transposed (WT). All decays are lam^m with
+(PREFIX_SCAN), and each split starts from the prefix of the earlier ones. The backward's dk and dv
+sweeps share one pre-pass: dk's local states (do^T q) are the transposes of dv's (q^T do), read
+transposed (WT). All decays are lam^m with
 m >= 0 (exp of -s*m, exactly 1 at m = 0), finite for any T and any rate (s = inf: lam = 0).
 Masks are wheres, so a non-finite entry of A or Bm at frame position r never reaches an output at
 a frame position before r. A non-finite entry of C would, through the
@@ -355,12 +356,14 @@ def _la_sweep_kernel(
             _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN, WT, PREFIX)
+                           DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN,
+                           WT, PREFIX)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN, WT, PREFIX)
+                       DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
+                       WT, PREFIX)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -672,7 +675,8 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
-              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix, num_warps=cfg.num_warps,
+              WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
+              num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
         # optimistic: the unmasked sweep, each program counting the non-finite entries of its final state; then

@@ -157,8 +157,8 @@ def test_dk_sweep_reuses_the_dv_pre_pass(Dk, Dv, cfg, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_prepass_width(prepass_bc, dtype, monkeypatch):
     """PREPASS_BC: the split pre-pass in state tiles of its own width (one [DA, DC] tile where DC fits, several
-    where it does not; None: the sweep's tiles), the sweeps in tiles of 16 columns; fp32 keeps the sweep's tiles. Outputs, states and all
-    gradients against the oracle, with a tail, several DC tiles, the dk sweep reading the dv pre-pass transposed
+    where it does not; None: the sweep's tiles), the sweeps in tiles of 16 columns; fp32 keeps the sweep's tiles.
+    Outputs, states and all gradients against the oracle, with a tail, several DC tiles, the dk sweep reading the dv pre-pass transposed
     and the fused dk/dv sweep's pre-pass (fp16)."""
     widths = []
     real = tri._la_local_state_kernel
