@@ -65,12 +65,7 @@ _patch_interpreter()
 MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # How the sweep keeps a non-finite entry of C causal (NF of _la_sweep_kernel): 0 unsafe (benchmarks only),
 # 1 always masked, 2 optimistic: the unmasked sweep, then a masked launch in which only the programs whose
-# final state came out non-finite run (redo their split); 3 optimistic in one launch: a program whose final state
-# came out non-finite redoes its split masked at once (one launch per sweep instead of two, so less host time per
-# call; the fused dk/dv sweep keeps mode 2's two launches). The kernel then holds both loops: compiled for sm_90
-# (triton 3.9, `tnllm.testing.compiled`), the D128 forward sweep's stack grows from 120 to 536 bytes and the D64
-# one's from 0 to 256 (255 registers), so mode 3 may cost kernel time where it saves host time. Not yet timed on a
-# GPU: `bench/attention.py --nonfinite-modes 2,3` times them.
+# final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
 # The automatic sequence split for small B*H (auto_split): on (bench/attention.py --auto-split and --sweep,
@@ -353,11 +348,10 @@ def _la_sweep_kernel(
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
     VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr,
 ):
-    """A program per (b*h, split, DC tile). REDO 1: only the programs with FL[pid] != 0 run (the masked redo
-    launch of the optimistic mode, see _sweep); 2: every program runs (WRITE_FLAG), then redoes its split masked
-    where its own flag is set (the one-launch optimistic mode)."""
+    """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
+    launch of the optimistic mode, see _sweep)."""
     pid = tl.program_id(0)
-    if REDO == 1:
+    if REDO:
         if tl.load(FL + pid) != 0:
             _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
@@ -370,14 +364,6 @@ def _la_sweep_kernel(
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
                        WT, PREFIX)
-        if REDO == 2:
-            tl.debug_barrier()          # the flag was stored by this program's threads; every thread reads it
-            if tl.load(FL + pid) != 0:
-                _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split,
-                               chunks_per_split, sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
-                               s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
-                               DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, 1, False, VARLEN,
-                               WT, PREFIX)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -634,9 +620,6 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         out = torch.empty(B, H, T, DC, device=C.device, dtype=C.dtype)
     # fp32 (ieee dots: not the fast path) always masks: one kernel to compile, not two
     nf = cfg.nonfinite if cfg is not None and cfg.nonfinite >= 0 else (1 if A.dtype == torch.float32 else NONFINITE_MODE)
-    if nf not in (0, 1, 2, 3):
-        raise ValueError(f"the sweep's non-finite mode (NONFINITE_MODE or SweepConfig.nonfinite) must be 0, 1, 2 or 3, "
-                         f"got {nf}")
     kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg, cu=cu, order=order)
     if DC > TILE_D:
         for c0 in range(0, DC, TILE_D):
@@ -688,7 +671,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     sf = final if final is not None else torch.empty(NS, H, DA, DC, device=C.device, dtype=torch.float32)
     sf_st = tuple(sf.stride())
     grid = NS * H * n_split * n_tiles
-    fl = torch.empty(grid, device=C.device, dtype=torch.int32) if nf in (2, 3) else s32
+    fl = torch.empty(grid, device=C.device, dtype=torch.int32) if nf == 2 else s32
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
@@ -701,8 +684,6 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
         # their split; the others exit at once): two single-loop kernels, the fast one unburdened by the masking
         launch(_la_sweep_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))
         launch(_la_sweep_kernel, grid, args, dict(kw, NF=1, WRITE_FLAG=False, REDO=True))
-    elif nf == 3:       # optimistic in one launch: a flagged program redoes its split masked at once
-        launch(_la_sweep_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=2))
     else:
         launch(_la_sweep_kernel, grid, args, dict(kw, NF=nf, WRITE_FLAG=False, REDO=False))
     return out
@@ -829,7 +810,6 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     g0_st = tuple(G.stride()) if G is not None else (0, 0, 0, 0)
     grid = B * H * n_split
     nf = cfg.nonfinite if cfg.nonfinite >= 0 else NONFINITE_MODE
-    nf = 2 if nf == 3 else nf           # the fused sweep has no one-launch redo: mode 3 runs as mode 2
     fl = torch.empty(grid, device=q.device, dtype=torch.int32) if nf == 2 else s32
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())

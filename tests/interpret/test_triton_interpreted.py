@@ -333,51 +333,12 @@ def test_kernels_property():
                               max_examples=5, max_T=100, dims=(8, 16, 24, 40))
 
 
-@pytest.mark.parametrize("nf", [1, 2, 3], ids=["masked", "flagged", "flagged-one-launch"])
+@pytest.mark.parametrize("nf", [1, 2], ids=["masked", "flagged"])
 def test_kernels_edge_semantics(nf):
     """NaN/inf at t (in q, k, v or the output gradient) stays causal in all four sweeps (forward and the three
     backward ones), s = inf is lambda = 0, for each of the sweep's non-finite-safe masking modes."""
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=3, nonfinite=nf)),
                              dtypes=(torch.float32,), max_examples=8, max_T=70, dims=(8, 16), names=("q", "k", "v", "do"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_one_launch_redo(dtype, monkeypatch):
-    """Non-finite mode 3 (NONFINITE_MODE, or SweepConfig.nonfinite as here): one launch per sweep (mode 2 makes
-    two), a program whose state came out non-finite redoing its split masked in the same launch. With an inf in v and in the output gradient, outputs and gradients equal
-    mode 2's (the earlier rows stay finite); on finite inputs the redo never runs and they equal it too. The fused
-    dk/dv sweep (fp16 here) runs mode 3 as mode 2."""
-    spy = _Spy(tri._la_sweep_kernel)
-    monkeypatch.setattr(tri, "_la_sweep_kernel", spy)
-    torch.manual_seed(0)
-    q, k, v, do = (torch.randn(1, 2, 150, 16, dtype=dtype) for _ in range(4))
-    s = torch.tensor([0.3, math.inf])
-    runs = {}
-    for bad in (False, True):
-        vv, dd = v.clone(), do.clone()
-        if bad:
-            vv[0, 0, 90, 3] = math.inf
-            dd[0, 1, 40, 5] = -math.inf
-        for mode in (2, 3):
-            cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=3, nonfinite=mode)
-            spy.launches = 0
-            with tt.poisoned_allocations():
-                o, S = tri.lightning_attn_fwd_triton(q, k, vv, s, None, cfg=cfg)
-                grads = tri.lightning_attn_bwd_triton(dd, None, q, k, vv, s, None, cfgs={n: cfg for n in ("dq", "dk", "dv")})
-            runs[bad, mode] = (o, S, *grads), spy.launches
-        (want, n2), (got, n3) = runs[bad, 2], runs[bad, 3]
-        assert n3 < n2, (n2, n3)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    o = runs[True, 3][0][0]
-    assert torch.isfinite(o[0, 0, :90]).all() and not torch.isfinite(o[0, 0, 90:]).all()
-
-
-def test_nonfinite_mode_is_checked(monkeypatch):
-    monkeypatch.setattr(tri, "NONFINITE_MODE", 4)
-    q = torch.randn(1, 1, 20, 16, dtype=torch.float16)
-    with pytest.raises(ValueError, match="must be 0, 1, 2 or 3, got 4"):
-        tri.lightning_attn_fwd_triton(q, q, q, torch.tensor([0.5]), None)
 
 
 def test_unsafe_mode_is_unsafe():
