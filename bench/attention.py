@@ -11,7 +11,7 @@ the memory floor's bytes (read q, k, v (, do), write o (, dq, dk, dv) once) over
 device-to-device copy measured in the same run; and the host's time to issue one forward + backward
 (``host_fwdbwd_ms``: ten calls back to back without a sync, per call): where it is not clearly below the timed
 forward + backward, the eager timing is the host's, not the kernels'. ``tnllm_graph`` times the same op replayed
-from CUDA graphs (its kernels alone). Peers: PyTorch NormAttention (masked quadratic, the
+from CUDA graphs (its kernels alone), and ``<variant>_graph`` any tnllm variant so (e.g. tnllm_noprefix_graph). Peers: PyTorch NormAttention (masked quadratic, the
 paper's baseline), SDPA softmax attention (cuDNN and flash backends; Dk == Dv only), fla
 ``chunk_simple_gla`` (g_gamma = -s, scale = 1, layout [B, T, H, D]), OpenNLPLab ``lightning_attn2``.
 Results go to <out>/attention.json (one record per line, written as they come) and a markdown table.
@@ -62,6 +62,8 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
     s = decay_rates(H)
     # the custom op itself (autograd registered on it); tnllm_graph: the same op, which run_one replays from CUDA
     # graphs (its GPU time without the host)
+    if name.startswith("tnllm_") and name.endswith("_graph") and name != "tnllm_graph":
+        return make_impl(name[:-len("_graph")], B, H, T, Dk, Dv, dtype)   # a variant, replayed from graphs by run_one
     if name in ("tnllm", "tnllm_graph"):
         import tnllm.ops  # noqa: F401
         return (lambda q, k, v: torch.ops.tnllm.lightning_attn_fwd(q, k, v, s, None, 64)[0]), "bhtd"
@@ -186,7 +188,7 @@ def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
         step()
     host_ms = (time.perf_counter() - t0) / 10 * 1e3
     _sync()
-    if name == "tnllm_graph" and DEV == "cuda":
+    if name.startswith("tnllm") and name.endswith("_graph") and DEV == "cuda":
         fwd, fb = _graph_times(fn, q, k, v, do)
     else:
         with torch.no_grad():

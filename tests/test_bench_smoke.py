@@ -22,11 +22,11 @@ def run(args, tmp_path, timeout=600):
 
 def test_attention_bench_cpu(tmp_path):
     out = run([BENCH / "attention.py", "--device", "cpu", "--out", tmp_path / "a", "--nonfinite-modes", "0,2",
-               "--auto-split", "--chunks", "32", "--peers", "naive,tnllm_prepass0,tnllm_noprefix,tnllm_prepass0noprefix"], tmp_path)
+               "--auto-split", "--chunks", "32", "--peers", "naive,tnllm_prepass0,tnllm_noprefix,tnllm_prepass0noprefix_graph"], tmp_path)
     recs = [json.loads(line) for line in (tmp_path / "a" / "attention.json").read_text().splitlines()]
     rows = {r["impl"]: r for r in recs if not r.get("meta")}
     assert set(rows) == {"tnllm", "tnllm_api", "naive", "tnllm_nf0", "tnllm_nf2", "tnllm_autosplit", "tnllm_chunk32",
-                         "tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix"}, rows
+                         "tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph"}, rows
     for r in rows.values():
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
     assert max(rows["tnllm"]["check_rel_err"].values()) < 1e-2
@@ -34,7 +34,7 @@ def test_attention_bench_cpu(tmp_path):
     assert max(rows["tnllm_api"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_autosplit"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_chunk32"]["check_rel_err"].values()) < 1e-2
-    for name in ("tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix"):
+    for name in ("tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph"):
         assert max(rows[name]["check_rel_err"].values()) < 1e-2, name
     assert "| tiny B1 H2 T100" in out
 
