@@ -113,6 +113,21 @@ def test_layouts_are_what_they_say():
     assert tt.make_inputs(tt.Case(1, 1, 3, 2, 2, layout="bthd"))[0].stride() == (6, 2, 2, 1)
 
 
+def test_poisoned_input_keeps_its_layout():
+    """The edge check poisons a copy of an input in the input's own layout: a contiguous clone of a padded or
+    transposed input made a BLAS call sum in another order, and the bit-exact comparison then failed a correct
+    kernel (found by `tnllm check`: a NaN in v at t = 0, padded layout, Dk = 1, dk after t off by one ulp)."""
+    for layout in tt.LAYOUTS:
+        x = tt.make_inputs(tt.Case(2, 3, 9, 4, 5, layout=layout))[0]
+        y = tt.copy_in_layout(x)
+        assert (y.stride(), y.storage_offset(), y.dtype) == (x.stride(), x.storage_offset(), x.dtype)
+        assert torch.equal(y, x) and y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        y[0, 0, 0, 0] = math.nan
+        assert not math.isnan(x[0, 0, 0, 0].item())
+    case = tt.Case(B=1, H=1, T=128, Dk=1, Dv=8, dtype=torch.float32, layout="padded", rates=(0.0,), seed=0)
+    tt.check_nonfinite_causal(lightning_attn, case, "v", (0, 0, 0, 0), math.nan)
+
+
 def test_cli_check_passes_and_fails(capsys):
     assert main(["check", "--examples", "4", "--dtype", "fp32", "--max-T", "40"]) == 0
     out = capsys.readouterr().out

@@ -354,11 +354,21 @@ def nonfinite_cases(*, devices=("cpu",), dtypes=(torch.float32,), max_T: int = 1
     return draw()
 
 
+def copy_in_layout(x: Tensor) -> Tensor:
+    """A copy of ``x`` with its strides and storage offset, over a bit-identical copy of its whole storage: a clone
+    would be contiguous, and a kernel (or a BLAS call) may then sum in another order, so a run over the copy would
+    differ from the original by rounding where it should be bit-identical."""
+    src = x.detach()
+    n = src.untyped_storage().nbytes() // src.element_size()
+    buf = torch.as_strided(src, (n,), (1,), 0).clone()
+    return buf.as_strided(src.shape, src.stride(), src.storage_offset())
+
+
 def _poison(ins, name: str, where, value: float):
     q, k, v, s, S0, do, dS = ins
     xs = {"q": q, "k": k, "v": v, "do": do}
     with torch.no_grad():
-        t = xs[name].detach().clone()
+        t = copy_in_layout(xs[name])
         t[where] = value
     xs[name] = t.requires_grad_() if name != "do" else t
     return xs["q"], xs["k"], xs["v"], s, S0, xs["do"], dS

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import LAYOUTS, QUANTITIES, RATES, TOL, _RATE_VALUE, _acc, _hypothesis, _name, _same, _settings, oracle, rel_err
+from . import (LAYOUTS, QUANTITIES, RATES, TOL, _RATE_VALUE, _acc, _hypothesis, _name, _same, _settings,
+               copy_in_layout, oracle, rel_err)
 
 __all__ = ["VarlenCase", "varlen_cases", "make_varlen_inputs", "evaluate_varlen", "varlen_oracle",
            "varlen_case_errors", "check_varlen_case", "assert_varlen_agrees", "check_varlen_isolated",
@@ -220,7 +221,7 @@ def check_varlen_isolated(fn: Callable, case: VarlenCase, seq: int, name: str, w
     h, t, d = where
     i = {"q": 0, "k": 1, "v": 2}[name]
     with torch.no_grad():
-        x = ins[i].detach().clone()
+        x = copy_in_layout(ins[i])
         x[0, h, c[seq] + t, d] = value
     ins[i] = x.requires_grad_()
     bad = evaluate_varlen(fn, *ins)
