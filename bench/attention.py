@@ -11,8 +11,8 @@ the memory floor's bytes (read q, k, v (, do), write o (, dq, dk, dv) once) over
 device-to-device copy measured in the same run; and the host's time to issue one forward + backward
 (``host_fwdbwd_ms``: ten calls back to back without a sync, per call): where it is not clearly below the timed
 forward + backward, the eager timing is the host's, not the kernels'. ``tnllm_graph`` times the same op replayed
-from CUDA graphs (its kernels alone), and ``<variant>_graph`` any tnllm variant so (e.g. tnllm_noprefix_graph). Peers: PyTorch NormAttention (masked quadratic, the
-paper's baseline), SDPA softmax attention (cuDNN and flash backends; Dk == Dv only), fla
+from CUDA graphs (its kernels alone), and ``<variant>_graph`` any tnllm variant so (e.g. tnllm_noprefix_graph).
+Peers: PyTorch NormAttention (masked quadratic, the paper's baseline), SDPA softmax attention (cuDNN and flash backends; Dk == Dv only), fla
 ``chunk_simple_gla`` (g_gamma = -s, scale = 1, layout [B, T, H, D]), OpenNLPLab ``lightning_attn2``.
 Results go to <out>/attention.json (one record per line, written as they come) and a markdown table.
 """
