@@ -173,6 +173,16 @@ def _la_local_state_kernel(
 
 
 @triton.jit
+def _split_state(W, bh, p, n_split, ja, jc, mS, DA: tl.constexpr, DC: tl.constexpr, WT: tl.constexpr):
+    """The [BA, BC] tile of W's state p of program group bh (fp32; WT: stored transposed, [DC, DA])."""
+    w = W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC)
+    if WT:
+        return tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
+    else:
+        return tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
+
+
+@triton.jit
 def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, s0_r, s0_c, log_lam, ja, jc, mS,
                  DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
                  E0: tl.constexpr, HAS_S0: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr):
@@ -187,23 +197,13 @@ def _start_state(S0, W, b, h, bh, split, n_split, chunks_per_split, s0_b, s0_h, 
     split_len = chunks_per_split * CHUNK
     if PREFIX:
         if split > 0:
-            w = W + (bh.to(tl.int64) * (n_split - 1) + split - 1) * (DA * DC)
-            if WT:
-                L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
-            else:
-                L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
             if HAS_S0:     # S0' decays over the earlier splits: sum of their exponents, E0 once
                 S = S * _lam_pow(log_lam, split * split_len + E0)
-            S = S + L
+            S = S + _split_state(W, bh, split - 1, n_split, ja, jc, mS, DA, DC, WT)
     else:
         for p in range(0, split):
-            w = W + (bh.to(tl.int64) * (n_split - 1) + p) * (DA * DC)
-            if WT:
-                L = tl.load(w + jc[None, :] * DA + ja[:, None], mask=mS, other=0.0)
-            else:
-                L = tl.load(w + ja[:, None] * DC + jc[None, :], mask=mS, other=0.0)
             e = split_len + tl.where(p == 0, E0, 0)
-            S = S * _lam_pow(log_lam, e) + L
+            S = S * _lam_pow(log_lam, e) + _split_state(W, bh, p, n_split, ja, jc, mS, DA, DC, WT)
     return S
 
 
