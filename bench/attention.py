@@ -67,64 +67,12 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
     if name in ("tnllm", "tnllm_graph"):
         import tnllm.ops  # noqa: F401
         return (lambda q, k, v: torch.ops.tnllm.lightning_attn_fwd(q, k, v, s, None, 64)[0]), "bhtd"
-    if name == "tnllm_api":   # the public call: input checks (the decay check memoised), the eager fast path
+    if name.startswith("tnllm_"):
+        # the public call (input checks, the decay check memoised, the eager fast path), for a variant with the
+        # Triton module's settings changed first (restored by main after the variant's record)
         from tnllm.ops import lightning_attn
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith("tnllm_nf"):   # the public op with the sweep's non-finite masking mode NF forced
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        tri.NONFINITE_MODE = int(name[len("tnllm_nf"):])   # read at each launch (forward and backward)
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name == "tnllm_autosplit":   # the public op with the automatic sequence split forced on (AUTO_SPLIT)
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        tri.AUTO_SPLIT = True        # read at each launch; restored by main after this implementation's record
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name == "tnllm_separate":   # the public op with the backward's dk and dv as two sweeps (FUSED_DKDV off)
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        tri.FUSED_DKDV = False       # read at each launch; restored by main after this implementation's record
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith("tnllm_chunk"):   # the public op with the sweeps' default chunk of N rows (CHUNK_ROWS)
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        tri.CHUNK_ROWS = int(name[len("tnllm_chunk"):])   # read at each launch; restored by main after the record
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith("tnllm_cfg"):   # the public op with WIDE_CONFIG (16-bit sweeps wider than 64) = BC x CHUNK, warps
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        spec = name[len("tnllm_cfg"):]
-        if spec == "none":
-            tri.WIDE_CONFIG = None
-        else:
-            tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith(("tnllm_prepass", "tnllm_prefix", "tnllm_noprefix")):
-        # the public op with the split pre-pass's state tile N columns wide (tnllm_prepass<N>; 0: the sweep's own
-        # tile), its local states folded into prefixes or not (tnllm_prefix / tnllm_noprefix: PREFIX_SCAN), or both
-        # (tnllm_prepass<N>prefix, tnllm_prepass<N>noprefix); read at each launch, restored by main after the record
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        rest = name[len("tnllm_"):]
-        for flag, value in (("noprefix", False), ("prefix", True)):
-            if rest.endswith(flag):
-                tri.PREFIX_SCAN, rest = value, rest[:-len(flag)]
-                break
-        if rest.startswith("prepass"):
-            width = int(rest[len("prepass"):])
-            tri.PREPASS_BC = width or None
-        elif rest:
-            raise ValueError(f"unknown implementation {name!r}")
-        return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
-    if name.startswith("tnllm_split"):   # the public op with every sweep cut into N sequence splits (not auto_split's)
-        import dataclasses
-
-        from tnllm.ops import lightning_attn
-        from tnllm.ops.lightning_attn import triton as tri
-        n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config
-        # restored by main after the record
-        tri.default_config = lambda *a: dataclasses.replace(base(*a), n_split=n)
-        tri.default_dkdv_config = lambda *a: dataclasses.replace(base_dkdv(*a), n_split=n)
+        if name != "tnllm_api":
+            _set_variant(name)
         return (lambda q, k, v: lightning_attn(q, k, v, s)), "bhtd"
     if name == "naive":
         idx = torch.arange(T, device=DEV, dtype=torch.float32)
@@ -155,6 +103,42 @@ def make_impl(name: str, B, H, T, Dk, Dv, dtype):
         from lightning_attn.ops import lightning_attn_func
         return (lambda q, k, v: lightning_attn_func(q, k, v, s)), "bhtd"
     raise ValueError(name)
+
+
+def _set_variant(name: str) -> None:
+    """Set the settings of ops/lightning_attn/triton.py that the variant ``name`` times, each read at every launch."""
+    from tnllm.ops.lightning_attn import triton as tri
+    if name.startswith("tnllm_nf"):          # the sweep's non-finite masking mode NF forced
+        tri.NONFINITE_MODE = int(name[len("tnllm_nf"):])
+    elif name == "tnllm_autosplit":          # the automatic sequence split forced on (AUTO_SPLIT)
+        tri.AUTO_SPLIT = True
+    elif name == "tnllm_separate":           # the backward's dk and dv as two sweeps (FUSED_DKDV off)
+        tri.FUSED_DKDV = False
+    elif name.startswith("tnllm_chunk"):     # the sweeps' default chunk of N rows (CHUNK_ROWS)
+        tri.CHUNK_ROWS = int(name[len("tnllm_chunk"):])
+    elif name.startswith("tnllm_cfg"):       # WIDE_CONFIG (16-bit sweeps wider than 64) = BC x CHUNK, warps
+        spec = name[len("tnllm_cfg"):]
+        tri.WIDE_CONFIG = None if spec == "none" else tri.SweepConfig.from_spec(spec)
+    elif name.startswith(("tnllm_prepass", "tnllm_prefix", "tnllm_noprefix")):
+        # the split pre-pass's state tile N columns wide (tnllm_prepass<N>; 0: the sweep's own tile), its local
+        # states folded into prefixes or not (tnllm_prefix / tnllm_noprefix: PREFIX_SCAN), or both
+        # (tnllm_prepass<N>prefix, tnllm_prepass<N>noprefix)
+        rest = name[len("tnllm_"):]
+        for flag, value in (("noprefix", False), ("prefix", True)):
+            if rest.endswith(flag):
+                tri.PREFIX_SCAN, rest = value, rest[:-len(flag)]
+                break
+        if rest.startswith("prepass"):
+            tri.PREPASS_BC = int(rest[len("prepass"):]) or None
+        elif rest:
+            raise ValueError(f"unknown implementation {name!r}")
+    elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
+        import dataclasses
+        n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config
+        tri.default_config = lambda *a: dataclasses.replace(base(*a), n_split=n)
+        tri.default_dkdv_config = lambda *a: dataclasses.replace(base_dkdv(*a), n_split=n)
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
 
 
 def floor_bytes(B, H, T, Dk, Dv, dtype, bwd: bool) -> int:
