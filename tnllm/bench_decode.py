@@ -11,7 +11,9 @@ non-zero state: the work does not depend on c); the Transformer attends over a s
 The roofline is the time to move a step's bytes once at ``--bandwidth`` (4.8 TB/s, the H200's nominal
 HBM3e bandwidth, unless given): the weights a step reads (every parameter once; an untied embedding
 table only by its rows), plus the state read and written (TNL) or the KV cache read (Transformer);
-``% roofline`` = roofline / measured. On CUDA the device copy bandwidth is also measured and recorded.
+``% roofline`` = roofline / measured. The device's copy bandwidth (a device-to-device copy, read and write
+counted) is measured in the same run, and ``% copy floor`` puts the same bytes at that measured bandwidth: the
+floor of a step that reads its weights as fast as this machine copies memory.
 
 ``--int8``: the same TNL with its layers' Linear weights in torchao int8 weight-only
 (``tnllm.compile.quantize_int8``), timed on ``--int8-paths``, with its greedy agreement against the
@@ -237,13 +239,27 @@ class Bench:
     def peak_gib(self):
         return round(torch.cuda.max_memory_allocated(self.dev) / GiB, 3) if self.dev.type == "cuda" else None
 
-    def roofline_ms(self, name: str, extra_bytes: int) -> float:
-        return (self.weight_bytes[name] + extra_bytes) / (self.a.bandwidth * 1e12) * 1e3
+    def roofline_ms(self, name: str, extra_bytes: int, tbps: float | None = None) -> float:
+        return (self.weight_bytes[name] + extra_bytes) / ((tbps or self.a.bandwidth) * 1e12) * 1e3
+
+    def rooflines(self, name: str, extra_bytes: int, sec: float) -> dict:
+        """The roofline columns of a row: at the assumed bandwidth (with and without ``extra_bytes``, the state
+        or KV traffic) and, where this run measured it, at the device's copy bandwidth (``pct_copy_roofline``:
+        the floor of a step that moves its bytes as fast as a device-to-device copy does on this machine)."""
+        roof, wroof = self.roofline_ms(name, extra_bytes), self.roofline_ms(name, 0)
+        cols = dict(roofline_ms=_sig(roof), pct_roofline=_sig(100 * roof / (sec * 1e3)),
+                    pct_weight_roofline=_sig(100 * wroof / (sec * 1e3)))
+        copy = self.res["meta"].get("copy_bandwidth_TBps")
+        if copy:
+            croof = self.roofline_ms(name, extra_bytes, copy)
+            cols.update(copy_roofline_ms=_sig(croof), pct_copy_roofline=_sig(100 * croof / (sec * 1e3)))
+        return cols
 
     # -- sections --
     def bandwidth(self):
-        if self.dev.type == "cuda" and "copy_bandwidth_TBps" not in self.res["meta"]:
-            self.res["meta"]["copy_bandwidth_TBps"] = round(copy_bandwidth(self.dev) / 1e12, 3)
+        if "copy_bandwidth_TBps" not in self.res["meta"]:
+            nbytes = 2 * GiB if self.dev.type == "cuda" else 256 * 2**20     # a CPU copies 2 GiB slowly
+            self.res["meta"]["copy_bandwidth_TBps"] = _sig(copy_bandwidth(self.dev, nbytes) / 1e12)
             self.save()
 
     def _decoder(self, model, batch, policy, path):
@@ -278,12 +294,10 @@ class Bench:
         for ctx in self.a.contexts:
             dec.reset(st, position=ctx)
             sec = time_loop(run, self.a.steps, 3, dev)
-            roof, wroof = self.roofline_ms(name, 2 * batch * self.state_bytes), self.roofline_ms(name, 0)
             self.row(section="decode", model=name, policy=policy, path=path, batch=batch, context=ctx,
                      ms_per_token=round(sec * 1e3, 4), tokens_per_s=round(batch / sec, 1),
                      state_mib_per_stream=round(self.state_bytes / 2**20, 3), peak_gib=self.peak_gib(),
-                     setup_s=round(setup, 1), roofline_ms=_sig(roof), pct_roofline=_sig(100 * roof / (sec * 1e3)),
-                     pct_weight_roofline=_sig(100 * wroof / (sec * 1e3)),
+                     setup_s=round(setup, 1), **self.rooflines(name, 2 * batch * self.state_bytes, sec),
                      extra_mib=round(dec.fused.extra_bytes / 2**20, 1) if dec.fused is not None else 0.0)
         del dec
 
@@ -301,11 +315,10 @@ class Bench:
             step = StaticKV(tf, batch, ctx, self.dtype, dev)
             run = graph_of(step, dev)
             sec = time_loop(run, self.a.steps, 3, dev)
-            roof, wroof = self.roofline_ms("transformer", step.cache_bytes), self.roofline_ms("transformer", 0)
             self.row(section="decode", model="transformer", policy=policy, path="sdpa", batch=batch, context=ctx,
                      ms_per_token=round(sec * 1e3, 4), tokens_per_s=round(batch / sec, 1), peak_gib=self.peak_gib(),
-                     kv_mib_per_stream=round(step.cache_bytes / batch / 2**20, 2), roofline_ms=_sig(roof),
-                     pct_roofline=_sig(100 * roof / (sec * 1e3)), pct_weight_roofline=_sig(100 * wroof / (sec * 1e3)))
+                     kv_mib_per_stream=round(step.cache_bytes / batch / 2**20, 2),
+                     **self.rooflines("transformer", step.cache_bytes, sec))
             del step, run
 
     def int8_quality(self):
@@ -467,13 +480,14 @@ def write_report(res: dict, out: Path) -> str:
              f"{meta.get('bandwidth_TBps')} TB/s ({meta.get('bandwidth_note', '')})"
              + (f"; measured copy bandwidth {meta['copy_bandwidth_TBps']} TB/s" if "copy_bandwidth_TBps" in meta else ""),
              "roofline = (weights read + TNL state read and written | Transformer KV cache read) / bandwidth; "
-             "% weights = the weights alone over the bandwidth, against the measured time"]
+             "% weights = the weights alone over the bandwidth, against the measured time; "
+             "% copy floor = the same bytes at the measured copy bandwidth, against the measured time"]
     for p, info in res.get("presets", {}).items():
         lines.append(f"- {p}: params {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in info['params'].items())}; "
                      f"weights read per step {', '.join(f'{k} {v} GB' for k, v in info['weight_GB'].items())}; "
                      f"TNL state {info['state_MiB_per_stream']} MiB per stream")
     head = ["preset", "model / policy:path", "batch", "context", "ms/token", "tokens/s", "state MiB/stream",
-            "roofline ms", "% roofline", "% weights"]
+            "roofline ms", "% roofline", "% weights", "% copy floor"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [r for r in res["rows"] if r["section"] == "decode"]
     keys = []
@@ -493,7 +507,8 @@ def write_report(res: dict, out: Path) -> str:
                 r["preset"], _label(r), r["batch"], r["context"], ms if ms is not None else r.get("oom", ""),
                 r.get("tokens_per_s", ""), state, r.get("roofline_ms", ""),
                 f"{r['pct_roofline']}%" if r.get("pct_roofline") is not None else "",
-                f"{r['pct_weight_roofline']}%" if r.get("pct_weight_roofline") is not None else "")) + " |")
+                f"{r['pct_weight_roofline']}%" if r.get("pct_weight_roofline") is not None else "",
+                f"{r['pct_copy_roofline']}%" if r.get("pct_copy_roofline") is not None else "")) + " |")
     flat = []
     for key in sorted({(r["preset"], _label(r), r["batch"]) for r in rows}):
         pts = {r["context"]: r["ms_per_token"] for r in rows
