@@ -71,7 +71,8 @@ def binder(B, H, T, D, calls, rounds) -> dict:
     args = (x, x, x, x, f32, f32, f32, f32, i32, f32, f32, T, H, 2, 1, T // 64, *st, *st, *st, *st,
             0, 0, 0, 0, H * D * D, D * D, D, 1)
     kw = dict(DA=D, DC=D, BA=D, BC=64, CHUNK=64, REVERSE=False, E0=0, HAS_S0=False, WRITE_SF=True, SF_SHIFT=False,
-              IEEE=False, NF=0, WRITE_FLAG=True, REDO=False, VARLEN=False, WT=False, PREFIX=False, num_warps=4, num_stages=2,
+              IEEE=False, NF=0, WRITE_FLAG=True, REDO=False, VARLEN=False, WT=False, PREFIX=False,
+              KDEC_C=True, num_warps=4, num_stages=2,
               debug=False, instrumentation_mode="")
     memo: dict = {}
     _, spec, opts = bind(*args, **kw)

@@ -105,6 +105,13 @@ PREPASS_BC: "int | None" = 128
 # launch; `bench/attention.py` times the public op with it off as tnllm_noprefix (tnllm_prepass<BC>noprefix).
 # On (H200, B2 H16 T32768 D128, fwd+bwd): 2.803 -> 2.666 ms alone, 2.571 with PREPASS_BC = 128.
 PREFIX_SCAN = True
+# The sweep's state update S <- lam^cl S + (kdec * Bm)^T C scales the C tile instead, Bm^T (kdec * C), when its
+# BC columns are no wider than Bm's BA: fewer elements to convert and multiply per chunk, and Bm^T is read from
+# shared memory as loaded instead of being rebuilt from registers. At D128 (sm_90, triton 3.9, the [128, 64]
+# forward tile) the chunk loop goes from 1078 to 927 instructions per thread and its spills from 18 to 9
+# (`python -m tnllm.testing.compiled attention`). Read at each launch; `bench/attention.py` times the public op
+# with it off as tnllm_kdecb.
+KDEC_ON_C = True
 
 
 @triton.jit
@@ -243,11 +250,13 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 @triton.jit
 def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
                   ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
-                  IEEE: tl.constexpr, NF: tl.constexpr):
+                  IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr):
     """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
     NF: 0 multiplies C as it is (a non-finite C row reaches earlier rows through 0 * inf: only for finite C);
     1 zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
-    (a prefix count by one small dot, exact in fp16)."""
+    (a prefix count by one small dot, exact in fp16). KDEC_C: the state update's in-chunk decay scales the C tile
+    (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
+    either way, on the narrower tile (BC columns against BA)."""
     jj = tl.arange(0, CHUNK)
     for n in range(n0, n1):
         r0 = n * CHUNK
@@ -265,8 +274,12 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
         cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
-        bd = (bm * kdec[:, None]).to(bm.dtype)
-        S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bd), c, IEEE)
+        if KDEC_C:      # the decay on the [CHUNK, BC] C tile; Bm^T read as it is (from shared memory)
+            cd = (c * kdec[:, None]).to(c.dtype)
+            S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bm), cd, IEEE)
+        else:           # the decay on the [CHUNK, BA] Bm tile
+            bd = (bm * kdec[:, None]).to(bm.dtype)
+            S = S * _lam_pow(log_lam, cl + es) + _mm(tl.trans(bd), c, IEEE)
     return S
 
 
@@ -279,7 +292,7 @@ def _sweep_program(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
-    WT: tl.constexpr, PREFIX: tl.constexpr,
+    WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -319,7 +332,7 @@ def _sweep_program(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF)
+                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C)
     if WRITE_FLAG:   # a non-finite entry of C always reaches the state (Bm^T C sums every valid row, 0 * inf too)
         tl.store(FL + pid, tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)))
 
@@ -346,7 +359,7 @@ def _la_sweep_kernel(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr,
+    VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -357,13 +370,13 @@ def _la_sweep_kernel(
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                            DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN,
-                           WT, PREFIX)
+                           WT, PREFIX, KDEC_C)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
-                       WT, PREFIX)
+                       WT, PREFIX, KDEC_C)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -676,6 +689,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
+              KDEC_C=KDEC_ON_C and BC <= BA,
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
