@@ -132,8 +132,8 @@ def _set_variant(name: str) -> None:
             tri.PREPASS_BC = int(rest[len("prepass"):]) or None
         elif rest:
             raise ValueError(f"unknown implementation {name!r}")
-    elif name == "tnllm_kdecb":              # the state update's decay on the Bm tile (KDEC_ON_C off)
-        tri.KDEC_ON_C = False
+    elif name == "tnllm_kdecb":              # the sweep before 2026-12-07: the decay on Bm, the scores masked by a where
+        tri.KDEC_ON_C, tri.UNMASKED_WHERE = False, True
     elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
         n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config

@@ -28,13 +28,15 @@ contribution [DA, DC] (a few per head, not one per chunk), one small launch fold
 sweeps share one pre-pass: dk's local states (do^T q) are the transposes of dv's (q^T do), read
 transposed (WT). All decays are lam^m with
 m >= 0 (exp of -s*m, exactly 1 at m = 0), finite for any T and any rate (s = inf: lam = 0).
-Masks are wheres, so a non-finite entry of A or Bm at frame position r never reaches an output at
-a frame position before r. A non-finite entry of C would, through the
-0 * inf of the masked intra-chunk product; but it always makes the program's state non-finite (the update
-Bm^T C sums every valid row), so the default (NONFINITE_MODE = 2) runs the unmasked sweep, each program
-counting the non-finite entries of its final state, then a masked launch (C's non-finite entries zeroed for
-the intra product, the rows at and after them set to NaN) in which only the programs with a non-zero count
-run: they redo their split, the others exit at once. fp32 runs the masked sweep alone.
+In the masked sweep (NF 1) the causal masks are wheres, so a non-finite entry of A or Bm at frame position r
+never reaches an output at a frame position before r, and C's non-finite entries are zeroed for the intra-chunk
+product (the rows at and after them set to NaN). The unmasked sweep (NF 0) multiplies the scores by the decay
+matrix, exactly 0 above the diagonal, and C as it is: a non-finite entry of Bm or C would reach earlier rows
+through 0 * inf, but either always makes the program's state non-finite (the update Bm^T C sums every valid
+row, 0 * inf too), while a non-finite entry of A stays in its own row. So the default (NONFINITE_MODE = 2) runs
+the unmasked sweep, each program counting the non-finite entries of its final state, then a masked launch in
+which only the programs with a non-zero count run: they redo their split, the others exit at once. fp32 runs
+the masked sweep alone.
 Widths over 128 run as several launches of <= 128 (see _sweep).
 
 Packed sequences (VARLEN, ``lightning_attn_varlen``): the same kernel over one packed row [1, H, T, D] cut
@@ -108,10 +110,15 @@ PREFIX_SCAN = True
 # The sweep's state update S <- lam^cl S + (kdec * Bm)^T C scales the C tile instead, Bm^T (kdec * C), when its
 # BC columns are no wider than Bm's BA: fewer elements to convert and multiply per chunk, and Bm^T is read from
 # shared memory as loaded instead of being rebuilt from registers. At D128 (sm_90, triton 3.9, the [128, 64]
-# forward tile) the chunk loop goes from 1078 to 927 instructions per thread and its spills from 18 to 9
-# (`python -m tnllm.testing.compiled attention`). Read at each launch; `bench/attention.py` times the public op
+# forward tile) the chunk loop goes from 1078 to 927 instructions per thread and its spills from 18 to 9; with the
+# unmasked sweep's scores masked by the decay matrix alone (NF 0, no where), to 833 instructions and no spills
+# (reverse: 1121 -> 868, 24 spills -> 0; `python -m tnllm.testing.compiled attention`). Read at each launch; `bench/attention.py` times the public op
 # with it off as tnllm_kdecb.
 KDEC_ON_C = True
+# The unmasked sweep (NF 0) masks its intra-chunk scores with a where as the masked one does (the code before
+# 2026-12-07), instead of by the decay matrix alone; off by default, `bench/attention.py` times it on with the
+# decay on Bm as tnllm_kdecb (the sweep as it was before both changes).
+UNMASKED_WHERE = False
 
 
 @triton.jit
@@ -250,10 +257,11 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 @triton.jit
 def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
                   ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
-                  IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr):
+                  IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr):
     """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
-    NF: 0 multiplies C as it is (a non-finite C row reaches earlier rows through 0 * inf: only for finite C);
-    1 zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
+    NF: 0 masks the scores by the decay matrix Dm (0 above the diagonal) and multiplies C as it is (a non-finite
+    Bm or C row reaches earlier rows through 0 * inf: exact for finite inputs, the rest caught by the final
+    state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
     (a prefix count by one small dot, exact in fp16). KDEC_C: the state update's in-chunk decay scales the C tile
     (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
     either way, on the narrower tile (BC columns against BA)."""
@@ -266,9 +274,10 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
         c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
         es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
         qdec = _lam_pow(log_lam, jj + 1 + es)
-        # masks are wheres, never products with 0: a NaN/inf in a row of A or Bm stays in its row
-        # or column of the scores
-        sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
+        if NF == 0 and not WHERE0:  # Dm is 0 above the diagonal; a non-finite Bm is caught by the state's flag
+            sc = _mm(a, tl.trans(bm), IEEE) * Dm
+        else:           # a where: a non-finite Bm row stays in its own (later) column of the scores
+            sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
         o = _add_intra(_mm(a, S.to(a.dtype), IEEE) * qdec[:, None], sc, c, causal, IEEE, NF)
         tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(o_base.dtype.element_ty), mask=valid[:, None] & mc[None, :])
         cl = tl.minimum(T - r0, CHUNK)
@@ -292,7 +301,7 @@ def _sweep_program(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
-    WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr,
+    WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -332,7 +341,7 @@ def _sweep_program(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C)
+                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C, WHERE0)
     if WRITE_FLAG:   # a non-finite entry of C always reaches the state (Bm^T C sums every valid row, 0 * inf too)
         tl.store(FL + pid, tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)))
 
@@ -359,7 +368,7 @@ def _la_sweep_kernel(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr,
+    VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -370,13 +379,13 @@ def _la_sweep_kernel(
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                            DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN,
-                           WT, PREFIX, KDEC_C)
+                           WT, PREFIX, KDEC_C, WHERE0)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
-                       WT, PREFIX, KDEC_C)
+                       WT, PREFIX, KDEC_C, WHERE0)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -442,10 +451,16 @@ def _la_dkdv_kernel(
         do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
         es = tl.where(r0 == 0, -1, 0)               # the chunk at frame 0 takes G0 with lam^i, not lam^(i+1)
         qdec = _lam_pow(log_lam, jj + 1 + es)
-        s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
+        if NF == 0:     # as in _sweep_chunks: a non-finite do or q always makes G non-finite (flagged)
+            s1 = _mm(v, tl.trans(do), IEEE) * Dm
+        else:
+            s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
         dk = _add_intra(_mm(v, tl.trans(G).to(v.dtype), IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
         tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty), mask=vk)
-        s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
+        if NF == 0:
+            s2 = _mm(k, tl.trans(q), IEEE) * Dm
+        else:
+            s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
         dv = _add_intra(_mm(k, G.to(k.dtype), IEEE) * qdec[:, None], s2, do, causal, IEEE, NF)
         tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
         cl = tl.minimum(T - r0, CHUNK)
@@ -689,7 +704,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
-              KDEC_C=KDEC_ON_C and BC <= BA,
+              KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
