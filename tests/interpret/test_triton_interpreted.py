@@ -201,6 +201,25 @@ def test_prefix_scan(Dk, Dv, dtype, n_split, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kdec_on_c,unmasked_where", [(True, False), (False, True), (True, True), (False, False)],
+                         ids=["default", "as-before", "kdec-c-where", "kdec-b-nowhere"])
+def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
+    """KDEC_ON_C (the state update's decay on the C tile where it is no wider than Bm's: here Dk 32 / BC 16, and
+    BC 32 over Dk 16, where it stays on Bm) and UNMASKED_WHERE (the unmasked loop's scores masked by a where, not
+    by the decay matrix alone): every combination against the oracle, in fp16 (the unmasked loop, then the redo)
+    and in fp32 forced to the same optimistic mode, with splits, a tail, an initial state and infinite decay; and
+    a NaN / inf in q, k, v or do stays causal in all four sweeps."""
+    monkeypatch.setattr(tri, "KDEC_ON_C", kdec_on_c)
+    monkeypatch.setattr(tri, "UNMASKED_WHERE", unmasked_where)
+    for dtype in (torch.float16, torch.float32):
+        for Dk, Dv, BC in ((32, 20, 16), (16, 40, 32)):
+            cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
+            check(2, 2, 150, Dk, Dv, dtype, seed=Dk + BC, state=True, cfg=cfg, rates=(0.3, math.inf))
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=2, nonfinite=2)),
+                             dtypes=(torch.float16,), max_examples=4, max_T=50, dims=(16, 32), bad_rates=False,
+                             names=("q", "k", "v", "do"))
+
+
 @pytest.mark.parametrize("Dk,Dv", [(16, 24), (64, 64), (144, 24)], ids=str)   # fused dk/dv at 64; cut at 144
 def test_backward_writes_token_major_gradients(Dk, Dv):
     """Token-major q, k, v ([B, T, H, D] memory, as the model's head slices): the launchers write dq, dk, dv
