@@ -112,13 +112,19 @@ PREFIX_SCAN = True
 # shared memory as loaded instead of being rebuilt from registers. At D128 (sm_90, triton 3.9, the [128, 64]
 # forward tile) the chunk loop goes from 1078 to 927 instructions per thread and its spills from 18 to 9; with the
 # unmasked sweep's scores masked by the decay matrix alone (NF 0, no where), to 833 instructions and no spills
-# (reverse: 1121 -> 868, 24 spills -> 0; `python -m tnllm.testing.compiled attention`). Read at each launch; `bench/attention.py` times the public op
-# with it off as tnllm_kdecb.
+# (reverse: 1121 -> 868, 24 spills -> 0; `python -m tnllm.testing.compiled attention`). Read at each launch.
 KDEC_ON_C = True
 # The unmasked sweep (NF 0) masks its intra-chunk scores with a where as the masked one does (the code before
-# 2026-12-07), instead of by the decay matrix alone; off by default, `bench/attention.py` times it on with the
-# decay on Bm as tnllm_kdecb (the sweep as it was before both changes).
+# 2026-12-07), instead of by the decay matrix alone. Off by default.
 UNMASKED_WHERE = False
+# Where T is a multiple of the chunk rows and the state tile is exactly the widths (BA = DA, BC divides DC), the
+# sweep runs a variant without masks (EVEN): its loads and stores take none and the in-chunk decays are hoisted
+# out of the loop. At D128 (sm_90, the [128, 64] forward tile) 833 -> 696 instructions per chunk with triton 3.9,
+# 810 -> 676 with 3.6 (without spills; with 3.9 a 16 B frame outside the loop). Read at each launch (off: the masked
+# loop for every length).
+# `bench/attention.py` times the public op with EVEN_TILES off as tnllm_noeven, and with all three as they were
+# before 2026-12-07 (KDEC_ON_C off, UNMASKED_WHERE on, EVEN_TILES off) as tnllm_kdecb.
+EVEN_TILES = True
 
 
 @triton.jit
@@ -257,21 +263,29 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 @triton.jit
 def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
                   ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
-                  IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr):
+                  IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
+                  EVEN: tl.constexpr):
     """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
     NF: 0 masks the scores by the decay matrix Dm (0 above the diagonal) and multiplies C as it is (a non-finite
     Bm or C row reaches earlier rows through 0 * inf: exact for finite inputs, the rest caught by the final
     state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
     (a prefix count by one small dot, exact in fp16). KDEC_C: the state update's in-chunk decay scales the C tile
     (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
-    either way, on the narrower tile (BC columns against BA)."""
+    either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
+    exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
+    decays are the same."""
     jj = tl.arange(0, CHUNK)
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
-        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        if EVEN:        # every chunk full and the tiles exactly the widths: no masks
+            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :])
+            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :])
+            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :])
+        else:
+            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
         es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
         qdec = _lam_pow(log_lam, jj + 1 + es)
         if NF == 0 and not WHERE0:  # Dm is 0 above the diagonal; a non-finite Bm is caught by the state's flag
@@ -279,8 +293,13 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
         else:           # a where: a non-finite Bm row stays in its own (later) column of the scores
             sc = tl.where(causal, _mm(a, tl.trans(bm), IEEE) * Dm, 0.0)
         o = _add_intra(_mm(a, S.to(a.dtype), IEEE) * qdec[:, None], sc, c, causal, IEEE, NF)
-        tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(o_base.dtype.element_ty), mask=valid[:, None] & mc[None, :])
-        cl = tl.minimum(T - r0, CHUNK)
+        if EVEN:        # and the in-chunk decays the same for every chunk (hoisted out of the loop)
+            tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(o_base.dtype.element_ty))
+            cl = CHUNK
+        else:
+            tl.store(o_base + t[:, None] * so_t + jc[None, :], o.to(o_base.dtype.element_ty),
+                     mask=valid[:, None] & mc[None, :])
+            cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
         if KDEC_C:      # the decay on the [CHUNK, BC] C tile; Bm^T read as it is (from shared memory)
@@ -301,7 +320,7 @@ def _sweep_program(
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
-    WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
+    WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -341,7 +360,7 @@ def _sweep_program(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C, WHERE0)
+                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C, WHERE0, EVEN)
     if WRITE_FLAG:   # a non-finite entry of C always reaches the state (Bm^T C sums every valid row, 0 * inf too)
         tl.store(FL + pid, tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)))
 
@@ -369,6 +388,7 @@ def _la_sweep_kernel(
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
     VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -379,13 +399,13 @@ def _la_sweep_kernel(
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                            DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN,
-                           WT, PREFIX, KDEC_C, WHERE0)
+                           WT, PREFIX, KDEC_C, WHERE0, EVEN)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
-                       WT, PREFIX, KDEC_C, WHERE0)
+                       WT, PREFIX, KDEC_C, WHERE0, EVEN)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -705,6 +725,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
+              EVEN=EVEN_TILES and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

@@ -220,6 +220,40 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
                              names=("q", "k", "v", "do"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_even_tiles(dtype, monkeypatch):
+    """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweep without
+    masks (its in-chunk decays hoisted); other lengths and widths keep the masked loop. Against the oracle (outputs,
+    states, all gradients, splits, an initial state, infinite decay), and equal to the masked loop on the same
+    inputs."""
+    evens = []
+
+    class Spy(_Spy):
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+
+            def call(*args, **kw):
+                evens.append(kw["EVEN"])
+                return run(*args, **kw)
+            return call
+    monkeypatch.setattr(tri, "_la_sweep_kernel", Spy(tri._la_sweep_kernel))
+    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=3)
+    check(2, 2, 160, 32, 16, dtype, seed=7, state=True, cfg=cfg, rates=(0.3, math.inf))
+    assert evens and all(evens), evens
+    evens.clear()
+    check(1, 2, 150, 32, 16, dtype, seed=8, state=True, cfg=cfg)          # a tail chunk: masked
+    check(1, 2, 160, 20, 16, dtype, seed=9, state=False, cfg=cfg)         # Dk 20 in a 32-wide tile: masked
+    assert evens and not any(evens), evens
+    q, k, v = (torch.randn(1, 2, 96, D, dtype=dtype) for D in (32, 32, 48))
+    s, S0 = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48)
+    got = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    monkeypatch.setattr(tri, "EVEN_TILES", False)
+    want = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    tol = 1e-3 if dtype == torch.float16 else 1e-5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("Dk,Dv", [(16, 24), (64, 64), (144, 24)], ids=str)   # fused dk/dv at 64; cut at 144
 def test_backward_writes_token_major_gradients(Dk, Dv):
     """Token-major q, k, v ([B, T, H, D] memory, as the model's head slices): the launchers write dq, dk, dv
