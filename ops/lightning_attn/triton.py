@@ -418,7 +418,7 @@ def _la_dkdv_kernel(
     g0_b, g0_h, g0_r, g0_c, sf_b, sf_h, sf_r, sf_c,
     DKW: tl.constexpr, DVW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
     HAS_G0: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    PREFIX: tl.constexpr,
+    PREFIX: tl.constexpr, EVEN: tl.constexpr,
 ):
     """dk and dv in one reverse sweep (the dk and dv sweeps of the module docstring share their state: the dk
     sweep's is the transpose of the dv sweep's, G = sum lam^.. q^T do). A program per (b*h, split) holds the
@@ -463,12 +463,18 @@ def _la_dkdv_kernel(
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, True, CHUNK)
-        vk = valid[:, None] & mk[None, :]
-        vv = valid[:, None] & mv[None, :]
-        q = tl.load(q_base + t[:, None] * sq_t + jk[None, :], mask=vk, other=0.0)
-        k = tl.load(k_base + t[:, None] * sk_t + jk[None, :], mask=vk, other=0.0)
-        v = tl.load(v_base + t[:, None] * sv_t + jv[None, :], mask=vv, other=0.0)
-        do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
+        if EVEN:        # every chunk full, the tiles exactly the widths (as in _sweep_chunks): no masks
+            q = tl.load(q_base + t[:, None] * sq_t + jk[None, :])
+            k = tl.load(k_base + t[:, None] * sk_t + jk[None, :])
+            v = tl.load(v_base + t[:, None] * sv_t + jv[None, :])
+            do = tl.load(d_base + t[:, None] * sd_t + jv[None, :])
+        else:
+            vk = valid[:, None] & mk[None, :]
+            vv = valid[:, None] & mv[None, :]
+            q = tl.load(q_base + t[:, None] * sq_t + jk[None, :], mask=vk, other=0.0)
+            k = tl.load(k_base + t[:, None] * sk_t + jk[None, :], mask=vk, other=0.0)
+            v = tl.load(v_base + t[:, None] * sv_t + jv[None, :], mask=vv, other=0.0)
+            do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
         es = tl.where(r0 == 0, -1, 0)               # the chunk at frame 0 takes G0 with lam^i, not lam^(i+1)
         qdec = _lam_pow(log_lam, jj + 1 + es)
         if NF == 0:     # as in _sweep_chunks: a non-finite do or q always makes G non-finite (flagged)
@@ -476,14 +482,21 @@ def _la_dkdv_kernel(
         else:
             s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
         dk = _add_intra(_mm(v, tl.trans(G).to(v.dtype), IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
-        tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty), mask=vk)
+        if EVEN:
+            tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty))
+        else:
+            tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty), mask=vk)
         if NF == 0:
             s2 = _mm(k, tl.trans(q), IEEE) * Dm
         else:
             s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
         dv = _add_intra(_mm(k, G.to(k.dtype), IEEE) * qdec[:, None], s2, do, causal, IEEE, NF)
-        tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
-        cl = tl.minimum(T - r0, CHUNK)
+        if EVEN:
+            tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty))
+            cl = CHUNK
+        else:
+            tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
+            cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
         qd = (q * kdec[:, None]).to(q.dtype)
@@ -864,6 +877,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
+              EVEN=EVEN_TILES and T % CHUNK == 0 and BK == Dk and BV == Dv,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

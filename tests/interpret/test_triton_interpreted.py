@@ -222,10 +222,10 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_even_tiles(dtype, monkeypatch):
-    """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweep without
-    masks (its in-chunk decays hoisted); other lengths and widths keep the masked loop. Against the oracle (outputs,
-    states, all gradients, splits, an initial state, infinite decay), and equal to the masked loop on the same
-    inputs."""
+    """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweeps (and in
+    fp16 the fused dk/dv sweep) without masks, their in-chunk decays hoisted; other lengths and widths keep the
+    masked loops. Against the oracle (outputs, states, all gradients, splits, an initial state, infinite decay), and
+    equal to the masked loop on the same inputs."""
     evens = []
 
     class Spy(_Spy):
@@ -233,22 +233,33 @@ def test_even_tiles(dtype, monkeypatch):
             run = super().__getitem__(grid)
 
             def call(*args, **kw):
-                evens.append(kw["EVEN"])
+                evens.append((self.name, kw["EVEN"]))
                 return run(*args, **kw)
             return call
-    monkeypatch.setattr(tri, "_la_sweep_kernel", Spy(tri._la_sweep_kernel))
+    for name in ("_la_sweep_kernel", "_la_dkdv_kernel"):
+        spy = Spy(getattr(tri, name))
+        spy.name = name
+        monkeypatch.setattr(tri, name, spy)
     cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=3)
     check(2, 2, 160, 32, 16, dtype, seed=7, state=True, cfg=cfg, rates=(0.3, math.inf))
-    assert evens and all(evens), evens
+    kernels = {n for n, _ in evens}
+    assert kernels == ({"_la_sweep_kernel", "_la_dkdv_kernel"} if dtype == torch.float16 else {"_la_sweep_kernel"})
+    assert all(e for _, e in evens), evens
     evens.clear()
     check(1, 2, 150, 32, 16, dtype, seed=8, state=True, cfg=cfg)          # a tail chunk: masked
     check(1, 2, 160, 20, 16, dtype, seed=9, state=False, cfg=cfg)         # Dk 20 in a 32-wide tile: masked
-    assert evens and not any(evens), evens
+    assert evens and not any(e for _, e in evens), evens
     q, k, v = (torch.randn(1, 2, 96, D, dtype=dtype) for D in (32, 32, 48))
-    s, S0 = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48)
-    got = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    s, S0, do = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48), torch.randn(1, 2, 96, 48, dtype=dtype)
+
+    def run():
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, S = triton_form(*x, s, S0, output_final_state=True, cfg=cfg)
+        o.backward(do)
+        return (o.detach(), S.detach(), *(t.grad for t in x))
+    got = run()
     monkeypatch.setattr(tri, "EVEN_TILES", False)
-    want = tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    want = run()
     tol = 1e-3 if dtype == torch.float16 else 1e-5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
