@@ -183,9 +183,9 @@ def _la_local_state_kernel(
     L = tl.zeros([BA, BC], dtype=tl.float32)
     n0 = p * chunks_per_split
     for n in range(n0, n0 + chunks_per_split):
-        t, valid = _rows(n * CHUNK, T, REVERSE, CHUNK)
-        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        t, _ = _rows(n * CHUNK, T, REVERSE, CHUNK)     # every row valid: the splits before the last are full
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=ma[None, :], other=0.0)
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=mc[None, :], other=0.0)
         bd = (bm * kdec[:, None]).to(bm.dtype)
         L = L * blk + _mm(tl.trans(bd), c, IEEE)
     w = W + (bh.to(tl.int64) * n_prev + p) * (DA * DC)
