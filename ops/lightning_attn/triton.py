@@ -37,7 +37,9 @@ row, 0 * inf too), while a non-finite entry of A stays in its own row. So the de
 the unmasked sweep, each program counting the non-finite entries of its final state, then a masked launch in
 which only the programs with a non-zero count run: they redo their split, the others exit at once. fp32 runs
 the masked sweep alone.
-Widths over 128 run as several launches of <= 128 (see _sweep).
+Widths over 128 run as several launches of <= 128 (see _sweep). Where T is a multiple of the chunk rows and the
+tiles are exactly the widths, the sweeps run a variant without masks whose in-chunk decays are hoisted out of the
+loop (EVEN_TILES); other lengths compile the masked loop.
 
 Packed sequences (VARLEN, ``lightning_attn_varlen``): the same kernel over one packed row [1, H, T, D] cut
 by ``cu_seqlens`` [N + 1]; program (sequence, head, DC tile) loads its sequence's start and end from the
