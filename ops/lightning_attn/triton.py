@@ -116,8 +116,8 @@ PREFIX_SCAN = True
 # unmasked sweep's scores masked by the decay matrix alone (NF 0, no where), to 833 instructions and no spills
 # (reverse: 1121 -> 868, 24 spills -> 0; `python -m tnllm.testing.compiled attention`). Read at each launch.
 KDEC_ON_C = True
-# The unmasked sweep (NF 0) masks its intra-chunk scores with a where as the masked one does (the code before
-# 2026-12-07), instead of by the decay matrix alone. Off by default.
+# The unmasked sweeps (NF 0; the fused dk/dv sweep's too) mask their intra-chunk scores with a where as the masked
+# ones do (the code before 2026-12-07), instead of by the decay matrix alone. Off by default.
 UNMASKED_WHERE = False
 # Where T is a multiple of the chunk rows and the state tile is exactly the widths (BA = DA, BC divides DC), the
 # sweep runs a variant without masks (EVEN): its loads and stores take none and the in-chunk decays are hoisted
@@ -270,8 +270,9 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
     NF: 0 masks the scores by the decay matrix Dm (0 above the diagonal) and multiplies C as it is (a non-finite
     Bm or C row reaches earlier rows through 0 * inf: exact for finite inputs, the rest caught by the final
-    state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets the rows at and after them to NaN
-    (a prefix count by one small dot, exact in fp16). KDEC_C: the state update's in-chunk decay scales the C tile
+    state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets
+    the rows at and after them to NaN (a prefix count by one small dot, exact in fp16). WHERE0: NF 0 masks the
+    scores with the where as well (the loop as it was before 2026-12-07). KDEC_C: the state update's in-chunk decay scales the C tile
     (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
     either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
     exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
@@ -420,7 +421,7 @@ def _la_dkdv_kernel(
     g0_b, g0_h, g0_r, g0_c, sf_b, sf_h, sf_r, sf_c,
     DKW: tl.constexpr, DVW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
     HAS_G0: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    PREFIX: tl.constexpr, EVEN: tl.constexpr,
+    PREFIX: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr,
 ):
     """dk and dv in one reverse sweep (the dk and dv sweeps of the module docstring share their state: the dk
     sweep's is the transpose of the dv sweep's, G = sum lam^.. q^T do). A program per (b*h, split) holds the
@@ -479,7 +480,7 @@ def _la_dkdv_kernel(
             do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
         es = tl.where(r0 == 0, -1, 0)               # the chunk at frame 0 takes G0 with lam^i, not lam^(i+1)
         qdec = _lam_pow(log_lam, jj + 1 + es)
-        if NF == 0:     # as in _sweep_chunks: a non-finite do or q always makes G non-finite (flagged)
+        if NF == 0 and not WHERE0:  # as in _sweep_chunks: a non-finite do or q always makes G non-finite
             s1 = _mm(v, tl.trans(do), IEEE) * Dm
         else:
             s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
@@ -488,7 +489,7 @@ def _la_dkdv_kernel(
             tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty))
         else:
             tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty), mask=vk)
-        if NF == 0:
+        if NF == 0 and not WHERE0:
             s2 = _mm(k, tl.trans(q), IEEE) * Dm
         else:
             s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
@@ -879,7 +880,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              EVEN=EVEN_TILES and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              WHERE0=UNMASKED_WHERE, EVEN=EVEN_TILES and T % CHUNK == 0 and BK == Dk and BV == Dv,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))
