@@ -290,7 +290,10 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
             bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
             c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
         es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
-        qdec = _lam_pow(log_lam, jj + 1 + es)
+        if E0 == 0:
+            qdec = _lam_pow(log_lam, jj + 1)
+        else:           # two loop-invariant vectors and a select, not an exp per chunk
+            qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
         if NF == 0 and not WHERE0:  # Dm is 0 above the diagonal; a non-finite Bm is caught by the state's flag
             sc = _mm(a, tl.trans(bm), IEEE) * Dm
         else:           # a where: a non-finite Bm row stays in its own (later) column of the scores
