@@ -482,7 +482,7 @@ def _la_dkdv_kernel(
             v = tl.load(v_base + t[:, None] * sv_t + jv[None, :], mask=vv, other=0.0)
             do = tl.load(d_base + t[:, None] * sd_t + jv[None, :], mask=vv, other=0.0)
         es = tl.where(r0 == 0, -1, 0)               # the chunk at frame 0 takes G0 with lam^i, not lam^(i+1)
-        qdec = _lam_pow(log_lam, jj + 1 + es)
+        qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj), _lam_pow(log_lam, jj + 1))     # loop-invariant vectors
         if NF == 0 and not WHERE0:  # as in _sweep_chunks: a non-finite do or q always makes G non-finite
             s1 = _mm(v, tl.trans(do), IEEE) * Dm
         else:
