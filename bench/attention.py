@@ -134,8 +134,10 @@ def _set_variant(name: str) -> None:
             raise ValueError(f"unknown implementation {name!r}")
     elif name == "tnllm_kdecb":              # the sweep before 2026-12-07: the decay on Bm, the scores masked by a where,
         tri.KDEC_ON_C, tri.UNMASKED_WHERE, tri.EVEN_TILES = False, True, False     # masks at every length
-    elif name == "tnllm_noeven":             # the masked loop at every length (EVEN_TILES off)
+    elif name == "tnllm_noeven":             # the masked loop at every length (EVEN_TILES False)
         tri.EVEN_TILES = False
+    elif name == "tnllm_alleven":            # the loop without masks wherever it applies (EVEN_TILES True)
+        tri.EVEN_TILES = True
     elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
         n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config
