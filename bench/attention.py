@@ -132,8 +132,8 @@ def _set_variant(name: str) -> None:
             tri.PREPASS_BC = int(rest[len("prepass"):]) or None
         elif rest:
             raise ValueError(f"unknown implementation {name!r}")
-    elif name == "tnllm_kdecb":              # the sweep before 2026-12-07: the decay on Bm, the scores masked by a where,
-        tri.KDEC_ON_C, tri.UNMASKED_WHERE, tri.EVEN_TILES = False, True, False     # masks at every length
+    elif name == "tnllm_kdecb":              # the sweep before 2026-12-07: the decay on Bm, the scores masked by
+        tri.KDEC_ON_C, tri.UNMASKED_WHERE, tri.EVEN_TILES = False, True, False     # a where, masks at every length
     elif name == "tnllm_noeven":             # the masked loop at every length (EVEN_TILES False)
         tri.EVEN_TILES = False
     elif name == "tnllm_alleven":            # the loop without masks wherever it applies (EVEN_TILES True)

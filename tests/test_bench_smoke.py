@@ -129,7 +129,8 @@ def test_tnllm_bench_decode_cli_cpu(tmp_path):
         assert r["pct_copy_roofline"] == pytest.approx(100 * r["copy_roofline_ms"] / r["ms_per_token"], rel=2e-2)
     checks = {r["path"]: r["greedy_agreement"] for r in res["rows"] if r["section"] == "check"}
     assert checks == {"aten": 1.0, "kernel": 1.0, "fused": 1.0}, checks
-    assert "bandwidth assumed 4.8 TB/s" in proc.stdout and "% copy floor" in proc.stdout and "| tiny | tnl eager:fused | 3 | 4096 |" in proc.stdout
+    assert "bandwidth assumed 4.8 TB/s" in proc.stdout and "% copy floor" in proc.stdout
+    assert "| tiny | tnl eager:fused | 3 | 4096 |" in proc.stdout
     assert (out / "decode.png").stat().st_size > 1000 and (out / "decode.md").read_text().count("| tiny |") == 16
 
 

@@ -276,8 +276,8 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     Bm or C row reaches earlier rows through 0 * inf: exact for finite inputs, the rest caught by the final
     state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets
     the rows at and after them to NaN (a prefix count by one small dot, exact in fp16). WHERE0: NF 0 masks the
-    scores with the where as well (the loop as it was before 2026-12-07). KDEC_C: the state update's in-chunk decay scales the C tile
-    (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
+    scores with the where as well (the loop as it was before 2026-12-07). KDEC_C: the state update's in-chunk
+    decay scales the C tile (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
     either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
     exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
     decays are the same."""
@@ -581,8 +581,8 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
 
 
 def _even(n_split: int, BA: int) -> bool:
-    """Whether EVEN_TILES lets a sweep of ``n_split`` splits and BA-row state tiles take the loop without masks
-    (where the length and widths allow it): see EVEN_TILES."""
+    """Whether EVEN_TILES lets a sweep (or the fused dk/dv sweep) of ``n_split`` splits and BA-row state tiles take
+    the loop without masks (where the length and widths allow it): see EVEN_TILES."""
     if EVEN_TILES == "auto":
         return n_split == 1 and BA >= 128
     if not isinstance(EVEN_TILES, bool):
@@ -897,7 +897,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              WHERE0=UNMASKED_WHERE, EVEN=EVEN_TILES is True and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              WHERE0=UNMASKED_WHERE, EVEN=_even(n_split, BK) and T % CHUNK == 0 and BK == Dk and BV == Dv,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

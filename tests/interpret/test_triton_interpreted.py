@@ -215,17 +215,18 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
         for Dk, Dv, BC in ((32, 20, 16), (16, 40, 32)):
             cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
             check(2, 2, 150, Dk, Dv, dtype, seed=Dk + BC, state=True, cfg=cfg, rates=(0.3, math.inf))
-    tt.assert_edge_semantics(functools.partial(triton_form, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=2, nonfinite=2)),
-                             dtypes=(torch.float16,), max_examples=4, max_T=50, dims=(16, 32), bad_rates=False,
-                             names=("q", "k", "v", "do"))
+    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2, nonfinite=2)
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
+                             max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_even_tiles(dtype, monkeypatch):
     """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweeps (and in
     fp16 the fused dk/dv sweep) without masks, their in-chunk decays hoisted; other lengths and widths keep the
-    masked loops. "auto" (the default) takes it for unsplit sweeps of 128-row tiles only, True wherever it applies. Against the oracle (outputs, states, all gradients, splits, an initial state, infinite decay), and
-    equal to the masked loop on the same inputs."""
+    masked loops. "auto" (the default) takes it for unsplit sweeps of 128-row tiles only, True wherever it applies.
+    Against the oracle (outputs, states, all gradients, splits, an initial state, infinite decay), and equal to the
+    masked loop on the same inputs."""
     evens = []
 
     class Spy(_Spy):

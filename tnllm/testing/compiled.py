@@ -161,13 +161,13 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
     fn = la._la_sweep_kernel
     ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
                 CU="fp32", ORD="fp32")
-    kw = dict(DA=DA, DC=DC, BA=max(16, 1 << (DA - 1).bit_length()), BC=BC, CHUNK=CHUNK, REVERSE=reverse,
+    BA = la._pow2(DA)                   # the launcher's state tile rows
+    kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse,
               E0=int(reverse), HAS_S0=False, WRITE_SF=True, SF_SHIFT=reverse, IEEE=dtype == "fp32", NF=0,
               WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False,
-              KDEC_C=la.KDEC_ON_C and BC <= max(16, 1 << (DA - 1).bit_length()) if kdec_c is None else kdec_c,
+              KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=(la._even(1, max(16, 1 << (DA - 1).bit_length())) and DA == max(16, 1 << (DA - 1).bit_length())
-                    and DC % BC == 0) if even is None else even)
+              EVEN=la._even(1, BA) and DA == BA and DC % BC == 0 if even is None else even)
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
     div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
     return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
