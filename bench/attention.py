@@ -147,6 +147,14 @@ def _set_variant(name: str) -> None:
         raise ValueError(f"unknown implementation {name!r}")
 
 
+def triton_settings(tri) -> dict:
+    """The Triton module's run-time settings as they are now: its upper-case module attributes (read at each
+    launch) and the two config functions the split variants wrap. ``main`` restores them after every row."""
+    out = {k: v for k, v in vars(tri).items() if k.isupper() and not k.startswith("_")}
+    out.update(default_config=tri.default_config, default_dkdv_config=tri.default_dkdv_config)
+    return out
+
+
 def floor_bytes(B, H, T, Dk, Dv, dtype, bwd: bool) -> int:
     el = torch.tensor([], dtype=dtype).element_size()
     per = (2 * Dk + 2 * Dv) + ((4 * Dk + 3 * Dv) if bwd else 0)     # fwd: q,k,v,o; bwd: q,k,v,do,dq,dk,dv
@@ -444,10 +452,9 @@ def main(argv=None):
     path = os.path.join(a.out, "attention.json")
     recs = []
     from tnllm.ops.lightning_attn import triton as tri
-    # the settings of the Triton module (and its two config functions) that make_impl's tnllm_* variants replace
-    defaults = {knob: getattr(tri, knob) for knob in ("NONFINITE_MODE", "AUTO_SPLIT", "FUSED_DKDV", "CHUNK_ROWS",
-                                                      "WIDE_CONFIG", "PREPASS_BC", "PREFIX_SCAN",
-                                                      "default_config", "default_dkdv_config")}
+    # the settings of the Triton module (and its two config functions) that make_impl's tnllm_* variants replace:
+    # every one of them, so that no variant's setting leaks into the rows after it
+    defaults = triton_settings(tri)
     with open(path, "w") as f:
         f.write(json.dumps(dict(meta=True, device=dev, torch=torch.__version__, copy_bw=bw, argv=sys.argv)) + "\n")
         for shape_name in a.shapes.split(","):

@@ -39,6 +39,31 @@ def test_attention_bench_cpu(tmp_path):
     assert "| tiny B1 H2 T100" in out
 
 
+def test_attention_bench_variants_change_only_restored_settings(monkeypatch):
+    """Every setting a tnllm_* variant of bench/attention.py changes is among those ``main`` restores after the
+    variant's row: a setting left changed would silently apply to every later row (as KDEC_ON_C, UNMASKED_WHERE
+    and EVEN_TILES once did)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import attention
+    from tnllm.ops.lightning_attn import triton as tri
+    variants = ["tnllm_nf0", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk32", "tnllm_cfg128x32w8",
+                "tnllm_cfgnone", "tnllm_prepass0noprefix", "tnllm_prefix", "tnllm_kdecb", "tnllm_noeven",
+                "tnllm_alleven", "tnllm_split2"]
+    before = dict(vars(tri))
+    restored = attention.triton_settings(tri)
+    try:
+        for name in variants:
+            attention._set_variant(name)
+            changed = {k for k, v in vars(tri).items() if before.get(k, object()) is not v and k not in ("_CONFIG_MEMO",)}
+            assert changed <= set(restored), (name, changed - set(restored))
+            for k, v in restored.items():
+                setattr(tri, k, v)
+    finally:
+        for k, v in restored.items():
+            setattr(tri, k, v)
+    assert all(vars(tri)[k] is v for k, v in restored.items())
+
+
 def test_train_step_bench_cpu(tmp_path):
     for impl, loss in (("tnllm", "naive"), ("sdpa", "naive"), ("tnllm", "fused")):
         run([BENCH / "train_step.py", "--device", "cpu", "--impl", impl, "--preset", "tiny", "--T", "32", "--B", "2",

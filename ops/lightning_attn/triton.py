@@ -38,8 +38,8 @@ the unmasked sweep, each program counting the non-finite entries of its final st
 which only the programs with a non-zero count run: they redo their split, the others exit at once. fp32 runs
 the masked sweep alone.
 Widths over 128 run as several launches of <= 128 (see _sweep). Where T is a multiple of the chunk rows and the
-tiles are exactly the widths, an unsplit sweep of 128-row state tiles runs a variant without masks whose in-chunk
-decays are hoisted out of the loop (EVEN_TILES); other sweeps run the masked loop.
+tiles are exactly the widths, the sweeps run a variant without masks whose in-chunk decays are hoisted out of the
+loop (EVEN_TILES); other lengths run the masked loop.
 
 Packed sequences (VARLEN, ``lightning_attn_varlen``): the same kernel over one packed row [1, H, T, D] cut
 by ``cu_seqlens`` [N + 1]; program (sequence, head, DC tile) loads its sequence's start and end from the
@@ -119,18 +119,16 @@ KDEC_ON_C = True
 # The unmasked sweeps (NF 0; the fused dk/dv sweep's too) mask their intra-chunk scores with a where as the masked
 # ones do (the code before 2026-12-07), instead of by the decay matrix alone. Off by default.
 UNMASKED_WHERE = False
-# Where T is a multiple of the chunk rows and the state tile is exactly the widths (BA = DA, BC divides DC), a
-# sweep can run a variant without masks (EVEN): its loads and stores take none and the in-chunk decays are hoisted
-# out of the loop. At D128 (sm_90, the [128, 64] forward tile) 833 -> 696 instructions per chunk with triton 3.9,
-# 810 -> 676 with 3.6 (without spills; with 3.9 a 16 B frame outside the loop). Measured on an H100 (2026-12-07,
-# docs/benchmarks.md, the CUDA-graph replays of bench/attention.py): fwd+bwd 2.239 -> 1.896 ms at B8 H16 T8192
-# D128 (unsplit sweeps, 128 chunks per program), but 0.496 -> 0.522 at the split 385M training shape, 2.745 ->
-# 2.805 at T32k (split) and 0.882 -> 0.904 at D64. So "auto" (the default) takes it for unsplit sweeps of
-# state tiles 128 rows tall only; True wherever it applies (the fused dk/dv sweep included), False never. Read at
-# each launch.
+# Where T is a multiple of the chunk rows and the state tile is exactly the widths (BA = DA, BC divides DC), the
+# sweeps (and the fused dk/dv sweep) run a variant without masks (EVEN): its loads and stores take none and the
+# in-chunk decays are hoisted out of the loop. At D128 (sm_90, the [128, 64] forward tile) 833 -> 696 instructions
+# per chunk with triton 3.9, 810 -> 676 with 3.6 (without spills; with 3.9 a 16 B frame outside the loop). On an
+# H100 (docs/benchmarks.md, the CUDA-graph replays of bench/attention.py, one run) it was neutral: fwd+bwd 1.890 ->
+# 1.878 ms at B8 H16 T8192 D128, 2.427 -> 2.422 at T32k (split), 0.875 -> 0.871 at D64. Read at each launch
+# (False: the masked loop at every length).
 # `bench/attention.py` times the public op with EVEN_TILES False as tnllm_noeven, True as tnllm_alleven, and with
 # all three as they were before 2026-12-07 (KDEC_ON_C off, UNMASKED_WHERE on, EVEN_TILES False) as tnllm_kdecb.
-EVEN_TILES: "bool | str" = "auto"
+EVEN_TILES = True
 
 
 @triton.jit
@@ -580,13 +578,11 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
     return best
 
 
-def _even(n_split: int, BA: int) -> bool:
-    """Whether EVEN_TILES lets a sweep (or the fused dk/dv sweep) of ``n_split`` splits and BA-row state tiles take
-    the loop without masks (where the length and widths allow it): see EVEN_TILES."""
-    if EVEN_TILES == "auto":
-        return n_split == 1 and BA >= 128
+def _even() -> bool:
+    """EVEN_TILES, checked: whether the sweeps may take the loop without masks (where the length and widths allow
+    it)."""
     if not isinstance(EVEN_TILES, bool):
-        raise ValueError(f"EVEN_TILES must be True, False or 'auto', got {EVEN_TILES!r}")
+        raise ValueError(f"EVEN_TILES must be True or False, got {EVEN_TILES!r}")
     return EVEN_TILES
 
 
@@ -758,7 +754,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
-              EVEN=_even(n_split, BA) and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
+              EVEN=_even() and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
@@ -897,7 +893,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              WHERE0=UNMASKED_WHERE, EVEN=_even(n_split, BK) and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              WHERE0=UNMASKED_WHERE, EVEN=_even() and T % CHUNK == 0 and BK == Dk and BV == Dv,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

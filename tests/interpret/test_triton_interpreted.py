@@ -224,9 +224,9 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
 def test_even_tiles(dtype, monkeypatch):
     """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweeps (and in
     fp16 the fused dk/dv sweep) without masks, their in-chunk decays hoisted; other lengths and widths keep the
-    masked loops. "auto" (the default) takes it for unsplit sweeps of 128-row tiles only, True wherever it applies.
-    Against the oracle (outputs, states, all gradients, splits, an initial state, infinite decay), and equal to the
-    masked loop on the same inputs."""
+    masked loops. Against the oracle (outputs, states, all gradients, splits, an initial state, infinite decay),
+    and equal to the masked loop on the same inputs."""
+    assert tri.EVEN_TILES is True                                     # the default
     evens = []
 
     class Spy(_Spy):
@@ -241,20 +241,12 @@ def test_even_tiles(dtype, monkeypatch):
         spy = Spy(getattr(tri, name))
         spy.name = name
         monkeypatch.setattr(tri, name, spy)
-    # "auto" (the default): only unsplit sweeps of 128-row state tiles
-    check(1, 1, 64, 128, 16, dtype, seed=6, state=True, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=1))
-    assert ("_la_sweep_kernel", True) in evens, evens                # the forward: A = q, BA = 128
-    assert ("_la_sweep_kernel", False) in evens, evens               # the dq sweep: A = do, BA = 16
-    evens.clear()
     cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=3)
-    check(1, 1, 64, 128, 16, dtype, seed=5, state=False, cfg=cfg)                 # split: masked under "auto"
-    assert evens and not any(e for _, e in evens), evens
-    evens.clear()
     with pytest.raises(ValueError, match="EVEN_TILES"):
-        monkeypatch.setattr(tri, "EVEN_TILES", "yes")
+        monkeypatch.setattr(tri, "EVEN_TILES", "auto")
         check(1, 1, 64, 128, 16, dtype, seed=5, state=False, cfg=cfg)
     evens.clear()
-    monkeypatch.setattr(tri, "EVEN_TILES", True)                      # wherever it applies, the variant itself
+    monkeypatch.setattr(tri, "EVEN_TILES", True)                      # the default: wherever it applies
     check(2, 2, 160, 32, 16, dtype, seed=7, state=True, cfg=cfg, rates=(0.3, math.inf))
     kernels = {n for n, _ in evens}
     assert kernels == ({"_la_sweep_kernel", "_la_dkdv_kernel"} if dtype == torch.float16 else {"_la_sweep_kernel"})

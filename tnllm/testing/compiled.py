@@ -156,7 +156,7 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
     backward's dk sweep). ``kdec_c``: the state update's decay on the C tile (None: as the launcher picks it,
     ``KDEC_ON_C`` where BC <= BA); ``where0``: the unmasked loop's scores masked by a where (None: ``UNMASKED_WHERE``);
     ``even``: the loop without masks that a length divisible by CHUNK can take (None: as ``EVEN_TILES`` picks it for
-    an unsplit sweep whose tile is exactly the widths)."""
+    a tile that is exactly the widths)."""
     from tnllm.ops.lightning_attn import triton as la
     fn = la._la_sweep_kernel
     ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
@@ -167,7 +167,7 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
               WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False,
               KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=la._even(1, BA) and DA == BA and DC % BC == 0 if even is None else even)
+              EVEN=la._even() and DA == BA and DC % BC == 0 if even is None else even)
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
     div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
     return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
