@@ -138,6 +138,8 @@ def _set_variant(name: str) -> None:
         tri.EVEN_TILES = False
     elif name == "tnllm_alleven":            # the loop without masks wherever it applies (EVEN_TILES True)
         tri.EVEN_TILES = True
+    elif name == "tnllm_statet":             # the unmasked loop on the transposed state (STATE_T)
+        tri.STATE_T = True
     elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
         n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config

@@ -129,6 +129,11 @@ UNMASKED_WHERE = False
 # `bench/attention.py` times the public op with EVEN_TILES False as tnllm_noeven, True as tnllm_alleven, and with
 # all three as they were before 2026-12-07 (KDEC_ON_C off, UNMASKED_WHERE on, EVEN_TILES False) as tnllm_kdecb.
 EVEN_TILES = True
+# The unmasked sweep (NF 0, with KDEC_ON_C and without UNMASKED_WHERE) keeps its state transposed, S^T [BC, BA],
+# with every product turned so that the operand held in registers is the left one (_sweep_chunks_t): the state
+# then feeds its product from registers, where as the right operand of A S it was written to shared memory every
+# chunk. Read at each launch.
+STATE_T = False
 
 
 @triton.jit
@@ -265,10 +270,54 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 
 
 @triton.jit
+def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, St, log_lam, DmT,
+                    ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
+                    IEEE: tl.constexpr, EVEN: tl.constexpr):
+    """The unmasked loop of _sweep_chunks (NF 0, the decay on C, the scores masked by the decay matrix alone) on
+    the transposed state St = S^T [BC, BA], every product turned so that its register operand is the left one:
+    o^T = St a^T + C^T (Bm a^T * Dm^T), St <- lam^cl St + (kdec * C)^T Bm. The state (an accumulator) then feeds
+    its product from registers, where S as the right operand of A S went through shared memory every chunk.
+    Returns St."""
+    jj = tl.arange(0, CHUNK)
+    for n in range(n0, n1):
+        r0 = n * CHUNK
+        t, valid = _rows(r0, T, REVERSE, CHUNK)
+        if EVEN:
+            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :])
+            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :])
+            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :])
+        else:
+            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+        es = tl.where(r0 == 0, E0, 0)
+        if E0 == 0:
+            qdec = _lam_pow(log_lam, jj + 1)
+        else:
+            qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
+        at = tl.trans(a)
+        scT = _mm(bm, at, IEEE) * DmT                                   # [CHUNK (j), CHUNK (i)]
+        oT = _mm(St.to(a.dtype), at, IEEE) * qdec[None, :]
+        oT += _mm(tl.trans(c), scT.to(c.dtype), IEEE)                   # [BC, CHUNK]
+        if EVEN:
+            tl.store(o_base + t[None, :] * so_t + jc[:, None], oT.to(o_base.dtype.element_ty))
+            cl = CHUNK
+        else:
+            tl.store(o_base + t[None, :] * so_t + jc[:, None], oT.to(o_base.dtype.element_ty),
+                     mask=valid[None, :] & mc[:, None])
+            cl = tl.minimum(T - r0, CHUNK)
+        kexp = cl - 1 - jj
+        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
+        cdT = (tl.trans(c) * kdec[None, :]).to(c.dtype)                  # [BC, CHUNK]
+        St = St * _lam_pow(log_lam, cl + es) + _mm(cdT, bm, IEEE)
+    return St
+
+
+@triton.jit
 def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
                   ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
                   IEEE: tl.constexpr, NF: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
-                  EVEN: tl.constexpr):
+                  EVEN: tl.constexpr, ST: tl.constexpr):
     """The chunks n0..n1-1 of one program (intra-chunk term + state term, then the state update); returns S.
     NF: 0 masks the scores by the decay matrix Dm (0 above the diagonal) and multiplies C as it is (a non-finite
     Bm or C row reaches earlier rows through 0 * inf: exact for finite inputs, the rest caught by the final
@@ -278,8 +327,13 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     decay scales the C tile (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
     either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
     exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
-    decays are the same."""
+    decays are the same. ST: the unmasked loop with KDEC_C and no where runs on the transposed state
+    (_sweep_chunks_t)."""
     jj = tl.arange(0, CHUNK)
+    if ST and NF == 0 and KDEC_C and not WHERE0:
+        return tl.trans(_sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1,
+                                        tl.trans(S), log_lam, tl.trans(Dm), ja, jc, ma, mc, REVERSE, E0, CHUNK,
+                                        IEEE, EVEN))
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
@@ -329,6 +383,7 @@ def _sweep_program(
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, VARLEN: tl.constexpr,
     WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr,
+    ST: tl.constexpr,
 ):
     """One program of the sweep: its (b*h, split, DC tile) from pid, the chunk loop, the final state; with
     WRITE_FLAG, FL[pid] = the number of non-finite entries of its final state tile."""
@@ -368,7 +423,7 @@ def _sweep_program(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     S = _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, S, log_lam, Dm, causal,
-                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C, WHERE0, EVEN)
+                      ja, jc, ma, mc, REVERSE, E0, CHUNK, IEEE, NF, KDEC_C, WHERE0, EVEN, ST)
     if WRITE_FLAG:   # a non-finite entry of C always reaches the state (Bm^T C sums every valid row, 0 * inf too)
         tl.store(FL + pid, tl.sum((~(tl.abs(S) < float("inf"))).to(tl.int32)))
 
@@ -396,7 +451,7 @@ def _la_sweep_kernel(
     REVERSE: tl.constexpr, E0: tl.constexpr, HAS_S0: tl.constexpr, WRITE_SF: tl.constexpr,
     SF_SHIFT: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
     VARLEN: tl.constexpr, WT: tl.constexpr, PREFIX: tl.constexpr, KDEC_C: tl.constexpr, WHERE0: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, ST: tl.constexpr,
 ):
     """A program per (b*h, split, DC tile). REDO: only the programs with FL[pid] != 0 run (the masked redo
     launch of the optimistic mode, see _sweep)."""
@@ -407,13 +462,13 @@ def _la_sweep_kernel(
                            sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                            s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                            DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, False, VARLEN,
-                           WT, PREFIX, KDEC_C, WHERE0, EVEN)
+                           WT, PREFIX, KDEC_C, WHERE0, EVEN, ST)
     else:
         _sweep_program(pid, A, Bp, Cp, O, S0, SF, W, s_ptr, FL, CU, ORD, T, H, n_tiles, n_split, chunks_per_split,
                        sa_b, sa_h, sa_t, sb_b, sb_h, sb_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
                        s0_b, s0_h, s0_r, s0_c, sf_b, sf_h, sf_r, sf_c,
                        DA, DC, BA, BC, CHUNK, REVERSE, E0, HAS_S0, WRITE_SF, SF_SHIFT, IEEE, NF, WRITE_FLAG, VARLEN,
-                       WT, PREFIX, KDEC_C, WHERE0, EVEN)
+                       WT, PREFIX, KDEC_C, WHERE0, EVEN, ST)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_split", "chunks_per_split",
@@ -755,6 +810,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
               EVEN=_even() and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
+              ST=STATE_T,
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

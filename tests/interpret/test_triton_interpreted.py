@@ -220,6 +220,34 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
 
+def test_transposed_state_loop(monkeypatch):
+    """STATE_T (the unmasked loop on the transposed state, its register operands on the left of each product):
+    against the oracle in fp16 with splits, a tail and an even length, an initial state and infinite decay, at
+    state tiles narrower and wider than C's; equal to the default loop on the same inputs; and a NaN / inf in q,
+    k, v or do stays causal (the masked redo keeps the default layout)."""
+    monkeypatch.setattr(tri, "STATE_T", True)
+    for T, Dk, Dv, BC in ((150, 32, 20, 16), (160, 16, 40, 32), (96, 32, 32, 32)):
+        cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
+        check(2, 2, T, Dk, Dv, torch.float16, seed=T + Dk, state=True, cfg=cfg, rates=(0.3, math.inf))
+    q, k, v = (torch.randn(1, 2, 96, D, dtype=torch.float16) for D in (32, 32, 48))
+    s, S0, do = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48), torch.randn(1, 2, 96, 48, dtype=torch.float16)
+    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2)
+
+    def run():
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, S = triton_form(*x, s, S0, output_final_state=True, cfg=cfg)
+        o.backward(do)
+        return (o.detach(), S.detach(), *(t.grad for t in x))
+    got = run()
+    monkeypatch.setattr(tri, "STATE_T", False)
+    want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    monkeypatch.setattr(tri, "STATE_T", True)
+    tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
+                             max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_even_tiles(dtype, monkeypatch):
     """EVEN_TILES: a length divisible by the chunk rows, with state tiles exactly the widths, runs the sweeps (and in

@@ -149,14 +149,15 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
 
 def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
                     num_stages: int = 2, reverse: bool = False, dtype: str = "bf16", wt: bool = False,
-                    kdec_c: bool | None = None, where0: bool | None = None, even: bool | None = None) -> Resources:
+                    kdec_c: bool | None = None, where0: bool | None = None, even: bool | None = None,
+                    st: bool | None = None) -> Resources:
     """One Lightning Attention sweep kernel (``tnllm.ops.lightning_attn.triton._la_sweep_kernel``: the unmasked loop
     of the default non-finite mode) for a [DA, BC] state tile over CHUNK rows, as the launcher specialises it (the
     row strides multiples of 16). ``wt``: the variant that reads the split pre-pass's local states transposed (the
     backward's dk sweep). ``kdec_c``: the state update's decay on the C tile (None: as the launcher picks it,
     ``KDEC_ON_C`` where BC <= BA); ``where0``: the unmasked loop's scores masked by a where (None: ``UNMASKED_WHERE``);
     ``even``: the loop without masks that a length divisible by CHUNK can take (None: as ``EVEN_TILES`` picks it for
-    a tile that is exactly the widths)."""
+    a tile that is exactly the widths); ``st``: the unmasked loop on the transposed state (None: ``STATE_T``)."""
     from tnllm.ops.lightning_attn import triton as la
     fn = la._la_sweep_kernel
     ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
@@ -167,7 +168,8 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
               WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False,
               KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=la._even() and DA == BA and DC % BC == 0 if even is None else even)
+              EVEN=la._even() and DA == BA and DC % BC == 0 if even is None else even,
+              ST=la.STATE_T if st is None else st)
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
     div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
     return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
