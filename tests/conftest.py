@@ -42,9 +42,28 @@ def pytest_addoption(parser):
     parser.addoption("--sweep-wide", default="", metavar="BCxCHUNKwWARPS",
                      help="run the session with the Lightning Attention sweeps' WIDE_CONFIG set (16-bit tiles wider "
                           "than 64 columns), e.g. 128x32w8; 'none' unsets it")
+    parser.addoption("--triton-setting", action="append", default=[], metavar="NAME=VALUE",
+                     help="run the session with a setting of tnllm.ops.lightning_attn.triton changed (an upper-case "
+                          "module attribute, VALUE a Python literal), e.g. STATE_T=True; repeatable")
+
+
+def _triton_settings(config):
+    import ast
+    from tnllm.ops.lightning_attn import triton as tri
+    for item in config.getoption("--triton-setting"):
+        name, sep, value = item.partition("=")
+        if not sep or not name.isupper() or not hasattr(tri, name):
+            raise pytest.UsageError(f"--triton-setting: expected NAME=VALUE with NAME an upper-case setting of "
+                                    f"tnllm.ops.lightning_attn.triton, got {item!r}")
+        try:
+            setattr(tri, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError) as e:
+            raise pytest.UsageError(f"--triton-setting {name}: VALUE must be a Python literal, got {value!r} ({e})")
 
 
 def pytest_configure(config):
+    if config.getoption("--triton-setting"):
+        _triton_settings(config)
     spec = config.getoption("--sweep-wide")
     if not spec:
         return

@@ -308,7 +308,15 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
             cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
-        cdT = (tl.trans(c) * kdec[None, :]).to(c.dtype)                  # [BC, CHUNK]
+        if EVEN:        # C^T diag(kdec) as two products (kdec = hi + lo in C's dtype, summed in fp32: the same
+            # scaled tile as C^T * kdec, rounded once): an accumulator feeds the next product from registers, where
+            # a scaled copy of C^T went through shared memory. kdec is loop-invariant here, so diag(kdec) is too.
+            kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
+            kh = kd.to(c.dtype)
+            ct = tl.trans(c)
+            cdT = (_mm(ct, kh, IEEE) + _mm(ct, (kd - kh.to(tl.float32)).to(c.dtype), IEEE)).to(c.dtype)
+        else:
+            cdT = (tl.trans(c) * kdec[None, :]).to(c.dtype)                  # [BC, CHUNK]
         St = St * _lam_pow(log_lam, cl + es) + _mm(cdT, bm, IEEE)
     return St
 
