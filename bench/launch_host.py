@@ -72,7 +72,7 @@ def binder(B, H, T, D, calls, rounds) -> dict:
             0, 0, 0, 0, H * D * D, D * D, D, 1)
     kw = dict(DA=D, DC=D, BA=D, BC=64, CHUNK=64, REVERSE=False, E0=0, HAS_S0=False, WRITE_SF=True, SF_SHIFT=False,
               IEEE=False, NF=0, WRITE_FLAG=True, REDO=False, VARLEN=False, WT=False, PREFIX=False,
-              KDEC_C=True, WHERE0=False, EVEN=False, num_warps=4, num_stages=2,
+              KDEC_C=True, WHERE0=False, EVEN=False, ST=False, num_warps=4, num_stages=2,
               debug=False, instrumentation_mode="")
     memo: dict = {}
     _, spec, opts = bind(*args, **kw)

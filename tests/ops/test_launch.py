@@ -146,7 +146,7 @@ def test_launch_key_is_never_coarser_than_tritons(ints, offs):
     base = torch.empty(64, dtype=torch.bfloat16)
     kw = dict(DA=128, DC=128, BA=128, BC=64, CHUNK=64, REVERSE=False, E0=0, HAS_S0=False, WRITE_SF=True,
               SF_SHIFT=False, IEEE=False, NF=0, WRITE_FLAG=True, REDO=False, VARLEN=False, WT=False, PREFIX=False,
-              KDEC_C=True, WHERE0=False, EVEN=False, num_warps=4,
+              KDEC_C=True, WHERE0=False, EVEN=False, ST=False, num_warps=4,
               num_stages=2, debug=False, instrumentation_mode="")
 
     def argset(j):
