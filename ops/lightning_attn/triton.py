@@ -134,6 +134,9 @@ EVEN_TILES = True
 # then feeds its product from registers, where as the right operand of A S it was written to shared memory every
 # chunk. Read at each launch.
 STATE_T = False
+# The split pre-pass forms its decayed Bm^T as the product Bm^T diag(kdec) (_la_local_state_kernel, DIAG), so the
+# state update takes it from registers instead of through shared memory. Read at each launch.
+PREPASS_DIAG = False
 
 
 @triton.jit
@@ -169,9 +172,11 @@ def _la_local_state_kernel(
     T, H, n_tiles, n_prev, chunks_per_split,
     sb_b, sb_h, sb_t, sc_b, sc_h, sc_t,
     DA: tl.constexpr, DC: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr,
-    REVERSE: tl.constexpr, IEEE: tl.constexpr,
+    REVERSE: tl.constexpr, IEEE: tl.constexpr, DIAG: tl.constexpr,
 ):
-    """W[bh, p] = sum_{r in split p} lam^(end_p-1-r) Bm_r^T C_r for the splits p < n_split-1 (all full)."""
+    """W[bh, p] = sum_{r in split p} lam^(end_p-1-r) Bm_r^T C_r for the splits p < n_split-1 (all full). DIAG: the
+    decayed Bm^T is the product Bm^T diag(kdec) (kdec = hi + lo in Bm's dtype, summed in fp32: the same tile as
+    Bm^T * kdec, rounded once), whose accumulator feeds the state update from registers."""
     pid = tl.program_id(0)
     tile = pid % n_tiles
     rest = pid // n_tiles
@@ -191,12 +196,19 @@ def _la_local_state_kernel(
     blk = tl.exp(log_lam * CHUNK)                    # CHUNK >= 1: no -inf * 0
     L = tl.zeros([BA, BC], dtype=tl.float32)
     n0 = p * chunks_per_split
+    kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)          # diag(kdec), loop-invariant
+    kh = kd.to(Bp.dtype.element_ty)
+    kl = (kd - kh.to(tl.float32)).to(Bp.dtype.element_ty)
     for n in range(n0, n0 + chunks_per_split):
         t, _ = _rows(n * CHUNK, T, REVERSE, CHUNK)     # every row valid: the splits before the last are full
         bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=ma[None, :], other=0.0)
         c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=mc[None, :], other=0.0)
-        bd = (bm * kdec[:, None]).to(bm.dtype)
-        L = L * blk + _mm(tl.trans(bd), c, IEEE)
+        if DIAG:
+            bt = tl.trans(bm)
+            L = L * blk + _mm((_mm(bt, kh, IEEE) + _mm(bt, kl, IEEE)).to(bm.dtype), c, IEEE)
+        else:
+            bd = (bm * kdec[:, None]).to(bm.dtype)
+            L = L * blk + _mm(tl.trans(bd), c, IEEE)
     w = W + (bh.to(tl.int64) * n_prev + p) * (DA * DC)
     tl.store(w + ja[:, None] * DC + jc[None, :], L, mask=ma[:, None] & mc[None, :])
 
@@ -724,7 +736,7 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
     launch(_la_local_state_kernel, B * H * (n_split - 1) * n_tiles,
            (Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps, *Bm.stride()[:3], *C.stride()[:3]),
            dict(DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
-                num_warps=num_warps, num_stages=num_stages))
+                DIAG=PREPASS_DIAG and not ieee, num_warps=num_warps, num_stages=num_stages))
     if prefix and n_split > 2:
         N = DA * DC
         BLOCK = min(1024, _pow2(N))

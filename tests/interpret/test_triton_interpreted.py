@@ -220,12 +220,14 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
 
-def test_transposed_state_loop(monkeypatch):
-    """STATE_T (the unmasked loop on the transposed state, its register operands on the left of each product):
-    against the oracle in fp16 with splits, a tail and an even length, an initial state and infinite decay, at
-    state tiles narrower and wider than C's; equal to the default loop on the same inputs; and a NaN / inf in q,
-    k, v or do stays causal (the masked redo keeps the default layout)."""
-    monkeypatch.setattr(tri, "STATE_T", True)
+@pytest.mark.parametrize("setting", ["STATE_T", "PREPASS_DIAG"])
+def test_transposed_state_loop(setting, monkeypatch):
+    """STATE_T (the unmasked loop on the transposed state, its register operands on the left of each product) and
+    PREPASS_DIAG (the split pre-pass's decayed Bm^T as a product with diag(kdec)): against the oracle in fp16 with
+    splits, a tail and an even length, an initial state and infinite decay, at state tiles narrower and wider than
+    C's; equal to the default kernels on the same inputs; and a NaN / inf in q, k, v or do stays causal (the masked
+    redo keeps the default layout)."""
+    monkeypatch.setattr(tri, setting, True)
     for T, Dk, Dv, BC in ((150, 32, 20, 16), (160, 16, 40, 32), (96, 32, 32, 32)):
         cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
         check(2, 2, T, Dk, Dv, torch.float16, seed=T + Dk, state=True, cfg=cfg, rates=(0.3, math.inf))
@@ -239,11 +241,11 @@ def test_transposed_state_loop(monkeypatch):
         o.backward(do)
         return (o.detach(), S.detach(), *(t.grad for t in x))
     got = run()
-    monkeypatch.setattr(tri, "STATE_T", False)
+    monkeypatch.setattr(tri, setting, False)
     want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    monkeypatch.setattr(tri, "STATE_T", True)
+    monkeypatch.setattr(tri, setting, True)
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
