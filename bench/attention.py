@@ -140,10 +140,10 @@ def _set_variant(name: str) -> None:
         tri.EVEN_TILES = True
     elif name == "tnllm_statet":             # the unmasked loop on the transposed state (STATE_T)
         tri.STATE_T = True
-    elif name == "tnllm_prediag":            # the split pre-pass's decayed Bm^T as a product (PREPASS_DIAG)
-        tri.PREPASS_DIAG = True
+    elif name == "tnllm_diag":               # decayed state-update operands as products with diag(kdec) (DIAG_DECAY)
+        tri.DIAG_DECAY = True
     elif name == "tnllm_stdiag":             # both
-        tri.STATE_T = tri.PREPASS_DIAG = True
+        tri.STATE_T = tri.DIAG_DECAY = True
     elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
         n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config

@@ -134,9 +134,11 @@ EVEN_TILES = True
 # then feeds its product from registers, where as the right operand of A S it was written to shared memory every
 # chunk. Read at each launch.
 STATE_T = False
-# The split pre-pass forms its decayed Bm^T as the product Bm^T diag(kdec) (_la_local_state_kernel, DIAG), so the
-# state update takes it from registers instead of through shared memory. Read at each launch.
-PREPASS_DIAG = False
+# The decayed left operand of a state update is formed as a product with diag(kdec) (hi + lo in the inputs' dtype,
+# summed in fp32: the same tile, rounded once), so the update takes it from registers instead of through shared
+# memory: in the split pre-pass (_la_local_state_kernel, Bm^T diag(kdec)) and, at even lengths, in the fused dk/dv
+# sweep (q^T diag(kdec)). Read at each launch.
+DIAG_DECAY = False
 
 
 @triton.jit
@@ -501,7 +503,7 @@ def _la_dkdv_kernel(
     g0_b, g0_h, g0_r, g0_c, sf_b, sf_h, sf_r, sf_c,
     DKW: tl.constexpr, DVW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
     HAS_G0: tl.constexpr, IEEE: tl.constexpr, NF: tl.constexpr, WRITE_FLAG: tl.constexpr, REDO: tl.constexpr,
-    PREFIX: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr,
+    PREFIX: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr, DIAG: tl.constexpr,
 ):
     """dk and dv in one reverse sweep (the dk and dv sweeps of the module docstring share their state: the dk
     sweep's is the transpose of the dv sweep's, G = sum lam^.. q^T do). A program per (b*h, split) holds the
@@ -582,8 +584,15 @@ def _la_dkdv_kernel(
             cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
-        qd = (q * kdec[:, None]).to(q.dtype)
-        G = G * _lam_pow(log_lam, cl + es) + _mm(tl.trans(qd), do, IEEE)
+        if DIAG and EVEN:   # q^T diag(kdec) as two products (see _la_local_state_kernel), kdec loop-invariant
+            kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
+            kh = kd.to(q.dtype)
+            qt = tl.trans(q)
+            qdT = (_mm(qt, kh, IEEE) + _mm(qt, (kd - kh.to(tl.float32)).to(q.dtype), IEEE)).to(q.dtype)
+            G = G * _lam_pow(log_lam, cl + es) + _mm(qdT, do, IEEE)
+        else:
+            qd = (q * kdec[:, None]).to(q.dtype)
+            G = G * _lam_pow(log_lam, cl + es) + _mm(tl.trans(qd), do, IEEE)
     if WRITE_FLAG:
         tl.store(FL + pid, tl.sum((~(tl.abs(G) < float("inf"))).to(tl.int32)))
     if last:
@@ -736,7 +745,7 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
     launch(_la_local_state_kernel, B * H * (n_split - 1) * n_tiles,
            (Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps, *Bm.stride()[:3], *C.stride()[:3]),
            dict(DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
-                DIAG=PREPASS_DIAG and not ieee, num_warps=num_warps, num_stages=num_stages))
+                DIAG=DIAG_DECAY and not ieee, num_warps=num_warps, num_stages=num_stages))
     if prefix and n_split > 2:
         N = DA * DC
         BLOCK = min(1024, _pow2(N))
@@ -969,7 +978,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              WHERE0=UNMASKED_WHERE, EVEN=_even() and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              WHERE0=UNMASKED_WHERE, EVEN=_even() and T % CHUNK == 0 and BK == Dk and BV == Dv, DIAG=DIAG_DECAY,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

@@ -220,10 +220,11 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
 
-@pytest.mark.parametrize("setting", ["STATE_T", "PREPASS_DIAG"])
+@pytest.mark.parametrize("setting", ["STATE_T", "DIAG_DECAY"])
 def test_transposed_state_loop(setting, monkeypatch):
     """STATE_T (the unmasked loop on the transposed state, its register operands on the left of each product) and
-    PREPASS_DIAG (the split pre-pass's decayed Bm^T as a product with diag(kdec)): against the oracle in fp16 with
+    DIAG_DECAY (the split pre-pass's decayed Bm^T and the fused dk/dv sweep's decayed q^T as products with
+    diag(kdec)): against the oracle in fp16 with
     splits, a tail and an even length, an initial state and infinite decay, at state tiles narrower and wider than
     C's; equal to the default kernels on the same inputs; and a NaN / inf in q, k, v or do stays causal (the masked
     redo keeps the default layout)."""
