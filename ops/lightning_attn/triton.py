@@ -129,10 +129,11 @@ UNMASKED_WHERE = False
 # `bench/attention.py` times the public op with EVEN_TILES False as tnllm_noeven, True as tnllm_alleven, and with
 # all three as they were before 2026-12-07 (KDEC_ON_C off, UNMASKED_WHERE on, EVEN_TILES False) as tnllm_kdecb.
 EVEN_TILES = True
-# The unmasked sweep (NF 0, with KDEC_ON_C and without UNMASKED_WHERE) keeps its state transposed, S^T [BC, BA],
-# with every product turned so that the operand held in registers is the left one (_sweep_chunks_t): the state
-# then feeds its product from registers, where as the right operand of A S it was written to shared memory every
-# chunk. Read at each launch.
+# The sweep (with KDEC_ON_C: its state tile no narrower than C's) keeps its state transposed, S^T [BC, BA], with
+# every product turned so that the operand held in registers is the left one (_sweep_chunks_t): the state then
+# feeds its product from registers, where as the right operand of A S it was written to shared memory every chunk;
+# at even lengths the decayed C^T is the product C^T diag(kdec). The masked loop (NF 1) takes the same form, so a
+# flagged program's redo reproduces the unmasked loop's finite values bit for bit. Read at each launch.
 STATE_T = False
 # The decayed left operand of a state update is formed as a product with diag(kdec) (hi + lo in the inputs' dtype,
 # summed in fp32: the same tile, rounded once), so the update takes it from registers instead of through shared
@@ -286,13 +287,15 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 @triton.jit
 def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, St, log_lam, DmT,
                     ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
-                    IEEE: tl.constexpr, EVEN: tl.constexpr):
-    """The unmasked loop of _sweep_chunks (NF 0, the decay on C, the scores masked by the decay matrix alone) on
-    the transposed state St = S^T [BC, BA], every product turned so that its register operand is the left one:
-    o^T = St a^T + C^T (Bm a^T * Dm^T), St <- lam^cl St + (kdec * C)^T Bm. The state (an accumulator) then feeds
-    its product from registers, where S as the right operand of A S went through shared memory every chunk.
-    Returns St."""
+                    IEEE: tl.constexpr, NF: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr):
+    """The loop of _sweep_chunks (the decay on C) on the transposed state St = S^T [BC, BA], every product turned
+    so that its register operand is the left one: o^T = St a^T + C^T (Bm a^T * Dm^T), St <- lam^cl St +
+    (C^T diag(kdec)) Bm. The state (an accumulator) then feeds its product from registers, where S as the right
+    operand of A S went through shared memory every chunk. NF and WHERE0 as in _sweep_chunks, with the same
+    arithmetic for finite inputs, so the masked redo of a flagged program gives the unmasked loop's values
+    bit for bit wherever its inputs are finite. Returns St."""
     jj = tl.arange(0, CHUNK)
+    causalT = jj[None, :] >= jj[:, None]                               # [j, i]: i >= j
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
@@ -310,9 +313,18 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
         else:
             qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
         at = tl.trans(a)
-        scT = _mm(bm, at, IEEE) * DmT                                   # [CHUNK (j), CHUNK (i)]
+        if NF == 0 and not WHERE0:
+            scT = _mm(bm, at, IEEE) * DmT                               # [CHUNK (j), CHUNK (i)]
+        else:
+            scT = tl.where(causalT, _mm(bm, at, IEEE) * DmT, 0.0)
         oT = _mm(St.to(a.dtype), at, IEEE) * qdec[None, :]
-        oT += _mm(tl.trans(c), scT.to(c.dtype), IEEE)                   # [BC, CHUNK]
+        if NF == 0:
+            oT += _mm(tl.trans(c), scT.to(c.dtype), IEEE)               # [BC, CHUNK]
+        else:           # C's non-finite entries zeroed for the product, the rows at and after them NaN
+            cfin = tl.abs(c.to(tl.float32)) < float("inf")
+            oT += _mm(tl.trans(tl.where(cfin, c, tl.zeros_like(c))), scT.to(c.dtype), IEEE)
+            cnt = tl.dot(tl.trans((~cfin).to(tl.float16)), causalT.to(tl.float16))
+            oT = tl.where(cnt > 0, float("nan"), oT)
         if EVEN:
             tl.store(o_base + t[None, :] * so_t + jc[:, None], oT.to(o_base.dtype.element_ty))
             cl = CHUNK
@@ -349,13 +361,12 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     decay scales the C tile (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
     either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
     exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
-    decays are the same. ST: the unmasked loop with KDEC_C and no where runs on the transposed state
-    (_sweep_chunks_t)."""
+    decays are the same. ST: with KDEC_C, the loop runs on the transposed state (_sweep_chunks_t)."""
     jj = tl.arange(0, CHUNK)
-    if ST and NF == 0 and KDEC_C and not WHERE0:
+    if ST and KDEC_C:
         return tl.trans(_sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1,
                                         tl.trans(S), log_lam, tl.trans(Dm), ja, jc, ma, mc, REVERSE, E0, CHUNK,
-                                        IEEE, EVEN))
+                                        IEEE, NF, WHERE0, EVEN))
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
