@@ -296,6 +296,10 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
     bit for bit wherever its inputs are finite. Returns St."""
     jj = tl.arange(0, CHUNK)
     causalT = jj[None, :] >= jj[:, None]                               # [j, i]: i >= j
+    if EVEN:            # diag(kdec) as hi + lo in C's dtype (every chunk full: the same for every chunk)
+        kd = tl.where(jj[:, None] == jj[None, :], _lam_pow(log_lam, CHUNK - 1 - jj)[None, :], 0.0)
+        kh = kd.to(c_base.dtype.element_ty)
+        kl = (kd - kh.to(tl.float32)).to(c_base.dtype.element_ty)
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
@@ -332,16 +336,14 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
             tl.store(o_base + t[None, :] * so_t + jc[:, None], oT.to(o_base.dtype.element_ty),
                      mask=valid[None, :] & mc[:, None])
             cl = tl.minimum(T - r0, CHUNK)
-        kexp = cl - 1 - jj
-        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
         if EVEN:        # C^T diag(kdec) as two products (kdec = hi + lo in C's dtype, summed in fp32: the same
             # scaled tile as C^T * kdec, rounded once): an accumulator feeds the next product from registers, where
-            # a scaled copy of C^T went through shared memory. kdec is loop-invariant here, so diag(kdec) is too.
-            kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
-            kh = kd.to(c.dtype)
+            # a scaled copy of C^T went through shared memory
             ct = tl.trans(c)
-            cdT = (_mm(ct, kh, IEEE) + _mm(ct, (kd - kh.to(tl.float32)).to(c.dtype), IEEE)).to(c.dtype)
+            cdT = (_mm(ct, kh, IEEE) + _mm(ct, kl, IEEE)).to(c.dtype)
         else:
+            kexp = cl - 1 - jj
+            kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
             cdT = (tl.trans(c) * kdec[None, :]).to(c.dtype)                  # [BC, CHUNK]
         St = St * _lam_pow(log_lam, cl + es) + _mm(cdT, bm, IEEE)
     return St
@@ -552,6 +554,10 @@ def _la_dkdv_kernel(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     last = split == n_split - 1
+    if DIAG and EVEN:   # diag(kdec) as hi + lo in q's dtype, the same for every (full) chunk
+        kd = tl.where(jj[:, None] == jj[None, :], _lam_pow(log_lam, CHUNK - 1 - jj)[None, :], 0.0)
+        kh = kd.to(Q.dtype.element_ty)
+        kl = (kd - kh.to(tl.float32)).to(Q.dtype.element_ty)
     if REDO:            # only the programs whose flag is set run their chunks and store
         run = tl.load(FL + pid) != 0
         n1 = tl.where(run, n1, n0)
@@ -595,11 +601,9 @@ def _la_dkdv_kernel(
             cl = tl.minimum(T - r0, CHUNK)
         kexp = cl - 1 - jj
         kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
-        if DIAG and EVEN:   # q^T diag(kdec) as two products (see _la_local_state_kernel), kdec loop-invariant
-            kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
-            kh = kd.to(q.dtype)
+        if DIAG and EVEN:   # q^T diag(kdec) as two products (see _la_local_state_kernel)
             qt = tl.trans(q)
-            qdT = (_mm(qt, kh, IEEE) + _mm(qt, (kd - kh.to(tl.float32)).to(q.dtype), IEEE)).to(q.dtype)
+            qdT = (_mm(qt, kh, IEEE) + _mm(qt, kl, IEEE)).to(q.dtype)
             G = G * _lam_pow(log_lam, cl + es) + _mm(qdT, do, IEEE)
         else:
             qd = (q * kdec[:, None]).to(q.dtype)

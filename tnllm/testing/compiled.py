@@ -175,6 +175,35 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
     return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
 
 
+def local_state_resources(DA: int = 128, DC: int = 128, BC: int = 128, CHUNK: int = 64, num_warps: int = 8,
+                          num_stages: int = 2, dtype: str = "bf16", diag: bool | None = None) -> Resources:
+    """The Lightning Attention split pre-pass (``_la_local_state_kernel``) for a [DA, BC] state tile, as the launcher
+    specialises it; ``diag``: its decayed Bm^T as a product with diag(kdec) (None: ``DIAG_DECAY``)."""
+    from tnllm.ops.lightning_attn import triton as la
+    fn = la._la_local_state_kernel
+    kw = dict(DA=DA, DC=DC, BA=la._pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=False, IEEE=dtype == "fp32",
+              DIAG=la.DIAG_DECAY if diag is None else diag)
+    ptrs = dict(Bp=dtype, Cp=dtype, W="fp32", s_ptr="fp32")
+    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
+    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages,
+                     divisible=tuple(f"s{x}_{y}" for x in "bc" for y in "bht"))
+
+
+def dkdv_resources(D: int = 64, CHUNK: int = 64, num_warps: int = 4, num_stages: int = 2, even: bool = True,
+                   diag: bool | None = None) -> Resources:
+    """The fused dk/dv sweep (``_la_dkdv_kernel``, its unmasked loop) at Dk = Dv = D in bf16, as the launcher
+    specialises it; ``diag``: its decayed q^T as a product with diag(kdec) at even lengths (None: ``DIAG_DECAY``)."""
+    from tnllm.ops.lightning_attn import triton as la
+    fn = la._la_dkdv_kernel
+    kw = dict(DKW=D, DVW=D, BK=la._pow2(D), BV=la._pow2(D), CHUNK=CHUNK, HAS_G0=False, IEEE=False, NF=0,
+              WRITE_FLAG=True, REDO=False, PREFIX=False, WHERE0=la.UNMASKED_WHERE, EVEN=even,
+              DIAG=la.DIAG_DECAY if diag is None else diag)
+    ptrs = dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16", G0="fp32", SF="fp32", W="fp32",
+                s_ptr="fp32", FL="i32")
+    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
+    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages,
+                     divisible=tuple(f"s{x}_{y}" for x in ("q", "k", "v", "d", "dk", "dv") for y in "bht"))
+
 def _print_attention() -> None:
     import triton
     print(f"Lightning Attention sweep kernel (forward direction), bf16, sm_90, triton {triton.__version__}:")
