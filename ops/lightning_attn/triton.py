@@ -285,6 +285,28 @@ def _add_intra(o, sc, c, causal, IEEE: tl.constexpr, NF: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(a_base, b_base, c_base, sa_t, sb_t, sc_t, t, valid, r0, log_lam, jj, ja, jc, ma, mc,
+                E0: tl.constexpr, EVEN: tl.constexpr):
+    """One chunk's A, Bm and C tiles (EVEN: every chunk full and the tiles exactly the widths, so no masks), the
+    state decay's extra exponent es (E0 only at frame 0, where S holds S0' alone) and the state term's row decays
+    qdec (for E0 != 0 a select between two loop-invariant vectors, not an exp per chunk)."""
+    if EVEN:
+        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :])
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :])
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :])
+    else:
+        a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
+        c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
+    es = tl.where(r0 == 0, E0, 0)
+    if E0 == 0:
+        qdec = _lam_pow(log_lam, jj + 1)
+    else:
+        qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
+    return a, bm, c, es, qdec
+
+
+@triton.jit
 def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1, St, log_lam, DmT,
                     ja, jc, ma, mc, REVERSE: tl.constexpr, E0: tl.constexpr, CHUNK: tl.constexpr,
                     IEEE: tl.constexpr, NF: tl.constexpr, WHERE0: tl.constexpr, EVEN: tl.constexpr):
@@ -303,19 +325,8 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
-        if EVEN:
-            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :])
-            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :])
-            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :])
-        else:
-            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
-        es = tl.where(r0 == 0, E0, 0)
-        if E0 == 0:
-            qdec = _lam_pow(log_lam, jj + 1)
-        else:
-            qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
+        a, bm, c, es, qdec = _load_chunk(a_base, b_base, c_base, sa_t, sb_t, sc_t, t, valid, r0, log_lam, jj, ja, jc,
+                                         ma, mc, E0, EVEN)
         at = tl.trans(a)
         if NF == 0 and not WHERE0:
             scT = _mm(bm, at, IEEE) * DmT                               # [CHUNK (j), CHUNK (i)]
@@ -372,19 +383,8 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
-        if EVEN:        # every chunk full and the tiles exactly the widths: no masks
-            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :])
-            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :])
-            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :])
-        else:
-            a = tl.load(a_base + t[:, None] * sa_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-            bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=valid[:, None] & ma[None, :], other=0.0)
-            c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=valid[:, None] & mc[None, :], other=0.0)
-        es = tl.where(r0 == 0, E0, 0)                                  # E0 only where S holds S0' alone
-        if E0 == 0:
-            qdec = _lam_pow(log_lam, jj + 1)
-        else:           # two loop-invariant vectors and a select, not an exp per chunk
-            qdec = tl.where(r0 == 0, _lam_pow(log_lam, jj + 1 + E0), _lam_pow(log_lam, jj + 1))
+        a, bm, c, es, qdec = _load_chunk(a_base, b_base, c_base, sa_t, sb_t, sc_t, t, valid, r0, log_lam, jj, ja, jc,
+                                         ma, mc, E0, EVEN)
         if NF == 0 and not WHERE0:  # Dm is 0 above the diagonal; a non-finite Bm is caught by the state's flag
             sc = _mm(a, tl.trans(bm), IEEE) * Dm
         else:           # a where: a non-finite Bm row stays in its own (later) column of the scores

@@ -220,33 +220,41 @@ def test_sweep_loop_settings(kdec_on_c, unmasked_where, monkeypatch):
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
 
-@pytest.mark.parametrize("setting", ["STATE_T", "DIAG_DECAY"])
-def test_transposed_state_loop(setting, monkeypatch):
-    """STATE_T (the unmasked loop on the transposed state, its register operands on the left of each product) and
-    DIAG_DECAY (the split pre-pass's decayed Bm^T and the fused dk/dv sweep's decayed q^T as products with
-    diag(kdec)): against the oracle in fp16 with
-    splits, a tail and an even length, an initial state and infinite decay, at state tiles narrower and wider than
-    C's; equal to the default kernels on the same inputs; and a NaN / inf in q, k, v or do stays causal (the masked
-    redo keeps the default layout)."""
-    monkeypatch.setattr(tri, setting, True)
-    for T, Dk, Dv, BC in ((150, 32, 20, 16), (160, 16, 40, 32), (96, 32, 32, 32)):
-        cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
-        check(2, 2, T, Dk, Dv, torch.float16, seed=T + Dk, state=True, cfg=cfg, rates=(0.3, math.inf))
-    q, k, v = (torch.randn(1, 2, 96, D, dtype=torch.float16) for D in (32, 32, 48))
-    s, S0, do = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48), torch.randn(1, 2, 96, 48, dtype=torch.float16)
-    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2)
+def _fwd_bwd_96(dtype, cfg):
+    """A run() giving (o, S, dq, dk, dv) of the Triton form on fixed inputs (B1 H2 T96, Dk 32, Dv 48, an initial
+    state), to compare the kernels under two settings."""
+    q, k, v = (torch.randn(1, 2, 96, D, dtype=dtype) for D in (32, 32, 48))
+    s, S0, do = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48), torch.randn(1, 2, 96, 48, dtype=dtype)
 
     def run():
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         o, S = triton_form(*x, s, S0, output_final_state=True, cfg=cfg)
         o.backward(do)
         return (o.detach(), S.detach(), *(t.grad for t in x))
+    return run
+
+
+@pytest.mark.parametrize("setting", ["STATE_T", "DIAG_DECAY"])
+def test_transposed_state_loop(setting, monkeypatch):
+    """STATE_T (the sweep's loop on the transposed state, its register operands on the left of each product) and
+    DIAG_DECAY (the split pre-pass's decayed Bm^T and the fused dk/dv sweep's decayed q^T as products with
+    diag(kdec)): against the oracle in fp16 with splits, a tail and an even length, an initial state and infinite
+    decay, at state tiles narrower and wider than C's; equal to the default kernels on the same inputs; and a NaN /
+    inf in q, k, v or do stays causal (through the unmasked loop's flag and the masked redo, both in the same
+    form). The exact isolation properties with the setting on: the interpreter suite under
+    ``pytest --triton-setting STATE_T=True``."""
+    monkeypatch.setattr(tri, setting, True)
+    for T, Dk, Dv, BC in ((150, 32, 20, 16), (160, 16, 40, 32), (96, 32, 32, 32)):
+        cfg = tri.SweepConfig(BC=BC, CHUNK=16, n_split=3, nonfinite=2)
+        check(2, 2, T, Dk, Dv, torch.float16, seed=T + Dk, state=True, cfg=cfg, rates=(0.3, math.inf))
+    run = _fwd_bwd_96(torch.float16, tri.SweepConfig(BC=16, CHUNK=16, n_split=2))
     got = run()
     monkeypatch.setattr(tri, setting, False)
     want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     monkeypatch.setattr(tri, setting, True)
+    cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2)
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 
@@ -286,14 +294,7 @@ def test_even_tiles(dtype, monkeypatch):
     check(1, 2, 150, 32, 16, dtype, seed=8, state=True, cfg=cfg)          # a tail chunk: masked
     check(1, 2, 160, 20, 16, dtype, seed=9, state=False, cfg=cfg)         # Dk 20 in a 32-wide tile: masked
     assert evens and not any(e for _, e in evens), evens
-    q, k, v = (torch.randn(1, 2, 96, D, dtype=dtype) for D in (32, 32, 48))
-    s, S0, do = torch.tensor([0.05, 0.9]), torch.randn(1, 2, 32, 48), torch.randn(1, 2, 96, 48, dtype=dtype)
-
-    def run():
-        x = [t.clone().requires_grad_() for t in (q, k, v)]
-        o, S = triton_form(*x, s, S0, output_final_state=True, cfg=cfg)
-        o.backward(do)
-        return (o.detach(), S.detach(), *(t.grad for t in x))
+    run = _fwd_bwd_96(dtype, cfg)
     got = run()
     monkeypatch.setattr(tri, "EVEN_TILES", False)
     want = run()
