@@ -199,9 +199,10 @@ def _la_local_state_kernel(
     blk = tl.exp(log_lam * CHUNK)                    # CHUNK >= 1: no -inf * 0
     L = tl.zeros([BA, BC], dtype=tl.float32)
     n0 = p * chunks_per_split
-    kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)          # diag(kdec), loop-invariant
-    kh = kd.to(Bp.dtype.element_ty)
-    kl = (kd - kh.to(tl.float32)).to(Bp.dtype.element_ty)
+    if DIAG:            # diag(kdec) as hi + lo in Bm's dtype, the same for every (full) chunk
+        kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
+        kh = kd.to(Bp.dtype.element_ty)
+        kl = (kd - kh.to(tl.float32)).to(Bp.dtype.element_ty)
     for n in range(n0, n0 + chunks_per_split):
         t, _ = _rows(n * CHUNK, T, REVERSE, CHUNK)     # every row valid: the splits before the last are full
         bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=ma[None, :], other=0.0)
@@ -599,13 +600,13 @@ def _la_dkdv_kernel(
         else:
             tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
             cl = tl.minimum(T - r0, CHUNK)
-        kexp = cl - 1 - jj
-        kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
         if DIAG and EVEN:   # q^T diag(kdec) as two products (see _la_local_state_kernel)
             qt = tl.trans(q)
             qdT = (_mm(qt, kh, IEEE) + _mm(qt, kl, IEEE)).to(q.dtype)
             G = G * _lam_pow(log_lam, cl + es) + _mm(qdT, do, IEEE)
         else:
+            kexp = cl - 1 - jj
+            kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
             qd = (q * kdec[:, None]).to(q.dtype)
             G = G * _lam_pow(log_lam, cl + es) + _mm(tl.trans(qd), do, IEEE)
     if WRITE_FLAG:
@@ -677,12 +678,12 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
     return best
 
 
-def _even() -> bool:
-    """EVEN_TILES, checked: whether the sweeps may take the loop without masks (where the length and widths allow
-    it)."""
-    if not isinstance(EVEN_TILES, bool):
-        raise ValueError(f"EVEN_TILES must be True or False, got {EVEN_TILES!r}")
-    return EVEN_TILES
+def _flag(name: str) -> bool:
+    """The boolean module setting ``name`` (EVEN_TILES, STATE_T, DIAG_DECAY), checked at each launch."""
+    value = globals()[name]
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _pow2(n: int) -> int:
@@ -760,7 +761,7 @@ def _local_states(Bm: Tensor, C: Tensor, s32: Tensor, n_split: int, cps: int, *,
     launch(_la_local_state_kernel, B * H * (n_split - 1) * n_tiles,
            (Bm, C, W, s32, T, H, n_tiles, n_split - 1, cps, *Bm.stride()[:3], *C.stride()[:3]),
            dict(DA=DA, DC=DC, BA=_pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=reverse, IEEE=ieee,
-                DIAG=DIAG_DECAY and not ieee, num_warps=num_warps, num_stages=num_stages))
+                DIAG=_flag("DIAG_DECAY") and not ieee, num_warps=num_warps, num_stages=num_stages))
     if prefix and n_split > 2:
         N = DA * DC
         BLOCK = min(1024, _pow2(N))
@@ -853,8 +854,8 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
-              EVEN=_even() and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
-              ST=STATE_T,
+              EVEN=_flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
+              ST=_flag("STATE_T"),
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:
@@ -993,7 +994,8 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              WHERE0=UNMASKED_WHERE, EVEN=_even() and T % CHUNK == 0 and BK == Dk and BV == Dv, DIAG=DIAG_DECAY,
+              WHERE0=UNMASKED_WHERE, EVEN=_flag("EVEN_TILES") and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              DIAG=_flag("DIAG_DECAY"),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs
         launch(_la_dkdv_kernel, grid, args, dict(kw, NF=0, WRITE_FLAG=True, REDO=False))

@@ -253,8 +253,11 @@ def test_transposed_state_loop(setting, monkeypatch):
     want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    monkeypatch.setattr(tri, setting, True)
     cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2)
+    monkeypatch.setattr(tri, setting, "yes")
+    with pytest.raises(ValueError, match=f"{setting} must be True or False"):
+        check(1, 1, 64, 32, 16, torch.float16, seed=1, state=False, cfg=cfg)
+    monkeypatch.setattr(tri, setting, True)
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
 

@@ -168,7 +168,7 @@ def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64,
               WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False,
               KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=la._even() and DA == BA and DC % BC == 0 if even is None else even,
+              EVEN=la._flag("EVEN_TILES") and DA == BA and DC % BC == 0 if even is None else even,
               ST=la.STATE_T if st is None else st)
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
     div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
