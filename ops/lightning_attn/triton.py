@@ -138,7 +138,8 @@ STATE_T = False
 # The decayed left operand of a state update is formed as a product with diag(kdec) (hi + lo in the inputs' dtype,
 # summed in fp32: the same tile, rounded once), so the update takes it from registers instead of through shared
 # memory: in the split pre-pass (_la_local_state_kernel, Bm^T diag(kdec)) and, at even lengths, in the fused dk/dv
-# sweep (q^T diag(kdec)). Read at each launch.
+# sweep (q^T diag(kdec)), which then also writes its state to shared memory once for its two products (one of them
+# through a transposed view) instead of twice. Read at each launch.
 DIAG_DECAY = False
 
 
@@ -584,7 +585,12 @@ def _la_dkdv_kernel(
             s1 = _mm(v, tl.trans(do), IEEE) * Dm
         else:
             s1 = tl.where(causal, _mm(v, tl.trans(do), IEEE) * Dm, 0.0)
-        dk = _add_intra(_mm(v, tl.trans(G).to(v.dtype), IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
+        if DIAG:        # one 16-bit copy of the state in shared memory for both products (the other a
+            Gb = G.to(v.dtype)  # transposed view of it), where two were written
+            Gt = tl.trans(Gb)
+        else:
+            Gt = tl.trans(G).to(v.dtype)
+        dk = _add_intra(_mm(v, Gt, IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
         if EVEN:
             tl.store(dk_base + t[:, None] * sdk_t + jk[None, :], dk.to(dk_base.dtype.element_ty))
         else:
@@ -593,7 +599,9 @@ def _la_dkdv_kernel(
             s2 = _mm(k, tl.trans(q), IEEE) * Dm
         else:
             s2 = tl.where(causal, _mm(k, tl.trans(q), IEEE) * Dm, 0.0)
-        dv = _add_intra(_mm(k, G.to(k.dtype), IEEE) * qdec[:, None], s2, do, causal, IEEE, NF)
+        if not DIAG:
+            Gb = G.to(k.dtype)
+        dv = _add_intra(_mm(k, Gb, IEEE) * qdec[:, None], s2, do, causal, IEEE, NF)
         if EVEN:
             tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty))
             cl = CHUNK
