@@ -300,3 +300,24 @@ def test_op_host_bench_needs_cuda(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "op_host.py"), "--shape", "2,8", "--out", str(tmp_path / "o")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--shape: expected B,H,T,D" in bad.stderr, bad.stderr
+
+
+def test_sass_diff_cpu(tmp_path):
+    """bench/sass_diff.py: a copy of the kernels' source compiles to the same SASS, and a copy whose chunk loop
+    computes something else does not (exit 1, DIFFER)."""
+    from tnllm.testing.compiled import cuobjdump
+    if cuobjdump() is None:
+        pytest.skip("Triton's NVIDIA backend has no cuobjdump here")
+    src = (ROOT / "ops" / "lightning_attn" / "triton.py").read_text()
+    same = tmp_path / "same.py"
+    same.write_text(src)
+    out = run([BENCH / "sass_diff.py", "--file", same, "--only", "1"], tmp_path)
+    assert "sweep D128 forward masked unmasked: identical" in out, out
+    old = "        qdec = _lam_pow(log_lam, jj + 1)\n"
+    assert src.count(old) == 1
+    other = tmp_path / "other.py"
+    other.write_text(src.replace(old, "        qdec = _lam_pow(log_lam, jj + 2)\n"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(BENCH))
+    proc = subprocess.run([sys.executable, str(BENCH / "sass_diff.py"), "--file", str(other), "--only", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "DIFFER" in proc.stdout, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
