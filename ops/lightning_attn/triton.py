@@ -689,7 +689,8 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
 
 
 def _flag(name: str) -> bool:
-    """The boolean module setting ``name`` (EVEN_TILES, STATE_T, DIAG_DECAY), checked at each launch."""
+    """The boolean module setting ``name`` (AUTO_SPLIT, PREFIX_SCAN, KDEC_ON_C, UNMASKED_WHERE, EVEN_TILES, STATE_T,
+    DIAG_DECAY), checked at each launch."""
     value = globals()[name]
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -749,7 +750,7 @@ def _split_plan(n_split: int, programs: int, n_chunks: int, device, num_warps: i
     auto_split, for ``programs`` programs per split of ``num_warps`` warps); every split non-empty, all but the
     last full."""
     if n_split <= 0:
-        n_split = auto_split(programs, n_chunks, _num_sms(device), 2 if num_warps <= 4 else 1) if AUTO_SPLIT else 1
+        n_split = auto_split(programs, n_chunks, _num_sms(device), 2 if num_warps <= 4 else 1) if _flag("AUTO_SPLIT") else 1
     n_split = max(1, min(n_split, n_chunks))
     cps = cdiv(n_chunks, n_split)
     return cdiv(n_chunks, cps), cps
@@ -839,7 +840,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     n_split, cps = _split_plan(n_split, B * H * n_tiles, n_chunks, C.device, cfg.num_warps)
     s32 = s.to(device=C.device, dtype=torch.float32).contiguous()
     ieee = A.dtype == torch.float32
-    prefix = PREFIX_SCAN and n_split > 1
+    prefix = _flag("PREFIX_SCAN") and n_split > 1
     plan = (n_split, cps, CHUNK, reverse, e0, B, H, T, prefix)
     wt = local is not None and n_split > 1 and local.get("plan") == plan and local.get("widths") == (DC, DA)
     if wt:
@@ -863,7 +864,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
-              KDEC_C=KDEC_ON_C and BC <= BA, WHERE0=UNMASKED_WHERE,
+              KDEC_C=_flag("KDEC_ON_C") and BC <= BA, WHERE0=_flag("UNMASKED_WHERE"),
               EVEN=_flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
               ST=_flag("STATE_T"),
               num_warps=cfg.num_warps,
@@ -993,7 +994,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     n_split, cps = _split_plan(cfg.n_split, B * H, n_chunks, q.device, cfg.num_warps)
     s32 = s.to(device=q.device, dtype=torch.float32).contiguous()
     # the earlier splits' local states of G: those of the dv sweep (Bm = q, C = do, reverse frame)
-    prefix = PREFIX_SCAN and n_split > 1
+    prefix = _flag("PREFIX_SCAN") and n_split > 1
     W = _local_states(q, do, s32, n_split, cps, BC=min(64, BV), CHUNK=CHUNK, reverse=True, ieee=False,
                       num_warps=4, num_stages=2, prefix=prefix)
     g0 = G if G is not None else s32
@@ -1004,7 +1005,7 @@ def _dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, s: Tensor, G: Tensor | No
     args = (q, k, v, do, dk, dv, g0, dS0, W, s32, fl, T, H, n_split, cps, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *g0_st, *dS0.stride())
     kw = dict(DKW=Dk, DVW=Dv, BK=BK, BV=BV, CHUNK=CHUNK, HAS_G0=G is not None, IEEE=False, PREFIX=prefix,
-              WHERE0=UNMASKED_WHERE, EVEN=_flag("EVEN_TILES") and T % CHUNK == 0 and BK == Dk and BV == Dv,
+              WHERE0=_flag("UNMASKED_WHERE"), EVEN=_flag("EVEN_TILES") and T % CHUNK == 0 and BK == Dk and BV == Dv,
               DIAG=_flag("DIAG_DECAY"),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if nf == 2:         # optimistic, as in _sweep: unmasked with flags, then the masked redo of flagged programs

@@ -234,6 +234,17 @@ def _fwd_bwd_96(dtype, cfg):
     return run
 
 
+@pytest.mark.parametrize("setting", ["AUTO_SPLIT", "PREFIX_SCAN", "KDEC_ON_C", "UNMASKED_WHERE", "EVEN_TILES",
+                                     "STATE_T", "DIAG_DECAY"])
+def test_boolean_settings_are_checked(setting, monkeypatch):
+    """Each boolean setting of the Triton path, set to something else, gives a ValueError naming it at the next
+    launch that reads it (here a split forward + backward in fp16: every setting is read), not a silently truthy
+    kernel flag."""
+    monkeypatch.setattr(tri, setting, "yes")
+    with pytest.raises(ValueError, match=f"{setting} must be True or False"):
+        check(1, 1, 64, 32, 16, torch.float16, seed=1, state=False, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=0))
+
+
 @pytest.mark.parametrize("setting", ["STATE_T", "DIAG_DECAY"])
 def test_transposed_state_loop(setting, monkeypatch):
     """STATE_T (the sweep's loop on the transposed state, its register operands on the left of each product) and
@@ -254,9 +265,6 @@ def test_transposed_state_loop(setting, monkeypatch):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     cfg = tri.SweepConfig(BC=16, CHUNK=16, n_split=2)
-    monkeypatch.setattr(tri, setting, "yes")
-    with pytest.raises(ValueError, match=f"{setting} must be True or False"):
-        check(1, 1, 64, 32, 16, torch.float16, seed=1, state=False, cfg=cfg)
     monkeypatch.setattr(tri, setting, True)
     tt.assert_edge_semantics(functools.partial(triton_form, cfg=cfg), dtypes=(torch.float16,), max_examples=4,
                              max_T=50, dims=(16, 32), bad_rates=False, names=("q", "k", "v", "do"))
