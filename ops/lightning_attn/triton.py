@@ -161,6 +161,22 @@ def _lam_pow(log_lam, m):
 
 
 @triton.jit
+def _diag_hi_lo(kdec, jj, dtype: tl.constexpr):
+    """diag(kdec) [CHUNK, CHUNK] as two matrices in ``dtype`` (hi + lo = kdec to about 16 bits), for _mm_diag."""
+    kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
+    kh = kd.to(dtype)
+    return kh, (kd - kh.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _mm_diag(xt, kh, kl, IEEE: tl.constexpr):
+    """xt diag(kdec) in xt's dtype, as two products summed in fp32 (kh, kl from _diag_hi_lo): the same tile as
+    xt * kdec rounded once, but an accumulator, which a following product takes from registers (a scaled copy of
+    xt would go through shared memory)."""
+    return (_mm(xt, kh, IEEE) + _mm(xt, kl, IEEE)).to(xt.dtype)
+
+
+@triton.jit
 def _rows(r0, T, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     """Row indices (int64, into the T axis) and validity of the chunk starting at frame position r0."""
     rr = r0 + tl.arange(0, CHUNK)
@@ -202,17 +218,14 @@ def _la_local_state_kernel(
     blk = tl.exp(log_lam * CHUNK)                    # CHUNK >= 1: no -inf * 0
     L = tl.zeros([BA, BC], dtype=tl.float32)
     n0 = p * chunks_per_split
-    if DIAG:            # diag(kdec) as hi + lo in Bm's dtype, the same for every (full) chunk
-        kd = tl.where(jj[:, None] == jj[None, :], kdec[None, :], 0.0)
-        kh = kd.to(Bp.dtype.element_ty)
-        kl = (kd - kh.to(tl.float32)).to(Bp.dtype.element_ty)
+    if DIAG:            # the same for every (full) chunk
+        kh, kl = _diag_hi_lo(kdec, jj, Bp.dtype.element_ty)
     for n in range(n0, n0 + chunks_per_split):
         t, _ = _rows(n * CHUNK, T, REVERSE, CHUNK)     # every row valid: the splits before the last are full
         bm = tl.load(b_base + t[:, None] * sb_t + ja[None, :], mask=ma[None, :], other=0.0)
         c = tl.load(c_base + t[:, None] * sc_t + jc[None, :], mask=mc[None, :], other=0.0)
         if DIAG:
-            bt = tl.trans(bm)
-            L = L * blk + _mm((_mm(bt, kh, IEEE) + _mm(bt, kl, IEEE)).to(bm.dtype), c, IEEE)
+            L = L * blk + _mm(_mm_diag(tl.trans(bm), kh, kl, IEEE), c, IEEE)
         else:
             bd = (bm * kdec[:, None]).to(bm.dtype)
             L = L * blk + _mm(tl.trans(bd), c, IEEE)
@@ -322,10 +335,8 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
     bit for bit wherever its inputs are finite. Returns St."""
     jj = tl.arange(0, CHUNK)
     causalT = jj[None, :] >= jj[:, None]                               # [j, i]: i >= j
-    if EVEN:            # diag(kdec) as hi + lo in C's dtype (every chunk full: the same for every chunk)
-        kd = tl.where(jj[:, None] == jj[None, :], _lam_pow(log_lam, CHUNK - 1 - jj)[None, :], 0.0)
-        kh = kd.to(c_base.dtype.element_ty)
-        kl = (kd - kh.to(tl.float32)).to(c_base.dtype.element_ty)
+    if EVEN:            # every chunk full: diag(kdec) the same for every chunk
+        kh, kl = _diag_hi_lo(_lam_pow(log_lam, CHUNK - 1 - jj), jj, c_base.dtype.element_ty)
     for n in range(n0, n1):
         r0 = n * CHUNK
         t, valid = _rows(r0, T, REVERSE, CHUNK)
@@ -351,11 +362,8 @@ def _sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n
             tl.store(o_base + t[None, :] * so_t + jc[:, None], oT.to(o_base.dtype.element_ty),
                      mask=valid[None, :] & mc[:, None])
             cl = tl.minimum(T - r0, CHUNK)
-        if EVEN:        # C^T diag(kdec) as two products (kdec = hi + lo in C's dtype, summed in fp32: the same
-            # scaled tile as C^T * kdec, rounded once): an accumulator feeds the next product from registers, where
-            # a scaled copy of C^T went through shared memory
-            ct = tl.trans(c)
-            cdT = (_mm(ct, kh, IEEE) + _mm(ct, kl, IEEE)).to(c.dtype)
+        if EVEN:        # C^T diag(kdec), an accumulator that feeds the next product from registers, where a scaled
+            cdT = _mm_diag(tl.trans(c), kh, kl, IEEE)          # copy of C^T went through shared memory
         else:
             kexp = cl - 1 - jj
             kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
@@ -375,10 +383,11 @@ def _sweep_chunks(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0,
     state's flag); 1 masks the scores with a where, zeroes C's non-finite entries for the intra product and sets
     the rows at and after them to NaN (a prefix count by one small dot, exact in fp16). WHERE0: NF 0 masks the
     scores with the where as well (the loop as it was before 2026-12-07). KDEC_C: the state update's in-chunk
-    decay scales the C tile (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one rounding of the scaled tile
-    either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of CHUNK and the tiles are
-    exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and every chunk's in-chunk
-    decays are the same. ST: with KDEC_C, the loop runs on the transposed state (_sweep_chunks_t)."""
+    decay scales the C tile (Bm^T (kdec * C)) instead of the Bm tile ((kdec * Bm)^T C): the same product, one
+    rounding of the scaled tile either way, on the narrower tile (BC columns against BA). EVEN: T is a multiple of
+    CHUNK and the tiles are exactly the widths (BA = DA, BC divides DC), so the loads and stores take no masks and
+    every chunk's in-chunk decays are the same. ST: with KDEC_C, the loop runs on the transposed state
+    (_sweep_chunks_t)."""
     jj = tl.arange(0, CHUNK)
     if ST and KDEC_C:
         return tl.trans(_sweep_chunks_t(a_base, b_base, c_base, o_base, sa_t, sb_t, sc_t, so_t, T, n0, n1,
@@ -558,10 +567,8 @@ def _la_dkdv_kernel(
     n0 = split * chunks_per_split
     n1 = tl.minimum(n0 + chunks_per_split, n_chunks)
     last = split == n_split - 1
-    if DIAG and EVEN:   # diag(kdec) as hi + lo in q's dtype, the same for every (full) chunk
-        kd = tl.where(jj[:, None] == jj[None, :], _lam_pow(log_lam, CHUNK - 1 - jj)[None, :], 0.0)
-        kh = kd.to(Q.dtype.element_ty)
-        kl = (kd - kh.to(tl.float32)).to(Q.dtype.element_ty)
+    if DIAG and EVEN:   # the same for every (full) chunk
+        kh, kl = _diag_hi_lo(_lam_pow(log_lam, CHUNK - 1 - jj), jj, Q.dtype.element_ty)
     if REDO:            # only the programs whose flag is set run their chunks and store
         run = tl.load(FL + pid) != 0
         n1 = tl.where(run, n1, n0)
@@ -590,7 +597,7 @@ def _la_dkdv_kernel(
         if DIAG:        # one 16-bit copy of the state in shared memory for both products (the other a
             Gb = G.to(v.dtype)  # transposed view of it), where two were written
             Gt = tl.trans(Gb)
-        else:
+        else:           # (the default converts each copy where it is used: moved up, its SASS changes)
             Gt = tl.trans(G).to(v.dtype)
         dk = _add_intra(_mm(v, Gt, IEEE) * qdec[:, None], s1, q, causal, IEEE, NF)
         if EVEN:
@@ -610,10 +617,8 @@ def _la_dkdv_kernel(
         else:
             tl.store(dv_base + t[:, None] * sdv_t + jv[None, :], dv.to(dv_base.dtype.element_ty), mask=vv)
             cl = tl.minimum(T - r0, CHUNK)
-        if DIAG and EVEN:   # q^T diag(kdec) as two products (see _la_local_state_kernel)
-            qt = tl.trans(q)
-            qdT = (_mm(qt, kh, IEEE) + _mm(qt, kl, IEEE)).to(q.dtype)
-            G = G * _lam_pow(log_lam, cl + es) + _mm(qdT, do, IEEE)
+        if DIAG and EVEN:   # q^T diag(kdec)
+            G = G * _lam_pow(log_lam, cl + es) + _mm(_mm_diag(tl.trans(q), kh, kl, IEEE), do, IEEE)
         else:
             kexp = cl - 1 - jj
             kdec = tl.where(kexp >= 0, _lam_pow(log_lam, tl.maximum(kexp, 0)), 0.0)
@@ -750,7 +755,8 @@ def _split_plan(n_split: int, programs: int, n_chunks: int, device, num_warps: i
     auto_split, for ``programs`` programs per split of ``num_warps`` warps); every split non-empty, all but the
     last full."""
     if n_split <= 0:
-        n_split = auto_split(programs, n_chunks, _num_sms(device), 2 if num_warps <= 4 else 1) if _flag("AUTO_SPLIT") else 1
+        per_sm = 2 if num_warps <= 4 else 1
+        n_split = auto_split(programs, n_chunks, _num_sms(device), per_sm) if _flag("AUTO_SPLIT") else 1
     n_split = max(1, min(n_split, n_chunks))
     cps = cdiv(n_chunks, n_split)
     return cdiv(n_chunks, cps), cps
