@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 import tempfile
-
-_ADDR = re.compile(r"/\*[0-9a-f]{4,6}\*/")
 
 
 def load_copy(path: str, name: str = "tnllm.ops.lightning_attn._sass_diff_other"):
@@ -34,66 +31,33 @@ def load_copy(path: str, name: str = "tnllm.ops.lightning_attn._sass_diff_other"
     return mod
 
 
-def sass(fn, constexprs: dict, pointers: dict, divisible: tuple, num_warps: int, num_stages: int = 2) -> list[str]:
-    """The SASS instructions (addresses dropped) of the ``@triton.jit`` kernel ``fn`` for sm_90; constexprs that
-    ``fn`` does not take are left out."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from tnllm.testing.compiled import cuobjdump
-    kw = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    sig = {n: pointers.get(n, "i32") for n in fn.arg_names if n not in kw}
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v.startswith("*") or k in divisible}
-    sig.update({k: "constexpr" for k in kw})
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kw, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(c.asm["cubin"])
-        out = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    return [_ADDR.sub("", ln).strip() for ln in out.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/\s+[A-Z@{]", ln)]
-
-
 def cases():
-    """(label, kernel name, constexprs, pointer types, divisible strides, warps) for each default kernel."""
-    bf = "*bf16"
-    sweep_ptr = dict(A=bf, Bp=bf, Cp=bf, O=bf, S0="*fp32", SF="*fp32", W="*fp32", s_ptr="*fp32", FL="*i32",
-                     CU="*fp32", ORD="*fp32")
-    sweep_div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
+    """(label, builder, keyword arguments) for each default kernel: a ``tnllm.testing.compiled`` kernel builder
+    that takes the module to compile from as ``la``."""
+    from tnllm.testing import compiled
     for rev in (False, True):
         for even in (False, True):
-            for nf, flag, redo in ((0, True, False), (1, False, True)):
-                kw = dict(DA=128, DC=128, BA=128, BC=64, CHUNK=64, REVERSE=rev, E0=-1 if rev else 0, HAS_S0=False,
-                          WRITE_SF=True, SF_SHIFT=rev, IEEE=False, NF=nf, WRITE_FLAG=flag, REDO=redo, VARLEN=False,
-                          WT=False, PREFIX=True, KDEC_C=True, WHERE0=False, EVEN=even, ST=False)
+            for nf in (0, 1):
                 yield (f"sweep D128 {'reverse' if rev else 'forward'} {'even' if even else 'masked'} "
-                       f"{'redo' if redo else 'unmasked'}", "_la_sweep_kernel", kw, sweep_ptr, sweep_div, 4)
-    dk_ptr = {n: bf for n in ("Q", "K", "V", "DO", "DK", "DV")}
-    dk_ptr.update(G0="*fp32", SF="*fp32", W="*fp32", s_ptr="*fp32", FL="*i32")
-    dk_div = tuple(f"s{x}_{y}" for x in ("q", "k", "v", "d", "dk", "dv") for y in "bht")
+                       f"{'redo' if nf else 'unmasked'}", compiled.sweep_kernel,
+                       dict(reverse=rev, even=even, nf=nf, prefix=True, kdec_c=True, where0=False, st=False))
     for even in (False, True):
-        for nf, flag, redo in ((0, True, False), (1, False, True)):
-            kw = dict(DKW=64, DVW=64, BK=64, BV=64, CHUNK=64, HAS_G0=False, IEEE=False, NF=nf, WRITE_FLAG=flag,
-                      REDO=redo, PREFIX=True, WHERE0=False, EVEN=even, DIAG=False)
-            yield (f"fused dk/dv D64 {'even' if even else 'masked'} {'redo' if redo else 'unmasked'}",
-                   "_la_dkdv_kernel", kw, dk_ptr, dk_div, 4)
-    kw = dict(DA=128, DC=128, BA=128, BC=128, CHUNK=64, REVERSE=False, IEEE=False, DIAG=False)
-    yield ("split pre-pass [128, 128]", "_la_local_state_kernel", kw,
-           dict(Bp=bf, Cp=bf, W="*fp32", s_ptr="*fp32"), tuple(f"s{x}_{y}" for x in "bc" for y in "bht"), 8)
+        for nf in (0, 1):
+            yield (f"fused dk/dv D64 {'even' if even else 'masked'} {'redo' if nf else 'unmasked'}",
+                   compiled.dkdv_kernel, dict(even=even, nf=nf, prefix=True, diag=False))
+    yield "split pre-pass [128, 128]", compiled.local_state_kernel, dict(diag=False)
 
 
 def compare(other, only: int | None = None) -> list[tuple[str, bool, int, int]]:
     """(label, identical, instructions here, instructions in ``other``) for each case (the first ``only``)."""
     from tnllm.ops.lightning_attn import triton as here
+    from tnllm.testing.compiled import sass_instructions
     out = []
-    for i, (label, name, kw, ptr, div, warps) in enumerate(cases()):
+    for i, (label, build, kw) in enumerate(cases()):
         if only is not None and i >= only:
             break
-        a = sass(getattr(here, name), kw, ptr, div, warps)
-        b = sass(getattr(other, name), kw, ptr, div, warps)
+        a = sass_instructions(**build(la=here, **kw))
+        b = sass_instructions(**build(la=other, **kw))
         out.append((label, a == b, len(a), len(b)))
     return out
 

@@ -67,13 +67,9 @@ def cuobjdump() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90,
-              divisible: tuple[str, ...] = ()) -> Resources:
-    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with ``signature`` (argument name -> Triton
-    type, e.g. ``"*bf16"``, ``"i32"``; constexprs included as ``"constexpr"``) and ``constexprs`` (name -> value),
-    and read its resources. Pointers are marked 16-byte aligned, and the integer arguments named in ``divisible``
-    multiples of 16 (what Triton's launcher marks for the values it is given, unless ``do_not_specialize``). Raises
-    RuntimeError when Triton's cuobjdump is missing."""
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int,
+             divisible: tuple[str, ...]) -> tuple:
+    """(the compiled kernel, its cubin's ``cuobjdump --dump-resource-usage`` and ``-sass`` outputs); see resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,8 +87,19 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(c.asm["cubin"])
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return c, usage, sass
+
+
+def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+              divisible: tuple[str, ...] = ()) -> Resources:
+    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` with ``signature`` (argument name -> Triton
+    type, e.g. ``"*bf16"``, ``"i32"``; constexprs included as ``"constexpr"``) and ``constexprs`` (name -> value),
+    and read its resources. Pointers are marked 16-byte aligned, and the integer arguments named in ``divisible``
+    multiples of 16 (what Triton's launcher marks for the values it is given, unless ``do_not_specialize``). Raises
+    RuntimeError when Triton's cuobjdump is missing."""
+    c, out, sass = _compile(fn, signature, constexprs, num_warps, num_stages, arch, divisible)
     line = next(ln for ln in out.splitlines() if "REG:" in ln)
     num = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", line)}
     ptx = c.asm["ptx"]
@@ -105,6 +112,14 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
                      loop_shared_ops=_matching(body, r"\b(?:LDS|STS)\b"), loads=loads, ptx=ptx)
 
 
+def sass_instructions(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                      arch: int = 90, divisible: tuple[str, ...] = ()) -> list[str]:
+    """The SASS instructions of the same compile as ``resources`` (its arguments), their addresses dropped: two
+    sources compile to the same machine code exactly when these lists are equal."""
+    sass = _compile(fn, signature, constexprs, num_warps, num_stages, arch, divisible)[2]
+    return [_ADDR.sub("", ln).strip() for ln in _instruction_lines(sass)]
+
+
 _SPILL = r"\b(?:LDL|STL)\b"     # SASS local loads / stores
 
 
@@ -113,9 +128,17 @@ def _matching(lines: list[str], pattern: str) -> int:
     return sum(bool(re.search(pattern, ln)) for ln in lines)
 
 
+_ADDR = re.compile(r"/\*[0-9a-f]{4,6}\*/")
+
+
+def _instruction_lines(sass: str) -> list[str]:
+    """The lines of ``cuobjdump -sass`` output that hold an instruction (each with its address)."""
+    return [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/\s+[A-Z@{]", ln)]
+
+
 def _longest_loop(sass: str) -> list[str]:
     """The SASS lines of the longest loop body: from the target of a backward branch to the branch."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/\s+[A-Z@{]", ln)]
+    lines = _instruction_lines(sass)
 
     def addr(ln):
         return int(re.search(r"/\*([0-9a-f]{4,6})\*/", ln).group(1), 16)
@@ -147,62 +170,90 @@ def decode_stack_resources(B: int = 1, d: int = 1024, H: int = 8, e: int = 128, 
     return resources(tri.decode_stack_kernel, sig, kw, num_warps=num_warps)
 
 
-def sweep_resources(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
-                    num_stages: int = 2, reverse: bool = False, dtype: str = "bf16", wt: bool = False,
-                    kdec_c: bool | None = None, where0: bool | None = None, even: bool | None = None,
-                    st: bool | None = None) -> Resources:
-    """One Lightning Attention sweep kernel (``tnllm.ops.lightning_attn.triton._la_sweep_kernel``: the unmasked loop
-    of the default non-finite mode) for a [DA, BC] state tile over CHUNK rows, as the launcher specialises it (the
-    row strides multiples of 16). ``wt``: the variant that reads the split pre-pass's local states transposed (the
-    backward's dk sweep). ``kdec_c``: the state update's decay on the C tile (None: as the launcher picks it,
-    ``KDEC_ON_C`` where BC <= BA); ``where0``: the unmasked loop's scores masked by a where (None: ``UNMASKED_WHERE``);
-    ``even``: the loop without masks that a length divisible by CHUNK can take (None: as ``EVEN_TILES`` picks it for
-    a tile that is exactly the widths); ``st``: the unmasked loop on the transposed state (None: ``STATE_T``)."""
-    from tnllm.ops.lightning_attn import triton as la
-    fn = la._la_sweep_kernel
-    ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
-                CU="fp32", ORD="fp32")
+def _kernel(la, name: str, constexprs: dict, pointers: dict, divisible: tuple, num_warps: int,
+            num_stages: int) -> dict:
+    """The keyword arguments of ``resources`` / ``sass_instructions`` for the kernel ``name`` of the Lightning
+    Attention module ``la`` (None: the installed one; another copy for bench/sass_diff.py): its non-pointer
+    arguments i32, the constexprs it does not take left out (a flag another copy lacks)."""
+    if la is None:
+        from tnllm.ops.lightning_attn import triton as la
+    fn = getattr(la, name)
+    kw = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    sig = {n: "*" + pointers[n] if n in pointers else "i32" for n in fn.arg_names if n not in kw}
+    return dict(fn=fn, signature=sig, constexprs=kw, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
+
+
+def sweep_kernel(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
+                 num_stages: int = 2, reverse: bool = False, dtype: str = "bf16", wt: bool = False,
+                 kdec_c: bool | None = None, where0: bool | None = None, even: bool | None = None,
+                 st: bool | None = None, nf: int = 0, prefix: bool = False, la=None) -> dict:
+    """One Lightning Attention sweep kernel (``_la_sweep_kernel``) for a [DA, BC] state tile over CHUNK rows, as
+    the launcher specialises it (the row strides multiples of 16), as keyword arguments of ``resources``. ``nf``: 0
+    the unmasked loop of the default non-finite mode (with its flag), 1 its masked redo; ``prefix``: the split
+    sweep's start from a prefix state. ``wt``: the variant that reads the split pre-pass's local states transposed
+    (the backward's dk sweep). ``kdec_c``: the state update's decay on the C tile (None: as the launcher picks it,
+    ``KDEC_ON_C`` where BC <= BA); ``where0``: the unmasked loop's scores masked by a where (None:
+    ``UNMASKED_WHERE``); ``even``: the loop without masks that a length divisible by CHUNK can take (None: as
+    ``EVEN_TILES`` picks it for a tile that is exactly the widths); ``st``: the loop on the transposed state (None:
+    ``STATE_T``)."""
+    if la is None:
+        from tnllm.ops.lightning_attn import triton as la
     BA = la._pow2(DA)                   # the launcher's state tile rows
-    kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse,
-              E0=int(reverse), HAS_S0=False, WRITE_SF=True, SF_SHIFT=reverse, IEEE=dtype == "fp32", NF=0,
-              WRITE_FLAG=True, REDO=False, VARLEN=False, WT=wt, PREFIX=False,
+    kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=-1 if reverse else 0, HAS_S0=False,
+              WRITE_SF=True, SF_SHIFT=reverse, IEEE=dtype == "fp32", NF=nf, WRITE_FLAG=nf == 0, REDO=nf == 1,
+              VARLEN=False, WT=wt, PREFIX=prefix,
               KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=la._flag("EVEN_TILES") and DA == BA and DC % BC == 0 if even is None else even,
+              EVEN=la.EVEN_TILES and DA == BA and DC % BC == 0 if even is None else even,
               ST=la.STATE_T if st is None else st)
-    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
-    div = tuple(f"s{x}_{y}" for x in "abco" for y in "bht")
-    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages, divisible=div)
+    ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
+                CU="fp32", ORD="fp32")
+    return _kernel(la, "_la_sweep_kernel", kw, ptrs, tuple(f"s{x}_{y}" for x in "abco" for y in "bht"),
+                   num_warps, num_stages)
 
 
-def local_state_resources(DA: int = 128, DC: int = 128, BC: int = 128, CHUNK: int = 64, num_warps: int = 8,
-                          num_stages: int = 2, dtype: str = "bf16", diag: bool | None = None) -> Resources:
+def sweep_resources(**kw) -> Resources:
+    """``resources`` of ``sweep_kernel(**kw)``."""
+    return resources(**sweep_kernel(**kw))
+
+
+def local_state_kernel(DA: int = 128, DC: int = 128, BC: int = 128, CHUNK: int = 64, num_warps: int = 8,
+                       num_stages: int = 2, dtype: str = "bf16", diag: bool | None = None, la=None) -> dict:
     """The Lightning Attention split pre-pass (``_la_local_state_kernel``) for a [DA, BC] state tile, as the launcher
     specialises it; ``diag``: its decayed Bm^T as a product with diag(kdec) (None: ``DIAG_DECAY``)."""
-    from tnllm.ops.lightning_attn import triton as la
-    fn = la._la_local_state_kernel
+    if la is None:
+        from tnllm.ops.lightning_attn import triton as la
     kw = dict(DA=DA, DC=DC, BA=la._pow2(DA), BC=BC, CHUNK=CHUNK, REVERSE=False, IEEE=dtype == "fp32",
               DIAG=la.DIAG_DECAY if diag is None else diag)
-    ptrs = dict(Bp=dtype, Cp=dtype, W="fp32", s_ptr="fp32")
-    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
-    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages,
-                     divisible=tuple(f"s{x}_{y}" for x in "bc" for y in "bht"))
+    return _kernel(la, "_la_local_state_kernel", kw, dict(Bp=dtype, Cp=dtype, W="fp32", s_ptr="fp32"),
+                   tuple(f"s{x}_{y}" for x in "bc" for y in "bht"), num_warps, num_stages)
 
 
-def dkdv_resources(D: int = 64, CHUNK: int = 64, num_warps: int = 4, num_stages: int = 2, even: bool = True,
-                   diag: bool | None = None) -> Resources:
-    """The fused dk/dv sweep (``_la_dkdv_kernel``, its unmasked loop) at Dk = Dv = D in bf16, as the launcher
-    specialises it; ``diag``: its decayed q^T as a product with diag(kdec) at even lengths (None: ``DIAG_DECAY``)."""
-    from tnllm.ops.lightning_attn import triton as la
-    fn = la._la_dkdv_kernel
-    kw = dict(DKW=D, DVW=D, BK=la._pow2(D), BV=la._pow2(D), CHUNK=CHUNK, HAS_G0=False, IEEE=False, NF=0,
-              WRITE_FLAG=True, REDO=False, PREFIX=False, WHERE0=la.UNMASKED_WHERE, EVEN=even,
+def local_state_resources(**kw) -> Resources:
+    """``resources`` of ``local_state_kernel(**kw)``."""
+    return resources(**local_state_kernel(**kw))
+
+
+def dkdv_kernel(D: int = 64, CHUNK: int = 64, num_warps: int = 4, num_stages: int = 2, even: bool = True,
+                diag: bool | None = None, nf: int = 0, prefix: bool = False, la=None) -> dict:
+    """The fused dk/dv sweep (``_la_dkdv_kernel``; ``nf`` 0 its unmasked loop, 1 its masked redo) at Dk = Dv = D in
+    bf16, as the launcher specialises it; ``diag``: its decayed q^T as a product with diag(kdec) at even lengths
+    (None: ``DIAG_DECAY``)."""
+    if la is None:
+        from tnllm.ops.lightning_attn import triton as la
+    kw = dict(DKW=D, DVW=D, BK=la._pow2(D), BV=la._pow2(D), CHUNK=CHUNK, HAS_G0=False, IEEE=False, NF=nf,
+              WRITE_FLAG=nf == 0, REDO=nf == 1, PREFIX=prefix, WHERE0=la.UNMASKED_WHERE, EVEN=even,
               DIAG=la.DIAG_DECAY if diag is None else diag)
     ptrs = dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16", G0="fp32", SF="fp32", W="fp32",
                 s_ptr="fp32", FL="i32")
-    sig = {n: ("*" + ptrs[n]) if n in ptrs else "i32" for n in fn.arg_names if n not in kw}
-    return resources(fn, sig, kw, num_warps=num_warps, num_stages=num_stages,
-                     divisible=tuple(f"s{x}_{y}" for x in ("q", "k", "v", "d", "dk", "dv") for y in "bht"))
+    return _kernel(la, "_la_dkdv_kernel", kw, ptrs,
+                   tuple(f"s{x}_{y}" for x in ("q", "k", "v", "d", "dk", "dv") for y in "bht"), num_warps, num_stages)
+
+
+def dkdv_resources(**kw) -> Resources:
+    """``resources`` of ``dkdv_kernel(**kw)``."""
+    return resources(**dkdv_kernel(**kw))
+
 
 def _print_attention() -> None:
     import triton
