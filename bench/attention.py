@@ -144,6 +144,10 @@ def _set_variant(name: str) -> None:
         tri.DIAG_DECAY = True
     elif name == "tnllm_stdiag":             # both
         tri.STATE_T = tri.DIAG_DECAY = True
+    elif name == "tnllm_wide1":              # Dk or Dv over 128 in one launch per sweep (WIDE_ONE_LAUNCH)
+        tri.WIDE_ONE_LAUNCH = True
+    elif name == "tnllm_wide1stdiag":        # that, STATE_T and DIAG_DECAY
+        tri.WIDE_ONE_LAUNCH = tri.STATE_T = tri.DIAG_DECAY = True
     elif name.startswith("tnllm_split"):     # every sweep cut into N sequence splits (not auto_split's)
         import dataclasses
         n, base, base_dkdv = int(name[len("tnllm_split"):]), tri.default_config, tri.default_dkdv_config

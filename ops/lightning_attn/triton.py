@@ -72,6 +72,13 @@ MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
 TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
+# 16-bit sweeps with DA or DC over TILE_D (heads of Dk or Dv = 256, e.g. the LRPE layer's doubled keys) in one
+# launch instead of cut into launches of <= TILE_D (two launches plus an add of partial outputs where DA is cut, each
+# launch's programs filling only half the GPU's resident slots at B8 H8): DC over TILE_D takes the default tile
+# with more column tiles; DA over TILE_D takes WIDE_DA_CONFIG, the [DA, 32] state tile over 32-row chunks in 4 warps
+# on the transposed state (_sweep_chunks_t, whatever STATE_T says): without spills in its loop (sm_90, triton
+# 3.6), where the [256, 64] tiles spill. fp32 keeps the cut. Read at each launch; off by default until timed.
+WIDE_ONE_LAUNCH = False
 # The automatic sequence split for small B*H (auto_split): on (bench/attention.py --auto-split and --sweep,
 # docs/benchmarks.md); False gives one split at every shape.
 AUTO_SPLIT = True
@@ -656,6 +663,11 @@ class SweepConfig:
                              f"{spec!r}") from None
 
 
+# The sweeps' configuration for 16-bit state tiles of more than TILE_D rows (DA over 128) where WIDE_ONE_LAUNCH runs
+# them in one launch: [DA, 32] tiles over 32-row chunks in 4 warps, two programs per SM.
+WIDE_DA_CONFIG = SweepConfig(BC=32, CHUNK=32, num_warps=4, num_stages=2)
+
+
 def auto_split(programs: int, n_chunks: int, num_sms: int, per_sm: int = 2) -> int:
     """Sequence splits for a sweep of ``programs`` (b*h, DC tile) programs over ``n_chunks`` chunks: 1 when
     the programs fill at least half the SMs (``2 * programs > num_sms``) or the sequence is short (< 8
@@ -695,7 +707,7 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
 
 def _flag(name: str) -> bool:
     """The boolean module setting ``name`` (AUTO_SPLIT, PREFIX_SCAN, KDEC_ON_C, UNMASKED_WHERE, EVEN_TILES, STATE_T,
-    DIAG_DECAY), checked at each launch."""
+    DIAG_DECAY, WIDE_ONE_LAUNCH), checked at each launch."""
     value = globals()[name]
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -709,13 +721,16 @@ def _pow2(n: int) -> int:
 def default_config(DA: int, DC: int, dtype: torch.dtype) -> SweepConfig:
     """Tile choice (H200 sweep in docs/benchmarks.md): state tile [DA <= 128, BC = 64] fp32 in
     registers, CHUNK_ROWS rows per chunk, 4 warps, 2 stages; fp32 (ieee dots) takes BC = 32; WIDE_CONFIG, when
-    set, for 16-bit tiles wider than 64. Only configurations that passed the GPU suite on triton 3.6 / H200 are
-    defaults (launches with DA or DC = 256 did not: see _sweep). Memoised on its inputs and the two module
-    settings it reads (a launch asks on every sweep)."""
-    key = (DA, DC, dtype, WIDE_CONFIG, CHUNK_ROWS)
+    set, for 16-bit tiles wider than 64; WIDE_DA_CONFIG for 16-bit tiles of more than TILE_D rows (launched only
+    with WIDE_ONE_LAUNCH). Only configurations that passed the GPU suite on triton 3.6 / H200 are defaults
+    (launches with DA or DC = 256 did not: see _sweep). Memoised on its inputs and the module settings it reads
+    (a launch asks on every sweep)."""
+    key = (DA, DC, dtype, WIDE_CONFIG, CHUNK_ROWS, WIDE_DA_CONFIG)
     cfg = _CONFIG_MEMO.get(key)
     if cfg is None:
-        if WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
+        if _pow2(DA) > TILE_D and dtype != torch.float32:      # only reached with WIDE_ONE_LAUNCH
+            cfg = WIDE_DA_CONFIG
+        elif WIDE_CONFIG is not None and dtype != torch.float32 and _pow2(DC) > 64:
             cfg = WIDE_CONFIG
         else:
             BC = min(_pow2(DC), 64)
@@ -807,7 +822,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     Widths over TILE_D are cut into launches of <= TILE_D (on triton 3.6 / H200 the single launches
     with DA or DC = 256 faulted or gave wrong results): DC by column slices of Out, S0 and the final
     state; DA by summing the partial outputs (the sweep is linear in a split of the A.Bm contraction,
-    and S0 / the final state split by rows)."""
+    and S0 / the final state split by rows). With WIDE_ONE_LAUNCH, 16-bit widths up to MAX_D run in one launch."""
     B, H, T, DA = A.shape
     DC = C.shape[-1]
     if out is None:
@@ -815,13 +830,14 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     # fp32 (ieee dots: not the fast path) always masks: one kernel to compile, not two
     nf = cfg.nonfinite if cfg is not None and cfg.nonfinite >= 0 else (1 if A.dtype == torch.float32 else NONFINITE_MODE)
     kw = dict(reverse=reverse, e0=e0, sf_shift=sf_shift, cfg=cfg, cu=cu, order=order)
-    if DC > TILE_D:
+    tile_d = MAX_D if _flag("WIDE_ONE_LAUNCH") and A.dtype != torch.float32 else TILE_D
+    if DC > tile_d:
         for c0 in range(0, DC, TILE_D):
             sl = slice(c0, c0 + TILE_D)
             _sweep(A, Bm, C[..., sl], s, None if S0 is None else S0[..., sl],
                    final=None if final is None else final[..., sl], out=out[..., sl], **kw)
         return out
-    if DA > TILE_D:
+    if DA > tile_d:
         for a0 in range(0, DA, TILE_D):
             sl = slice(a0, a0 + TILE_D)
             part = _sweep(A[..., sl], Bm[..., sl], C, s, None if S0 is None else S0[..., sl, :],
@@ -872,7 +888,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=_flag("KDEC_ON_C") and BC <= BA, WHERE0=_flag("UNMASKED_WHERE"),
               EVEN=_flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
-              ST=_flag("STATE_T"),
+              ST=_flag("STATE_T") or BA > TILE_D,         # the [256, 32] tile spills less on the transposed state
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

@@ -100,6 +100,36 @@ def test_wide_heads_split_into_launches(Dk, Dv):
     check(1, 2, 70, Dk, Dv, torch.float32, seed=Dk + Dv, state=True)
 
 
+@pytest.mark.parametrize("T,Dk,Dv,n_split", [(96, 256, 128, 1), (70, 136, 24, 2), (64, 24, 144, 1), (96, 256, 256, 3)],
+                         ids=["even-256x128", "tail-136x24-split2", "24x144", "256x256-split3"])
+def test_wide_heads_one_launch(T, Dk, Dv, n_split, monkeypatch):
+    """WIDE_ONE_LAUNCH: 16-bit sweeps with Dk or Dv over 128 in one launch each (DA over 128 on WIDE_DA_CONFIG's
+    [DA, 32] tile over 32-row chunks, on the transposed state; DC over 128 in more column tiles), against the oracle
+    at an even length and a tail, with splits, an initial state and infinite decay, and equal to the launches cut at
+    128 on the same inputs to fp16 rounding; fp32 keeps the cut."""
+    monkeypatch.setattr(tri, "WIDE_ONE_LAUNCH", True)
+    assert tri.default_config(256, 128, torch.float16) == tri.WIDE_DA_CONFIG
+    spy = _Spy(tri._la_sweep_kernel)
+    monkeypatch.setattr(tri, "_la_sweep_kernel", spy)
+    S0 = torch.randn(1, 2, Dk, Dv)
+    s = torch.tensor([0.05, math.inf])
+    q, k, v = (torch.randn(1, 2, T, D, dtype=torch.float16) for D in (Dk, Dk, Dv))
+    q, k = q / Dk ** 0.5, k / Dk ** 0.5
+    cfg = None if n_split == 1 else tri.SweepConfig(BC=32, CHUNK=32, n_split=n_split)
+    tri.lightning_attn_fwd_triton(q, k, v, s, S0, cfg=cfg)
+    assert spy.launches == 2, f"the forward took {spy.launches} launches (unmasked + redo expected: 2)"
+    check(1, 2, T, Dk, Dv, torch.float16, seed=T + Dk + Dv, state=True, cfg=cfg, rates=(0.05, math.inf))
+    got = triton_form(q, k, v, s, S0, output_final_state=True)
+    monkeypatch.setattr(tri, "WIDE_ONE_LAUNCH", False)
+    want = triton_form(q, k, v, s, S0, output_final_state=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+    spy.launches = 0
+    monkeypatch.setattr(tri, "WIDE_ONE_LAUNCH", True)
+    tri.lightning_attn_fwd_triton(q.float(), k.float(), v.float(), s, S0)
+    assert spy.launches == ((Dk + 127) // 128) * ((Dv + 127) // 128), "fp32 is cut into launches of <= 128"
+
+
 def test_noncontiguous_inputs_and_fast_decay():
     check(2, 2, 70, 16, 16, torch.float32, seed=3, state=True, layout="bthd", rates=(8.0, 1e4))
     check(1, 2, 40, 16, 8, torch.float16, seed=4, state=True, layout="padded", rates=(0.5, 2.0))
@@ -235,7 +265,7 @@ def _fwd_bwd_96(dtype, cfg):
 
 
 @pytest.mark.parametrize("setting", ["AUTO_SPLIT", "PREFIX_SCAN", "KDEC_ON_C", "UNMASKED_WHERE", "EVEN_TILES",
-                                     "STATE_T", "DIAG_DECAY"])
+                                     "STATE_T", "DIAG_DECAY", "WIDE_ONE_LAUNCH"])
 def test_boolean_settings_are_checked(setting, monkeypatch):
     """Each boolean setting of the Triton path, set to something else, gives a ValueError naming it at the next
     launch that reads it (here a split forward + backward in fp16: every setting is read), not a silently truthy
