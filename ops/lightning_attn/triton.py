@@ -77,8 +77,10 @@ TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut
 # launch's programs filling only half the GPU's resident slots at B8 H8): DC over TILE_D takes the default tile
 # with more column tiles; DA over TILE_D takes WIDE_DA_CONFIG, the [DA, 32] state tile over 32-row chunks in 4 warps
 # on the transposed state (_sweep_chunks_t, whatever STATE_T says): without spills in its loop (sm_90, triton
-# 3.6), where the [256, 64] tiles spill. fp32 keeps the cut. Read at each launch; off by default until timed.
-WIDE_ONE_LAUNCH = False
+# 3.6), where the [256, 64] tiles spill. fp32 keeps the cut. Read at each launch. On an H100 (CUDA-graph replays of
+# bench/attention.py, docs/benchmarks.md) at B8 H8 T8192 Dk256 Dv128 fwd+bwd 2.781 -> 2.421 ms (forward 0.765 ->
+# 0.774: the gain is the backward's).
+WIDE_ONE_LAUNCH = True
 # The automatic sequence split for small B*H (auto_split): on (bench/attention.py --auto-split and --sweep,
 # docs/benchmarks.md); False gives one split at every shape.
 AUTO_SPLIT = True
@@ -142,8 +144,12 @@ EVEN_TILES = True
 # every product turned so that the operand held in registers is the left one (_sweep_chunks_t): the state then
 # feeds its product from registers, where as the right operand of A S it was written to shared memory every chunk;
 # at even lengths the decayed C^T is the product C^T diag(kdec). The masked loop (NF 1) takes the same form, so a
-# flagged program's redo reproduces the unmasked loop's finite values bit for bit. Read at each launch.
-STATE_T = False
+# flagged program's redo reproduces the unmasked loop's finite values bit for bit. Read at each launch: True, False,
+# or "auto" (the default): on for state tiles of 128 rows or more (BA >= 128), off below. On an H100 (CUDA-graph
+# replays of bench/attention.py, one run, docs/benchmarks.md) fwd+bwd 1.899 -> 1.842 ms at B8 H16 T8192 D128,
+# 2.468 -> 2.407 at B2 H16 T32768, 0.463 -> 0.440 at B2 H8 T8192 (the 385M training shape), but 0.873 -> 0.887 at
+# B8 H16 T8192 D64 ([64, 64] tiles), hence "auto".
+STATE_T: "bool | str" = "auto"
 # The decayed left operand of a state update is formed as a product with diag(kdec) (hi + lo in the inputs' dtype,
 # summed in fp32: the same tile, rounded once), so the update takes it from registers instead of through shared
 # memory: in the split pre-pass (_la_local_state_kernel, Bm^T diag(kdec)) and, at even lengths, in the fused dk/dv
@@ -706,12 +712,23 @@ def _min_cost_split(programs: int, n_chunks: int, slots: int) -> int:
 
 
 def _flag(name: str) -> bool:
-    """The boolean module setting ``name`` (AUTO_SPLIT, PREFIX_SCAN, KDEC_ON_C, UNMASKED_WHERE, EVEN_TILES, STATE_T,
+    """The boolean module setting ``name`` (AUTO_SPLIT, PREFIX_SCAN, KDEC_ON_C, UNMASKED_WHERE, EVEN_TILES,
     DIAG_DECAY, WIDE_ONE_LAUNCH), checked at each launch."""
     value = globals()[name]
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def _state_t(BA: int) -> bool:
+    """Whether a sweep of a [BA, BC] state tile runs its loop on the transposed state (STATE_T, checked at each
+    launch: "auto" means BA >= 128)."""
+    value = STATE_T
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value == "auto":
+        return BA >= 128
+    raise ValueError(f"STATE_T must be True, False or 'auto', got {value!r}")
 
 
 def _pow2(n: int) -> int:
@@ -888,7 +905,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=_flag("KDEC_ON_C") and BC <= BA, WHERE0=_flag("UNMASKED_WHERE"),
               EVEN=_flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
-              ST=_flag("STATE_T") or BA > TILE_D,         # the [256, 32] tile spills less on the transposed state
+              ST=_state_t(BA) or BA > TILE_D,             # the [256, 32] tile spills less on the transposed state
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

@@ -271,8 +271,43 @@ def test_boolean_settings_are_checked(setting, monkeypatch):
     launch that reads it (here a split forward + backward in fp16: every setting is read), not a silently truthy
     kernel flag."""
     monkeypatch.setattr(tri, setting, "yes")
-    with pytest.raises(ValueError, match=f"{setting} must be True or False"):
+    with pytest.raises(ValueError, match=f"{setting} must be True(,| or) False"):
         check(1, 1, 64, 32, 16, torch.float16, seed=1, state=False, cfg=tri.SweepConfig(BC=16, CHUNK=16, n_split=0))
+
+
+class _KwSpy:
+    """Records the keyword arguments (constexprs, launch options) of each launch of a kernel."""
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def call(*args, **kw):
+            self.calls.append(kw)
+            return run(*args, **kw)
+        return call
+
+
+def test_state_t_auto_by_tile_rows(monkeypatch):
+    """STATE_T "auto" (the default) runs the transposed-state loop for state tiles of 128 rows or more (measured
+    faster at D128, slower at D64), not below; True / False force it; DA over 128 (WIDE_ONE_LAUNCH) always takes
+    it. Forward sweeps of fp16 inputs, read from the launches' constexprs."""
+    spy = _KwSpy(tri._la_sweep_kernel)
+    monkeypatch.setattr(tri, "_la_sweep_kernel", spy)
+    assert tri.STATE_T == "auto"
+
+    def st(D, Dk=None):
+        spy.calls.clear()
+        q, k, v = (torch.randn(1, 1, 64, n, dtype=torch.float16) for n in (Dk or D, Dk or D, D))
+        tri.lightning_attn_fwd_triton(q, k, v, torch.tensor([0.5]), None)
+        return {c["ST"] for c in spy.calls}
+    assert st(128) == {True} and st(100) == {True} and st(64) == {False}     # 100 rows: a 128-row tile
+    assert st(64, Dk=256) == {True}
+    monkeypatch.setattr(tri, "STATE_T", True)
+    assert st(64) == {True}
+    monkeypatch.setattr(tri, "STATE_T", False)
+    assert st(128) == {False}
 
 
 @pytest.mark.parametrize("setting", ["STATE_T", "DIAG_DECAY"])
