@@ -37,7 +37,8 @@ row, 0 * inf too), while a non-finite entry of A stays in its own row. So the de
 the unmasked sweep, each program counting the non-finite entries of its final state, then a masked launch in
 which only the programs with a non-zero count run: they redo their split, the others exit at once. fp32 runs
 the masked sweep alone.
-Widths over 128 run as several launches of <= 128 (see _sweep). Where T is a multiple of the chunk rows and the
+16-bit widths up to 256 run in one launch per sweep (WIDE_ONE_LAUNCH); fp32 widths over 128 as several launches of
+<= 128 (see _sweep). Where T is a multiple of the chunk rows and the
 tiles are exactly the widths, the sweeps run a variant without masks whose in-chunk decays are hoisted out of the
 loop (EVEN_TILES); other lengths run the masked loop.
 
@@ -71,7 +72,7 @@ MAX_D = 256          # widest Dk / Dv handled by the Triton path
 # 1 always masked, 2 optimistic: the unmasked sweep, then a masked launch in which only the programs whose
 # final state came out non-finite run (redo their split). `bench/attention.py --nonfinite-modes 0,1,2` times them.
 NONFINITE_MODE = 2
-TILE_D = 128         # widest DA / DC of one kernel launch: wider sweeps are cut into launches of <= 128
+TILE_D = 128         # widest DA / DC of one fp32 launch (and of any without WIDE_ONE_LAUNCH): wider ones are cut
 # 16-bit sweeps with DA or DC over TILE_D (heads of Dk or Dv = 256, e.g. the LRPE layer's doubled keys) in one
 # launch instead of cut into launches of <= TILE_D (two launches plus an add of partial outputs where DA is cut, each
 # launch's programs filling only half the GPU's resident slots at B8 H8): DC over TILE_D takes the default tile
@@ -836,10 +837,11 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     sweep that splits stores its pre-pass there; the second reads it transposed (WT) instead of running its own,
     when its split plan, chunk rows and widths mirror the first's.
 
-    Widths over TILE_D are cut into launches of <= TILE_D (on triton 3.6 / H200 the single launches
-    with DA or DC = 256 faulted or gave wrong results): DC by column slices of Out, S0 and the final
-    state; DA by summing the partial outputs (the sweep is linear in a split of the A.Bm contraction,
-    and S0 / the final state split by rows). With WIDE_ONE_LAUNCH, 16-bit widths up to MAX_D run in one launch."""
+    With WIDE_ONE_LAUNCH (the default), 16-bit widths up to MAX_D run in one launch (DA over TILE_D on
+    WIDE_DA_CONFIG's tile). Otherwise, and in fp32, widths over TILE_D are cut into launches of <= TILE_D (the
+    first 256-wide launches, [256, 32] tiles over 64-row chunks in 8 warps and one stage, faulted or gave wrong
+    results on triton 3.6 / H200): DC by column slices of Out, S0 and the final state; DA by summing the partial
+    outputs (the sweep is linear in a split of the A.Bm contraction, and S0 / the final state split by rows)."""
     B, H, T, DA = A.shape
     DC = C.shape[-1]
     if out is None:

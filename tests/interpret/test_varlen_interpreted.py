@@ -70,9 +70,11 @@ def test_default_tiles_long_and_short():
     check([130, 1, 64, 0, 65], 2, 32, 16, state=True, cfg=None, seed=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-cut", "fp16-one-launch"])
 @pytest.mark.parametrize("Dk,Dv", [(136, 24), (24, 136)], ids=str)
-def test_wide_heads_split_into_launches(Dk, Dv):
-    check([20, 0, 35], 1, Dk, Dv, state=True, seed=Dk)
+def test_wide_heads(Dk, Dv, dtype):
+    """Dk or Dv over 128: fp32 cut into launches of <= 128, 16 bits in one launch (WIDE_ONE_LAUNCH)."""
+    check([20, 0, 35], 1, Dk, Dv, dtype, state=True, seed=Dk)
 
 
 def test_layouts_and_extreme_rates():
