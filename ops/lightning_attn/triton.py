@@ -146,7 +146,8 @@ EVEN_TILES = True
 # feeds its product from registers, where as the right operand of A S it was written to shared memory every chunk;
 # at even lengths the decayed C^T is the product C^T diag(kdec). The masked loop (NF 1) takes the same form, so a
 # flagged program's redo reproduces the unmasked loop's finite values bit for bit. Read at each launch: True, False,
-# or "auto" (the default): on for state tiles of 128 rows or more (BA >= 128), off below. On an H100 (CUDA-graph
+# or "auto" (the default): on for state tiles of 128 rows or more (BA >= 128) at even lengths (EVEN_TILES' variant;
+# elsewhere the masked reverse loop would spill 2-3 registers per chunk), off otherwise. On an H100 (CUDA-graph
 # replays of bench/attention.py, one run, docs/benchmarks.md) fwd+bwd 1.899 -> 1.842 ms at B8 H16 T8192 D128,
 # 2.468 -> 2.407 at B2 H16 T32768, 0.463 -> 0.440 at B2 H8 T8192 (the 385M training shape), but 0.873 -> 0.887 at
 # B8 H16 T8192 D64 ([64, 64] tiles), hence "auto".
@@ -721,14 +722,15 @@ def _flag(name: str) -> bool:
     return value
 
 
-def _state_t(BA: int) -> bool:
+def _state_t(BA: int, even: bool) -> bool:
     """Whether a sweep of a [BA, BC] state tile runs its loop on the transposed state (STATE_T, checked at each
-    launch: "auto" means BA >= 128)."""
+    launch: "auto" means BA >= 128 at even lengths, ``even``: the unmasked-tile variant, where it was timed; the
+    masked loop of the reverse frame spills a few registers on the transposed state, 2-3 loads / stores per chunk)."""
     value = STATE_T
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value == "auto":
-        return BA >= 128
+        return BA >= 128 and even
     raise ValueError(f"STATE_T must be True, False or 'auto', got {value!r}")
 
 
@@ -903,11 +905,12 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
     fl = torch.empty(grid, device=C.device, dtype=torch.int32) if nf == 2 else s32
     args = (A, Bm, C, out, s0, sf, W, s32, fl, cu if varlen else s32, order if varlen else s32, T, H, n_tiles, n_split, cps,
             *A.stride()[:3], *Bm.stride()[:3], *C.stride()[:3], *out.stride()[:3], *s0_st, *sf_st)
+    even = _flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0
     kw = dict(DA=DA, DC=DC, BA=BA, BC=BC, CHUNK=CHUNK, REVERSE=reverse, E0=e0, HAS_S0=S0 is not None,
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=_flag("KDEC_ON_C") and BC <= BA, WHERE0=_flag("UNMASKED_WHERE"),
-              EVEN=_flag("EVEN_TILES") and not varlen and T % CHUNK == 0 and BA == DA and DC % BC == 0,
-              ST=_state_t(BA) or BA > TILE_D,             # the [256, 32] tile spills less on the transposed state
+              EVEN=even,
+              ST=_state_t(BA, even) or BA > TILE_D,       # the [256, 32] tile spills less on the transposed state
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

@@ -290,20 +290,22 @@ class _KwSpy:
 
 
 def test_state_t_auto_by_tile_rows(monkeypatch):
-    """STATE_T "auto" (the default) runs the transposed-state loop for state tiles of 128 rows or more (measured
-    faster at D128, slower at D64), not below; True / False force it; DA over 128 (WIDE_ONE_LAUNCH) always takes
-    it. Forward sweeps of fp16 inputs, read from the launches' constexprs."""
+    """STATE_T "auto" (the default) runs the transposed-state loop for state tiles of 128 rows or more at lengths
+    that are a multiple of the chunk rows (measured faster at D128, slower at D64), not below and not at other
+    lengths; True / False force it; DA over 128 (WIDE_ONE_LAUNCH) always takes it. Forward sweeps of fp16 inputs,
+    read from the launches' constexprs."""
     spy = _KwSpy(tri._la_sweep_kernel)
     monkeypatch.setattr(tri, "_la_sweep_kernel", spy)
     assert tri.STATE_T == "auto"
 
-    def st(D, Dk=None):
+    def st(D, Dk=None, T=64):
         spy.calls.clear()
-        q, k, v = (torch.randn(1, 1, 64, n, dtype=torch.float16) for n in (Dk or D, Dk or D, D))
+        q, k, v = (torch.randn(1, 1, T, n, dtype=torch.float16) for n in (Dk or D, Dk or D, D))
         tri.lightning_attn_fwd_triton(q, k, v, torch.tensor([0.5]), None)
         return {c["ST"] for c in spy.calls}
-    assert st(128) == {True} and st(100) == {True} and st(64) == {False}     # 100 rows: a 128-row tile
-    assert st(64, Dk=256) == {True}
+    assert st(128) == {True} and st(64) == {False}
+    assert st(128, T=60) == {False} and st(100) == {False}       # a tail; 100 of a 128-row tile: masked loads
+    assert st(64, Dk=256) == {True} and st(64, Dk=256, T=60) == {True}
     monkeypatch.setattr(tri, "STATE_T", True)
     assert st(64) == {True}
     monkeypatch.setattr(tri, "STATE_T", False)

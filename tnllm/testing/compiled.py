@@ -183,13 +183,14 @@ def _kernel(la, name: str, constexprs: dict, pointers: dict, divisible: tuple, n
     return dict(fn=fn, signature=sig, constexprs=kw, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
 
 
-def _launcher_st(la, BA: int) -> bool:
-    """The transposed-state loop as the launcher of the module copy ``la`` picks it for BA tile rows (a copy from
-    before the choice depended on the tile, e.g. an older revision in bench/sass_diff.py, has a plain flag)."""
+def _launcher_st(la, BA: int, even: bool) -> bool:
+    """The transposed-state loop as the launcher of the module copy ``la`` picks it for BA tile rows and the even
+    variant or not (a copy from before the choice depended on them, e.g. an older revision in bench/sass_diff.py,
+    has a plain flag)."""
     pick = getattr(la, "_state_t", None)
     if pick is None:
         return la.STATE_T
-    return pick(BA) or BA > la.TILE_D
+    return pick(BA, even) or BA > la.TILE_D
 
 
 def sweep_kernel(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
@@ -213,8 +214,8 @@ def sweep_kernel(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, nu
               VARLEN=False, WT=wt, PREFIX=prefix,
               KDEC_C=la.KDEC_ON_C and BC <= BA if kdec_c is None else kdec_c,
               WHERE0=la.UNMASKED_WHERE if where0 is None else where0,
-              EVEN=la.EVEN_TILES and DA == BA and DC % BC == 0 if even is None else even,
-              ST=_launcher_st(la, BA) if st is None else st)
+              EVEN=la.EVEN_TILES and DA == BA and DC % BC == 0 if even is None else even)
+    kw["ST"] = _launcher_st(la, BA, kw["EVEN"]) if st is None else st
     ptrs = dict(A=dtype, Bp=dtype, Cp=dtype, O=dtype, S0="fp32", SF="fp32", W="fp32", s_ptr="fp32", FL="i32",
                 CU="fp32", ORD="fp32")
     return _kernel(la, "_la_sweep_kernel", kw, ptrs, tuple(f"s{x}_{y}" for x in "abco" for y in "bht"),
