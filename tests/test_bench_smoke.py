@@ -48,7 +48,8 @@ def test_attention_bench_variants_change_only_restored_settings(monkeypatch):
     from tnllm.ops.lightning_attn import triton as tri
     variants = ["tnllm_nf0", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk32", "tnllm_cfg128x32w8",
                 "tnllm_cfgnone", "tnllm_prepass0noprefix", "tnllm_prefix", "tnllm_kdecb", "tnllm_noeven",
-                "tnllm_alleven", "tnllm_statet", "tnllm_diag", "tnllm_stdiag", "tnllm_wide1", "tnllm_wide1stdiag", "tnllm_split2"]
+                "tnllm_alleven", "tnllm_statet", "tnllm_diag", "tnllm_stdiag", "tnllm_wide1", "tnllm_wide1stdiag",
+                "tnllm_split2"]
     before = dict(vars(tri))
     restored = attention.triton_settings(tri)
     try:

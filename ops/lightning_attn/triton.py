@@ -725,13 +725,14 @@ def _flag(name: str) -> bool:
 def _state_t(BA: int, even: bool) -> bool:
     """Whether a sweep of a [BA, BC] state tile runs its loop on the transposed state (STATE_T, checked at each
     launch: "auto" means BA >= 128 at even lengths, ``even``: the unmasked-tile variant, where it was timed; the
-    masked loop of the reverse frame spills a few registers on the transposed state, 2-3 loads / stores per chunk)."""
+    masked loop of the reverse frame spills a few registers on the transposed state, 2-3 loads / stores per chunk).
+    Tiles of more than TILE_D rows (WIDE_DA_CONFIG's) always take it: the [256, 32] tile spills less so."""
     value = STATE_T
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value == "auto":
-        return BA >= 128 and even
-    raise ValueError(f"STATE_T must be True, False or 'auto', got {value!r}")
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"STATE_T must be True, False or 'auto', got {value!r}")
+    if BA > TILE_D:
+        return True
+    return BA >= 128 and even if value == "auto" else value
 
 
 def _pow2(n: int) -> int:
@@ -910,7 +911,7 @@ def _sweep(A: Tensor, Bm: Tensor, C: Tensor, s: Tensor, S0: Tensor | None, *, re
               WRITE_SF=True, SF_SHIFT=sf_shift, IEEE=ieee, VARLEN=varlen, WT=wt, PREFIX=prefix,
               KDEC_C=_flag("KDEC_ON_C") and BC <= BA, WHERE0=_flag("UNMASKED_WHERE"),
               EVEN=even,
-              ST=_state_t(BA, even) or BA > TILE_D,       # the [256, 32] tile spills less on the transposed state
+              ST=_state_t(BA, even),
               num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
     if nf == 2:

@@ -188,9 +188,7 @@ def _launcher_st(la, BA: int, even: bool) -> bool:
     variant or not (a copy from before the choice depended on them, e.g. an older revision in bench/sass_diff.py,
     has a plain flag)."""
     pick = getattr(la, "_state_t", None)
-    if pick is None:
-        return la.STATE_T
-    return pick(BA, even) or BA > la.TILE_D
+    return la.STATE_T if pick is None else pick(BA, even)
 
 
 def sweep_kernel(DA: int = 128, DC: int = 128, BC: int = 64, CHUNK: int = 64, num_warps: int = 4,
