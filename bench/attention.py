@@ -58,8 +58,13 @@ def copy_bandwidth() -> float:
 
 
 def make_impl(name: str, B, H, T, Dk, Dv, dtype):
-    """(fn(q, k, v) -> o, layout) for one implementation; layout "bhtd" or "bthd"."""
+    """(fn(q, k, v) -> o, layout) for one implementation; layout "bhtd", "bthd" or "model" (q, k, v [B, H, T, D]
+    views of one token-major [B, T, H * (2 Dk + Dv)] buffer, as the model's token mixer passes its projection)."""
     s = decay_rates(H)
+    if name in ("tnllm_tm", "tnllm_tm_graph"):
+        # the public call on the model's layout (the training step's inputs); _graph: replayed from CUDA graphs
+        from tnllm.ops import lightning_attn
+        return (lambda q, k, v: lightning_attn(q, k, v, s)), "model"
     # the custom op itself (autograd registered on it); tnllm_graph: the same op, which run_one replays from CUDA
     # graphs (its GPU time without the host)
     if name.startswith("tnllm_") and name.endswith("_graph") and name != "tnllm_graph":
@@ -174,9 +179,15 @@ def floor_bytes(B, H, T, Dk, Dv, dtype, bwd: bool) -> int:
 def run_one(name, shape_name, dtype, copy_bw, warmup_calls=2):
     B, H, T, Dk, Dv = SHAPES[shape_name]
     fn, layout = make_impl(name, B, H, T, Dk, Dv, dtype)
-    mk = (lambda D: torch.randn(B, H, T, D, device=DEV, dtype=dtype)) if layout == "bhtd" else \
+    mk = (lambda D: torch.randn(B, H, T, D, device=DEV, dtype=dtype)) if layout != "bthd" else \
         (lambda D: torch.randn(B, T, H, D, device=DEV, dtype=dtype))
-    q, k, v = mk(Dk) / math.sqrt(Dk), mk(Dk) / math.sqrt(Dk), mk(Dv)
+    if layout == "model":
+        buf = torch.randn(B, T, H * (2 * Dk + Dv), device=DEV, dtype=dtype)
+        buf[..., :2 * H * Dk] /= math.sqrt(Dk)
+        heads = lambda lo, D: buf[..., lo:lo + H * D].view(B, T, H, D).transpose(1, 2).detach()
+        q, k, v = heads(0, Dk), heads(H * Dk, Dk), heads(2 * H * Dk, Dv)
+    else:
+        q, k, v = mk(Dk) / math.sqrt(Dk), mk(Dk) / math.sqrt(Dk), mk(Dv)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     do = mk(Dv)
     t0 = time.time()
