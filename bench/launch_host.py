@@ -5,6 +5,9 @@ binder that Triton's JIT runs on every launch of the sweep kernel (its specialis
     python bench/launch_host.py                      # the 385M training shape: B2 H8 T8192 D128, bf16
     python bench/launch_host.py --shape 8,16,8192,64
 
+Also the public call, ``lightning_attn(q, k, v, s).backward(do)``, with the same stubs (its checks, the eager fast
+path's autograd.Function and the autograd engine on top of the launchers).
+
 The tensors are CPU tensors of the given shape in the layout the model passes (token-major head slices); the
 grids are sized for 132 SMs (an H200), as on the GPU. Prints microseconds per call (the median of ``--rounds``
 rounds of ``--calls`` calls). What a real launch adds on top of the binder (the CUDA driver call) needs a GPU:
@@ -20,9 +23,13 @@ import torch
 
 
 class _Stub:
-    """Stands in for a Triton kernel: ``kernel[grid](*args, **kw)`` does nothing."""
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kw)`` does nothing but count the launch."""
+    launches = 0
+
     def __getitem__(self, grid):
-        return lambda *args, **kw: None
+        def run(*args, **kw):
+            _Stub.launches += 1
+        return run
 
 
 def _per_call_us(fn, calls: int, rounds: int) -> float:
@@ -38,21 +45,48 @@ def _per_call_us(fn, calls: int, rounds: int) -> float:
 
 
 def launchers(B, H, T, D, calls, rounds) -> dict:
+    """Host us per call of the forward and backward launchers, and of the public ``lightning_attn(q, k, v,
+    s).backward(do)`` (its input checks, the eager fast path's autograd.Function, the autograd engine) routed to
+    the same stubbed launchers; with the launches each makes."""
+    from tnllm.ops.lightning_attn import op
     from tnllm.ops.lightning_attn import triton as tri
     kernels = ("_la_sweep_kernel", "_la_local_state_kernel", "_la_prefix_kernel", "_la_dkdv_kernel")
     saved = {n: getattr(tri, n) for n in kernels + ("_num_sms",)}
+    saved_op = {n: getattr(op, n) for n in ("_fwd_kernel", "_bwd_kernel")}
     try:
         for n in kernels:
             setattr(tri, n, _Stub())
         tri._num_sms = lambda device: 132
+        # the eager fast path calls the launchers as on CUDA (CPU tensors would take the blocked form)
+        op._fwd_kernel = lambda q, k, v, s, S0, bs: tri.lightning_attn_fwd_triton(q, k, v, s, S0)
+        op._bwd_kernel = lambda do, dS, q, k, v, s, S0, bs: tri.lightning_attn_bwd_triton(do, dS, q, k, v, s, S0)
         mk = lambda: torch.randn(B, T, H, D, dtype=torch.bfloat16).transpose(1, 2)
         q, k, v, do = mk(), mk(), mk(), mk()
         s = torch.linspace(0.1, 1.0, H)
-        return dict(fwd_us=_per_call_us(lambda: tri.lightning_attn_fwd_triton(q, k, v, s, None), calls, rounds),
-                    bwd_us=_per_call_us(lambda: tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None), calls, rounds))
+        out = {}
+        for name, fn in (("fwd", lambda: tri.lightning_attn_fwd_triton(q, k, v, s, None)),
+                         ("bwd", lambda: tri.lightning_attn_bwd_triton(do, None, q, k, v, s, None))):
+            out[f"{name}_us"] = _per_call_us(fn, calls, rounds)
+            _Stub.launches = 0
+            fn()
+            out[f"{name}_launches"] = _Stub.launches
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        dc = do.contiguous()            # the output's own layout: no copy in the backward
+        from tnllm.ops import lightning_attn
+
+        def public():
+            qg.grad = kg.grad = vg.grad = None      # no gradient accumulation (a CPU add of the whole tensor)
+            lightning_attn(qg, kg, vg, s).backward(dc)
+        out["public_fwdbwd_us"] = _per_call_us(public, max(1, calls // 4), rounds)
+        _Stub.launches = 0
+        public()
+        out["public_launches"] = _Stub.launches
+        return out
     finally:
         for n, f in saved.items():
             setattr(tri, n, f)
+        for n, f in saved_op.items():
+            setattr(op, n, f)
 
 
 def binder(B, H, T, D, calls, rounds) -> dict:
