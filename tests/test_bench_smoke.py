@@ -2,6 +2,7 @@
 change that breaks a benchmark fails CI instead of the next H200 run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,12 @@ def run(args, tmp_path, timeout=600):
 
 def test_attention_bench_cpu(tmp_path):
     out = run([BENCH / "attention.py", "--device", "cpu", "--out", tmp_path / "a", "--nonfinite-modes", "0,2",
-               "--auto-split", "--chunks", "32", "--peers", "naive,tnllm_prepass0,tnllm_noprefix,tnllm_prepass0noprefix_graph"], tmp_path)
+               "--auto-split", "--chunks", "32", "--peers",
+               "naive,tnllm_prepass0,tnllm_noprefix,tnllm_prepass0noprefix_graph,tnllm_tm"], tmp_path)
     recs = [json.loads(line) for line in (tmp_path / "a" / "attention.json").read_text().splitlines()]
     rows = {r["impl"]: r for r in recs if not r.get("meta")}
     assert set(rows) == {"tnllm", "tnllm_api", "naive", "tnllm_nf0", "tnllm_nf2", "tnllm_autosplit", "tnllm_chunk32",
-                         "tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph"}, rows
+                         "tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph", "tnllm_tm"}, rows
     for r in rows.values():
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
     assert max(rows["tnllm"]["check_rel_err"].values()) < 1e-2
@@ -34,7 +36,7 @@ def test_attention_bench_cpu(tmp_path):
     assert max(rows["tnllm_api"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_autosplit"]["check_rel_err"].values()) < 1e-2
     assert max(rows["tnllm_chunk32"]["check_rel_err"].values()) < 1e-2
-    for name in ("tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph"):
+    for name in ("tnllm_prepass0", "tnllm_noprefix", "tnllm_prepass0noprefix_graph", "tnllm_tm"):
         assert max(rows[name]["check_rel_err"].values()) < 1e-2, name
     assert "| tiny B1 H2 T100" in out
 
@@ -93,7 +95,10 @@ def test_decode_bench_cpu(tmp_path):
 
 def test_launch_host_bench_cpu(tmp_path):
     out = run([BENCH / "launch_host.py", "--shape", "1,2,256,32", "--calls", "5", "--rounds", "2"], tmp_path)
-    assert "'fwd_us'" in out and "'bwd_us'" in out
+    assert "'fwd_us'" in out and "'bwd_us'" in out and "'public_fwdbwd_us'" in out
+    counts = {k: int(v) for k, v in re.findall(r"'(\w+_launches)': (\d+)", out)}
+    # the public call makes the forward's launches and the backward's, nothing else
+    assert counts["public_launches"] == counts["fwd_launches"] + counts["bwd_launches"] > 0, counts
     # a split shape: the pre-pass and its prefix launch are stubbed too
     split = run([BENCH / "launch_host.py", "--shape", "1,2,4096,32", "--calls", "5", "--rounds", "2"], tmp_path)
     assert "'fwd_us'" in split and "'bwd_us'" in split
