@@ -121,6 +121,9 @@ def _set_variant(name: str) -> None:
         tri.FUSED_DKDV = False
     elif name.startswith("tnllm_chunk"):     # the sweeps' default chunk of N rows (CHUNK_ROWS)
         tri.CHUNK_ROWS = int(name[len("tnllm_chunk"):])
+    elif name.startswith("tnllm_wideda"):    # WIDE_DA_CONFIG (16-bit sweeps of more than 128 state rows, i.e. Dk 256
+        # in the forward and the dv sweep) = BC x CHUNK, warps
+        tri.WIDE_DA_CONFIG = tri.SweepConfig.from_spec(name[len("tnllm_wideda"):])
     elif name.startswith("tnllm_cfg"):       # WIDE_CONFIG (16-bit sweeps wider than 64) = BC x CHUNK, warps
         spec = name[len("tnllm_cfg"):]
         tri.WIDE_CONFIG = None if spec == "none" else tri.SweepConfig.from_spec(spec)

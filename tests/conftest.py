@@ -44,7 +44,8 @@ def pytest_addoption(parser):
                           "than 64 columns), e.g. 128x32w8; 'none' unsets it")
     parser.addoption("--triton-setting", action="append", default=[], metavar="NAME=VALUE",
                      help="run the session with a setting of tnllm.ops.lightning_attn.triton changed (an upper-case "
-                          "module attribute, VALUE a Python literal), e.g. STATE_T=True; repeatable")
+                          "module attribute, VALUE a Python literal; for a *_CONFIG setting a tile spec "
+                          "BCxCHUNKwWARPS or 'none'), e.g. STATE_T=True, WIDE_DA_CONFIG=64x32w8; repeatable")
 
 
 def _triton_settings(config):
@@ -55,6 +56,12 @@ def _triton_settings(config):
         if not sep or not name.isupper() or not hasattr(tri, name):
             raise pytest.UsageError(f"--triton-setting: expected NAME=VALUE with NAME an upper-case setting of "
                                     f"tnllm.ops.lightning_attn.triton, got {item!r}")
+        if name.endswith("_CONFIG"):          # a tile configuration (SweepConfig) or None
+            try:
+                setattr(tri, name, None if value == "none" else tri.SweepConfig.from_spec(value))
+            except ValueError as e:
+                raise pytest.UsageError(f"--triton-setting {name} (or 'none'): {e}")
+            continue
         try:
             setattr(tri, name, ast.literal_eval(value))
         except (ValueError, SyntaxError) as e:

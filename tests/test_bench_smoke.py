@@ -51,7 +51,7 @@ def test_attention_bench_variants_change_only_restored_settings(monkeypatch):
     variants = ["tnllm_nf0", "tnllm_autosplit", "tnllm_separate", "tnllm_chunk32", "tnllm_cfg128x32w8",
                 "tnllm_cfgnone", "tnllm_prepass0noprefix", "tnllm_prefix", "tnllm_kdecb", "tnllm_noeven",
                 "tnllm_alleven", "tnllm_statet", "tnllm_diag", "tnllm_stdiag", "tnllm_wide1", "tnllm_wide1stdiag",
-                "tnllm_split2"]
+                "tnllm_split2", "tnllm_wideda64x32w8"]
     before = dict(vars(tri))
     restored = attention.triton_settings(tri)
     try:
@@ -327,3 +327,26 @@ def test_sass_diff_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "sass_diff.py"), "--file", str(other), "--only", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "DIFFER" in proc.stdout, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_triton_setting_option_takes_tile_specs(monkeypatch):
+    """``pytest --triton-setting NAME=VALUE`` (tests/conftest.py): a *_CONFIG setting takes a tile spec or 'none',
+    the others a Python literal; anything else is a usage error naming the setting."""
+    import conftest
+    from tnllm.ops.lightning_attn import triton as tri
+
+    class Config:
+        def __init__(self, *items):
+            self.items = list(items)
+
+        def getoption(self, name):
+            assert name == "--triton-setting"
+            return self.items
+    for name in ("WIDE_DA_CONFIG", "WIDE_CONFIG", "STATE_T"):
+        monkeypatch.setattr(tri, name, getattr(tri, name))      # restored after the test
+    conftest._triton_settings(Config("WIDE_DA_CONFIG=64x32w8", "WIDE_CONFIG=none", "STATE_T=True"))
+    assert tri.WIDE_DA_CONFIG == tri.SweepConfig(BC=64, CHUNK=32, num_warps=8, num_stages=2)
+    assert tri.WIDE_CONFIG is None and tri.STATE_T is True
+    for bad in ("WIDE_DA_CONFIG=64x32", "STATE_T=yes", "nope=1"):
+        with pytest.raises(pytest.UsageError, match="--triton-setting"):
+            conftest._triton_settings(Config(bad))

@@ -130,6 +130,30 @@ def test_wide_heads_one_launch(T, Dk, Dv, n_split, monkeypatch):
     assert spy.launches == ((Dk + 127) // 128) * ((Dv + 127) // 128), "fp32 is cut into launches of <= 128"
 
 
+@pytest.mark.parametrize("T,n_split", [(96, 0), (70, 2)], ids=["even", "tail-split2"])
+def test_wide_da_candidate_tile(T, n_split, monkeypatch):
+    """WIDE_DA_CONFIG as a [256, 64] tile over 32-row chunks in 8 warps (bench/attention.py tnllm_wideda64x32w8: half
+    the programs of the default [256, 32] tile, so q and k are read by two programs per head instead of four; compiled
+    for sm_90 it spills nothing with triton 3.6): against the oracle with an initial state and infinite decay, at an
+    even length and at a tail with two splits, and equal to the default tile on the same inputs to fp16 rounding."""
+    monkeypatch.setattr(tri, "WIDE_ONE_LAUNCH", True)
+    S0 = torch.randn(1, 2, 256, 128)
+    s = torch.tensor([0.05, math.inf])
+    q, k, v = (torch.randn(1, 2, T, D, dtype=torch.float16) for D in (256, 256, 128))
+    q, k = q / 16, k / 16
+    want = triton_form(q, k, v, s, S0, output_final_state=True)
+    cand = dataclasses.replace(tri.SweepConfig.from_spec("64x32w8"), n_split=n_split)
+    monkeypatch.setattr(tri, "WIDE_DA_CONFIG", cand)
+    assert tri.default_config(256, 128, torch.float16) == cand
+    spy = _KwSpy(tri._la_sweep_kernel)
+    monkeypatch.setattr(tri, "_la_sweep_kernel", spy)
+    got = triton_form(q, k, v, s, S0, output_final_state=True)
+    assert {(kw["BA"], kw["BC"], kw["CHUNK"], kw["num_warps"]) for kw in spy.calls} == {(256, 64, 32, 8)}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+    check(1, 2, T, 256, 128, torch.float16, seed=T + 1, state=True, rates=(0.05, math.inf))
+
+
 def test_noncontiguous_inputs_and_fast_decay():
     check(2, 2, 70, 16, 16, torch.float32, seed=3, state=True, layout="bthd", rates=(8.0, 1e4))
     check(1, 2, 40, 16, 8, torch.float16, seed=4, state=True, layout="padded", rates=(0.5, 2.0))
