@@ -48,6 +48,15 @@ def pytest_addoption(parser):
                           "BCxCHUNKwWARPS or 'none'), e.g. STATE_T=True, WIDE_DA_CONFIG=64x32w8; repeatable")
 
 
+def _set_tile_config(tri, name: str, spec: str, option: str) -> None:
+    """Set the SweepConfig setting ``name`` from a tile spec BCxCHUNKwWARPS ('none': None), a usage error naming
+    ``option`` otherwise."""
+    try:
+        setattr(tri, name, None if spec == "none" else tri.SweepConfig.from_spec(spec))
+    except ValueError as e:
+        raise pytest.UsageError(f"{option} (or 'none'): {e}")
+
+
 def _triton_settings(config):
     import ast
     from tnllm.ops.lightning_attn import triton as tri
@@ -57,10 +66,7 @@ def _triton_settings(config):
             raise pytest.UsageError(f"--triton-setting: expected NAME=VALUE with NAME an upper-case setting of "
                                     f"tnllm.ops.lightning_attn.triton, got {item!r}")
         if name.endswith("_CONFIG"):          # a tile configuration (SweepConfig) or None
-            try:
-                setattr(tri, name, None if value == "none" else tri.SweepConfig.from_spec(value))
-            except ValueError as e:
-                raise pytest.UsageError(f"--triton-setting {name} (or 'none'): {e}")
+            _set_tile_config(tri, name, value, f"--triton-setting {name}")
             continue
         try:
             setattr(tri, name, ast.literal_eval(value))
@@ -75,13 +81,7 @@ def pytest_configure(config):
     if not spec:
         return
     from tnllm.ops.lightning_attn import triton as tri
-    if spec == "none":
-        tri.WIDE_CONFIG = None
-        return
-    try:
-        tri.WIDE_CONFIG = tri.SweepConfig.from_spec(spec)
-    except ValueError as e:
-        raise pytest.UsageError(f"--sweep-wide (or 'none'): {e}")
+    _set_tile_config(tri, "WIDE_CONFIG", spec, "--sweep-wide")
 
 
 def pytest_collection_finish(session):
